@@ -1,0 +1,141 @@
+"""Typed configs: YAML files plus `section.key=value` overrides, validated before any work.
+
+Every stage takes one pydantic model. Unknown keys and bad values raise `ConfigError`
+naming the key and what is allowed; the resolved config is what a run saves.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmforge.errors import ConfigError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 3e-4); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"bad override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _allowed(model: type[BaseModel], loc: tuple) -> str:
+    """Describe the keys allowed at `loc` (for unknown-key errors)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return ""
+        cls = field.annotation
+        for arg in typing.get_args(cls) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                cls = arg
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return ", ".join(cls.model_fields)
+    return ""
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not isinstance(p, int) or True)
+    key = ".".join(str(p) for p in loc) or "<root>"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed(model, loc)
+        hint = f" (allowed: {allowed})" if allowed else ""
+        message = f"unknown key {key!r}{hint}"
+    else:
+        message = f"bad value for {key!r}: {first['msg']}"
+        if "input" in first and not isinstance(first["input"], dict):
+            message += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return f"{source}: {message}" if source else message
+
+
+def build(model: type[T], data: dict[str, Any], source: str = "") -> T:
+    """Validate `data` into `model`, turning pydantic's report into a one-line ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, model, source)) from None
+
+
+def load_config(
+    model: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> T:
+    """base dict < YAML file < command-line overrides, validated into `model`."""
+    data: dict[str, Any] = dict(base or {})
+    source = ""
+    if path is not None:
+        data = _deep_merge(data, read_yaml(path))
+        source = str(path)
+    data = apply_overrides(data, list(overrides or []))
+    return build(model, data, source)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_yaml(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: readers, tokenization into token datasets, and the training loader."""

@@ -1,0 +1,174 @@
+"""A Llama-style decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention through SDPA.
+
+Pure math: no I/O, no devices, no distribution. The trainer applies FSDP/compile/
+checkpointing from outside (train/parallel.py), so this file serves one CPU or many GPUs.
+Weight layouts follow HF Llama (rotate-half RoPE), so export is a renaming plus a split of
+the fused projections.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.model.config import ModelConfig
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape [max_seq_len, head_dim] for rotate-half RoPE (Su et al., 2021)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Pre-allocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        # One fused projection for q, k and v: a single larger matmul is faster than three.
+        self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        batch, seq, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim],
+            dim=-1,
+        )
+        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, start, k, v)
+        if self.n_kv_heads != self.n_heads:
+            # GQA: each KV head serves n_heads / n_kv_heads query heads.
+            repeat = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        if start == 0 or seq > 1 and kv_cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif seq == 1:
+            out = F.scaled_dot_product_attention(q, k, v)  # one new token sees the whole cache
+        else:
+            # A chunk appended after cached positions: query i sees keys <= start + i.
+            keys = torch.arange(k.shape[2], device=x.device)
+            mask = keys[None, :] <= (start + torch.arange(seq, device=x.device))[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer, 2020) with the gate and up projections fused into one matmul."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x, cos, sin, kv_cache=None, layer=0, start=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, layer, start)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set before building a model")
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        # Not persistent: derived from the config, so checkpoints hold only learned weights.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * n_layers)
+        so the residual stream's variance does not grow with depth (GPT-2, section 2.3)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std, generator=generator)
+        for block in self.layers:
+            nn.init.normal_(block.attn.wqkv.weight, std=std, generator=generator)
+            nn.init.normal_(block.attn.wo.weight, std=residual_std, generator=generator)
+            nn.init.normal_(block.ffn.w13.weight, std=std, generator=generator)
+            nn.init.normal_(block.ffn.w2.weight, std=residual_std, generator=generator)
+            block.attn_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std, generator=generator)
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Logits [batch, seq, vocab], or the mean cross-entropy if `targets` are given."""
+        seq = tokens.shape[1]
+        if start + seq > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
+        x = self.tok_embeddings(tokens)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, kv_cache, i, start)
+        logits = self.output(self.norm(x))
+        if targets is None:
+            return logits
+        # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses precision.
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
