@@ -87,14 +87,16 @@ def _allowed(model: type[BaseModel], loc: tuple) -> str:
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not isinstance(p, int) or True)
-    key = ".".join(str(p) for p in loc) or "<root>"
-    if first["type"] == "extra_forbidden":
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc)
+    if not key:  # a whole-model check (e.g. seq_len vs max_seq_len): its message names the keys
+        message = first["msg"].removeprefix("Value error, ")
+    elif first["type"] == "extra_forbidden":
         allowed = _allowed(model, loc)
         hint = f" (allowed: {allowed})" if allowed else ""
         message = f"unknown key {key!r}{hint}"
     else:
-        message = f"bad value for {key!r}: {first['msg']}"
+        message = f"bad value for {key!r}: {first['msg'].removeprefix('Value error, ')}"
         if "input" in first and not isinstance(first["input"], dict):
             message += f" (got {first['input']!r})"
     more = len(err.errors()) - 1

@@ -12,9 +12,12 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge import atomic
+from lmforge.config import Section
+from lmforge.data.readers import TextSplit, expand_inputs, read_documents
 from lmforge.errors import TokenizerError
 
 # One token marks document boundaries: it is placed before every document, so the model
@@ -115,3 +118,30 @@ def load_tokenizer(path: str | os.PathLike) -> LmTokenizer:
     except Exception as err:  # tokenizers raises a bare Exception on malformed files
         raise TokenizerError(f"cannot read tokenizer {file}: {str(err).splitlines()[0]}") from None
     return LmTokenizer(tk, file)
+
+
+class TokenizerTrainConfig(Section):
+    inputs: list[str] = Field(min_length=1, description="files or directories of txt/jsonl/parquet")
+    out: str = Field(description="directory to write tokenizer.json into")
+    vocab_size: int = Field(8192, ge=256 + len(SPECIAL_TOKENS))
+    min_frequency: int = Field(2, ge=1)
+    text_field: str = "text"
+    text_split: TextSplit = "file"
+
+
+def run_train(config: TokenizerTrainConfig) -> LmTokenizer:
+    """`lmforge tokenizer train`: stream the inputs through the BPE trainer, save atomically."""
+    files = expand_inputs(config.inputs)
+    counter = {"documents": 0}
+
+    def documents() -> Iterator[str]:
+        for text in read_documents(files, config.text_field, config.text_split):
+            if text:
+                counter["documents"] += 1
+                yield text
+
+    tokenizer = train_tokenizer(documents(), config.vocab_size, config.min_frequency)
+    if counter["documents"] == 0:
+        raise TokenizerError(f"no non-empty documents in {', '.join(config.inputs)}")
+    tokenizer.save(config.out)
+    return tokenizer

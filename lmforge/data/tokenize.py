@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import itertools
+import json
 import logging
 import multiprocessing as mp
 import os

@@ -1,0 +1,228 @@
+"""The `lmforge` command: one thin verb per stage. Each parses, then calls `<stage>.run(config)`.
+
+Config-taking verbs accept `[CONFIG.yaml] [section.key=value ...]`; user errors print one
+line and exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from pydantic import BaseModel
+
+from lmforge.errors import ConfigError, LmforgeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="lmforge: data -> tokenizer -> pretraining -> generation, one tool.",
+)
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and use byte-level BPE tokenizers.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+ConfigArgs = Annotated[
+    list[str] | None,
+    typer.Argument(help="optional CONFIG.yaml, then section.key=value overrides", show_default=False),
+]
+
+
+def _config(model: type[BaseModel], args: list[str] | None, base: dict[str, Any] | None = None):
+    """Split positional args into one optional YAML file and key=value overrides."""
+    from lmforge.config import load_config
+
+    path, overrides = None, []
+    for arg in args or []:
+        if "=" in arg:
+            overrides.append(arg)
+        elif path is None and arg.endswith((".yaml", ".yml")):
+            path = arg
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: expected CONFIG.yaml or section.key=value")
+    return load_config(model, path, overrides, base)
+
+
+def _flags(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@app.command()
+def quickstart(args: ConfigArgs = None, out: Annotated[str | None, typer.Option(help="work dir")] = None):
+    """Run the whole spine on the bundled corpus: tokenizer, tokens, pretraining, eval, sample."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmforge import quickstart as qs
+
+    config = _config(qs.QuickstartConfig, args, _flags(out=out))
+    results = qs.run(config)
+    table = Table(title=f"lmforge quickstart -> {config.out}")
+    for column in ("stage", "status", "seconds", "outputs"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.name, r.status, f"{r.seconds:.1f}", "\n".join(r.outputs))
+    console = Console()
+    console.print(table)
+    train = next(r for r in results if r.name == "train").details
+    sample = next(r for r in results if r.name == "sample").details
+    console.print(
+        f"[bold]model[/] {train['params']:,} params, {train['steps']} steps; "
+        f"train loss {train['first_loss']:.3f} -> {train['final_loss']:.3f}; "
+        f"val loss {train['val_loss']:.3f}, {train['val_bpb']:.3f} bits/byte"
+    )
+    console.print(f"[bold]sample[/] {sample['prompt']}[italic]{sample['completion']}[/]", markup=True)
+    console.print(f"summary: {Path(config.out) / 'summary.json'}")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    inputs: Annotated[list[str], typer.Option("--input", "-i", help="file or dir (repeatable)")],
+    out: Annotated[str, typer.Option(help="output dir for tokenizer.json")],
+    vocab_size: Annotated[int, typer.Option(help="vocabulary size, special tokens included")] = 8192,
+    min_frequency: int = 2,
+    text_field: str = "text",
+    text_split: Annotated[str, typer.Option(help="txt files: file | paragraph | line")] = "file",
+):
+    """Train a byte-level BPE tokenizer with lmforge's special tokens."""
+    from lmforge import tokenizer as tk
+    from lmforge.config import build
+
+    config = build(tk.TokenizerTrainConfig, dict(
+        inputs=inputs, out=out, vocab_size=vocab_size, min_frequency=min_frequency,
+        text_field=text_field, text_split=text_split,
+    ))
+    trained = tk.run_train(config)
+    typer.echo(f"tokenizer with {trained.vocab_size} tokens -> {Path(out) / tk.TOKENIZER_FILE}")
+
+
+@tokenizer_app.command("encode")
+def tokenizer_encode(tokenizer: str, text: Annotated[str, typer.Argument(help="text; - reads stdin")]):
+    """Print the token ids of TEXT, space-separated."""
+    from lmforge.tokenizer import load_tokenizer
+
+    text = sys.stdin.read() if text == "-" else text
+    typer.echo(" ".join(map(str, load_tokenizer(tokenizer).encode(text))))
+
+
+@tokenizer_app.command("decode")
+def tokenizer_decode(tokenizer: str, ids: Annotated[list[str], typer.Argument(help="token ids")]):
+    """Print the text of space- or comma-separated token IDS."""
+    from lmforge.tokenizer import load_tokenizer
+
+    loaded = load_tokenizer(tokenizer)
+    try:
+        values = [int(x) for item in ids for x in item.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"token ids must be integers, got {' '.join(ids)!r}") from None
+    bad = [i for i in values if not 0 <= i < loaded.vocab_size]
+    if bad:
+        raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{loaded.vocab_size - 1})")
+    typer.echo(loaded.decode(values))
+
+
+@app.command()
+def tokenize(
+    args: ConfigArgs = None,
+    inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="file or dir (repeatable)")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer dir or tokenizer.json")] = None,
+    out: Annotated[str | None, typer.Option(help="token dataset dir")] = None,
+    workers: Annotated[int | None, typer.Option(help="encoding processes")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="share of documents held out")] = None,
+):
+    """Encode documents into a token dataset dir (shards + manifest.json) with a validation split."""
+    from lmforge.data import tokenize as tok
+
+    config = _config(tok.TokenizeConfig, args, _flags(
+        inputs=inputs, tokenizer=tokenizer, out=out, num_workers=workers, val_fraction=val_fraction,
+    ))
+    manifest = tok.run(config)
+    splits = ", ".join(f"{s}: {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in manifest["splits"].items())
+    typer.echo(f"{config.out}: {splits}")
+
+
+@app.command()
+def train(
+    args: ConfigArgs = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run's latest complete checkpoint")] = False,
+):
+    """Pretrain a model: `lmforge train configs/pretrain-small.yaml data.dataset=DIR`."""
+    from lmforge.train import trainer
+    from lmforge.train.config import TrainConfig
+
+    config = _config(TrainConfig, args)
+    result = trainer.run(config, resume=resume)
+    summary = f"{result.status} at step {result.step}; run dir {result.run_dir}"
+    if result.val_loss is not None:
+        summary += f"; val loss {result.val_loss:.4f}, {result.val_bpb:.4f} bits/byte"
+    typer.echo(summary)
+    if result.signal is not None:
+        raise typer.Exit(128 + result.signal)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="run dir or checkpoint dir")],
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "",
+    max_tokens: int = 128,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    device: str = "cpu",
+):
+    """Sample a continuation of PROMPT with a KV cache."""
+    from lmforge.config import build
+    from lmforge.generate import SamplingConfig, generate_tokens
+    from lmforge.loading import load_model
+
+    sampling = build(SamplingConfig, _flags(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    loaded, tokenizer, _ = load_model(model, device)
+    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    typer.echo(prompt, nl=False)
+    new: list[int] = []
+    shown = ""
+    for token in generate_tokens(loaded, prompt_ids, sampling, stop_ids={tokenizer.eos_id}):
+        new.append(token)
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            typer.echo(text[len(shown):], nl=False)
+            shown = text
+    typer.echo(tokenizer.decode(new)[len(shown):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("LMFORGE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="lmforge", standalone_mode=False)
+    except LmforgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as err:
+        err.show()
+        return 2
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""`lmforge quickstart`: every stage of the spine on the bundled corpus, in minutes on a CPU.
+
+Stages run in order; each has a fingerprint of its config and its inputs' hashes, and is
+skipped when the fingerprint matches the last run and its outputs still exist. A later
+issue's stage (curation, SFT, export, serving) is one more `Stage` in `stages()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from lmforge import atomic
+from lmforge.config import Section
+from lmforge.generate import SamplingConfig
+from lmforge.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+BUNDLED_CORPUS = Path(__file__).parent / "data" / "corpus" / "python_docs.jsonl.gz"
+STATE_FILE = "stages.json"
+
+
+class QuickstartConfig(Section):
+    out: str = "quickstart"
+    corpus: list[str] = Field(default_factory=lambda: [str(BUNDLED_CORPUS)])
+    vocab_size: int = Field(4096, ge=512)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    num_workers: int = Field(2, ge=1)
+    model: ModelConfig = ModelConfig(preset="small", max_seq_len=256)
+    seq_len: int = Field(256, ge=8)
+    max_steps: int = Field(300, ge=1)
+    global_batch_tokens: int = Field(8192, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(30, ge=0)
+    eval_every: int = Field(100, ge=0)
+    device: str = "auto"
+    seed: int = 1337
+    prompt: str = "The Python interpreter"
+    sampling: SamplingConfig = SamplingConfig(max_tokens=60, temperature=0.8, top_k=50, seed=0)
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    fingerprint: dict[str, Any]
+    outputs: list[Path]
+    run: Callable[[], dict[str, Any]]  # returns details for the summary
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    status: str  # "ran" | "skipped"
+    seconds: float
+    outputs: list[str]
+    details: dict[str, Any]
+
+
+class Pipeline:
+    """Runs stages in order, skipping those whose fingerprint and outputs are unchanged."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.state_path = workdir / STATE_FILE
+        self.state: dict[str, Any] = (
+            json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        )
+
+    def run(self, stage: Stage) -> StageResult:
+        key = atomic.sha256_json(stage.fingerprint)
+        previous = self.state.get(stage.name, {})
+        outputs = [str(p) for p in stage.outputs]
+        if previous.get("fingerprint") == key and all(p.exists() for p in stage.outputs):
+            log.info("stage %s: inputs unchanged, skipped", stage.name)
+            return StageResult(stage.name, "skipped", 0.0, outputs, previous.get("details", {}))
+        log.info("stage %s: running", stage.name)
+        start = time.perf_counter()
+        details = stage.run()
+        seconds = time.perf_counter() - start
+        self.state[stage.name] = {"fingerprint": key, "details": details, "seconds": seconds}
+        atomic.write_json(self.state_path, self.state)
+        return StageResult(stage.name, "ran", seconds, outputs, details)
+
+
+def stages(config: QuickstartConfig, results: dict[str, StageResult]) -> list[Callable[[], Stage]]:
+    """The spine as stage factories; each reads what earlier stages produced via `results`."""
+    from lmforge.data import tokenize
+    from lmforge.generate import generate
+    from lmforge.loading import load_model
+    from lmforge.tokenizer import TokenizerTrainConfig, load_tokenizer, run_train
+    from lmforge.train import trainer
+    from lmforge.train.config import TrainConfig
+
+    out = Path(config.out)
+    tokenizer_dir, dataset_dir, runs_dir = out / "tokenizer", out / "tokens", out / "runs"
+
+    def tokenizer_stage() -> Stage:
+        tk_config = TokenizerTrainConfig(inputs=config.corpus, out=str(tokenizer_dir), vocab_size=config.vocab_size)
+
+        def go() -> dict:
+            tokenizer = run_train(tk_config)
+            return {"vocab_size": tokenizer.vocab_size, "hash": tokenizer.hash()}
+
+        source = tokenize.source_fingerprint(tokenize.expand_inputs(config.corpus))["hash"]
+        return Stage("tokenizer", {"config": tk_config.model_dump(), "source": source},
+                     [tokenizer_dir / "tokenizer.json"], go)
+
+    def tokenize_stage() -> Stage:
+        tok_config = tokenize.TokenizeConfig(
+            inputs=config.corpus, tokenizer=str(tokenizer_dir), out=str(dataset_dir),
+            val_fraction=config.val_fraction, num_workers=config.num_workers, seed=config.seed,
+        )
+
+        def go() -> dict:
+            manifest = tokenize.run(tok_config)
+            return {s: {k: v[k] for k in ("tokens", "documents")} for s, v in manifest["splits"].items()}
+
+        fingerprint = {"config": tok_config.model_dump(), "tokenizer": load_tokenizer(tokenizer_dir).hash(),
+                       "source": results["tokenizer"].details.get("hash")}
+        return Stage("tokenize", fingerprint, [dataset_dir / tokenize.MANIFEST], go)
+
+    def train_stage() -> Stage:
+        train_config = TrainConfig.model_validate({
+            "run": {"name": "quickstart", "out_dir": str(runs_dir), "seed": config.seed},
+            "model": config.model.model_dump(exclude_unset=False),
+            "data": {"dataset": str(dataset_dir), "seq_len": config.seq_len},
+            "optim": {"lr": config.lr},
+            "schedule": {"warmup_steps": config.warmup_steps},
+            "train": {
+                "max_steps": config.max_steps, "global_batch_tokens": config.global_batch_tokens,
+                "micro_batch_size": config.micro_batch_size, "eval_every": config.eval_every,
+                "checkpoint_every": 0, "device": config.device, "progress": config.progress,
+                "log_every": 10,
+            },
+        })
+        run_path = runs_dir / "quickstart"
+
+        def go() -> dict:
+            # Same fingerprint as a finished run means skip; a changed one starts over.
+            if run_path.exists():
+                import shutil
+
+                shutil.rmtree(run_path)
+            result = trainer.run(train_config)
+            return {
+                "steps": result.step, "first_loss": result.losses[0], "final_loss": result.losses[-1],
+                "val_loss": result.val_loss, "val_bpb": result.val_bpb, "params": train_config.model.num_params(),
+            }
+
+        fingerprint = {"config": train_config.model_dump(), "dataset": atomic.sha256_file(dataset_dir / tokenize.MANIFEST)}
+        return Stage("train", fingerprint, [run_path / "checkpoints" / "latest"], go)
+
+    def sample_stage() -> Stage:
+        run_path = runs_dir / "quickstart"
+
+        def go() -> dict:
+            model, tokenizer, _ = load_model(run_path)
+            text = generate(model, tokenizer, config.prompt, config.sampling)
+            atomic.write_text(out / "sample.txt", config.prompt + text + "\n")
+            return {"prompt": config.prompt, "completion": text}
+
+        fingerprint = {"prompt": config.prompt, "sampling": config.sampling.model_dump(),
+                       "train": results["train"].details}
+        return Stage("sample", fingerprint, [out / "sample.txt"], go)
+
+    return [tokenizer_stage, tokenize_stage, train_stage, sample_stage]
+
+
+def run(config: QuickstartConfig) -> list[StageResult]:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = Pipeline(out)
+    results: dict[str, StageResult] = {}
+    for factory in stages(config, results):
+        stage = factory()
+        results[stage.name] = pipeline.run(stage)
+    summary = {name: dataclasses.asdict(r) for name, r in results.items()}
+    atomic.write_json(out / "summary.json", summary)
+    return list(results.values())

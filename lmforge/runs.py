@@ -1,0 +1,111 @@
+"""Run dirs: resolved config, lineage manifest, metrics.jsonl and TensorBoard events.
+
+    runs/<name>/config.yaml         the resolved config
+    runs/<name>/manifest.json       lineage: versions, git commit, dataset/tokenizer hashes, parent
+    runs/<name>/metrics.jsonl       one JSON object per logged step
+    runs/<name>/tb/                 TensorBoard events
+    runs/<name>/tokenizer/          the tokenizer the run was trained with
+    runs/<name>/checkpoints/        step-NNNNNNN/ (DCP) and a `latest` pointer
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge import __version__, atomic
+from lmforge.config import to_yaml
+
+
+def git_commit() -> str | None:
+    """The commit of the lmforge source tree, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def lineage(**extra: Any) -> dict[str, Any]:
+    return {
+        "lmforge_version": __version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "host": socket.gethostname(),
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, config) -> None:
+        atomic.write_text(self.path / "config.yaml", to_yaml(config))
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic.write_json(self.path / "manifest.json", manifest)
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """On resume, drop records logged after the checkpoint: the resumed run writes them again."""
+        kept = [r for r in self.read_metrics() if r.get("step", -1) <= last_step]
+        atomic.write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+class MetricsLogger:
+    """Appends one JSON line per record (flushed at once) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run: RunDir, tensorboard: bool = True):
+        self._file = open(run.metrics_path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run.path / "tb"))
+
+    def log(self, step: int, **values: float) -> None:
+        record = {"step": step, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

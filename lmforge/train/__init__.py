@@ -1,0 +1,1 @@
+"""Pretraining: config, loop, optimizers, schedules, checkpoints, device/parallel setup."""
