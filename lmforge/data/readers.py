@@ -15,7 +15,7 @@ from typing import Literal
 
 from lmforge.errors import DataError
 
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".md")
+TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES

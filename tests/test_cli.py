@@ -1,0 +1,112 @@
+"""The `lmforge` command end to end: quickstart, the stage verbs, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lmforge(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={"PATH": "/usr/bin:/bin", "LMFORGE_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)},
+    )
+
+
+@pytest.mark.slow
+def test_quickstart_runs_every_stage_then_skips_unchanged_ones(tmp_path):
+    fast = [
+        "model.preset=tiny", "model.max_seq_len=128", "seq_len=64", "vocab_size=1024",
+        "max_steps=40", "global_batch_tokens=2048", "micro_batch_size=16", "eval_every=20",
+        "warmup_steps=5", "progress=false", "sampling.max_tokens=12",
+    ]
+    first = lmforge("quickstart", "--out", "qs", *fast, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert [s["status"] for s in summary.values()] == ["ran"] * 4
+    train = summary["train"]["details"]
+    assert train["final_loss"] < train["first_loss"] - 1.0
+    assert train["val_bpb"] > 0 and "bits/byte" in first.stdout
+    assert (tmp_path / "qs" / "sample.txt").read_text().startswith("The Python interpreter")
+    assert (tmp_path / "qs" / "runs" / "quickstart" / "metrics.jsonl").is_file()
+
+    again = lmforge("quickstart", "--out", "qs", *fast, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert [s["status"] for s in json.loads((tmp_path / "qs" / "summary.json").read_text()).values()] == [
+        "skipped"
+    ] * 4
+
+    # A changed sampling prompt reruns only the last stage.
+    changed = lmforge("quickstart", "--out", "qs", *fast, "prompt=Lists are", cwd=tmp_path)
+    statuses = {k: v["status"] for k, v in json.loads((tmp_path / "qs" / "summary.json").read_text()).items()}
+    assert changed.returncode == 0 and statuses == {
+        "tokenizer": "skipped", "tokenize": "skipped", "train": "skipped", "sample": "ran"
+    }
+
+
+def test_stage_verbs_chain_on_real_text_through_the_cli(tmp_path, pretrain_data):
+    docs = str(pretrain_data["docs"])
+    assert lmforge("tokenizer", "train", "-i", docs, "--out", "tok", "--vocab-size", "800", cwd=tmp_path).returncode == 0
+    encoded = lmforge("tokenizer", "encode", "tok", "héllo wörld <|endoftext|>", cwd=tmp_path)
+    decoded = lmforge("tokenizer", "decode", "tok", encoded.stdout.strip(), cwd=tmp_path)
+    assert decoded.stdout.rstrip("\n") == "héllo wörld <|endoftext|>"
+    tokenized = lmforge("tokenize", "-i", docs, "--tokenizer", "tok", "--out", "tokens", "--workers", "2", cwd=tmp_path)
+    assert tokenized.returncode == 0 and "val:" in tokenized.stdout
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "model: {preset: tiny, max_seq_len: 128}\ndata: {dataset: tokens, seq_len: 64}\n"
+        "train: {max_steps: 4, global_batch_tokens: 512, micro_batch_size: 8, progress: false}\n"
+    )
+    trained = lmforge("train", "train.yaml", "run.name=cli", "train.eval_every=2", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "completed at step 4" in trained.stdout
+    sample = lmforge("generate", "runs/cli", "--prompt", "import", "--max-tokens", "5", "--seed", "0", cwd=tmp_path)
+    assert sample.returncode == 0 and sample.stdout.startswith("import")
+    again = lmforge("generate", "runs/cli/checkpoints/step-0000004", "--prompt", "import", "--max-tokens", "5",
+                    "--seed", "0", cwd=tmp_path)
+    assert again.stdout == sample.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "data.dataset=missing"], "not a token dataset (no manifest.json): missing"),
+        (["train", "nope.yaml"], "config file not found: nope.yaml"),
+        (["train", "data.dataset=x", "train.bogus=1"], "unknown key 'train.bogus' (allowed: max_steps"),
+        (["train", "data.dataset=x", "optim.name=sgd"], "bad value for 'optim.name'"),
+        (["train", "data.dataset=x", "model.preset=huge"], "unknown preset 'huge'"),
+        (["train", "data.dataset=x", "data.seq_len=100000"], "exceeds model.max_seq_len"),
+        (["tokenize", "--input", "missing.jsonl", "--tokenizer", "t", "--out", "o"], "input not found: missing.jsonl"),
+        (["tokenizer", "train", "-i", "missing.txt", "--out", "t"], "input not found: missing.txt"),
+        (["tokenizer", "encode", "no-tokenizer", "hi"], "tokenizer not found"),
+        (["generate", "no-run"], "model not found: no-run"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_malformed_yaml_and_bad_corpus_are_reported_with_their_location(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("bad.yaml").write_text("train: {max_steps: [1,\n")
+    assert main(["train", "bad.yaml"]) == 2
+    assert "bad.yaml: not valid YAML" in capsys.readouterr().err
+    Path("docs.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n')
+    assert main(["tokenizer", "train", "-i", "docs.jsonl", "--out", "tok"]) == 2
+    assert "docs.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert not Path("tok").exists()
+    Path("empty.txt").write_text("")
+    assert main(["tokenizer", "train", "-i", "empty.txt", "--out", "tok"]) == 2
+    assert "no non-empty documents" in capsys.readouterr().err
