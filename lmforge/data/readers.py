@@ -82,6 +82,14 @@ def _read_text(path: Path, split: TextSplit) -> Iterator[str]:
             yield "".join(paragraph).rstrip("\n")
 
 
+def _check_unicode(text: str, where: str) -> None:
+    """JSON escapes can encode lone surrogates (half an emoji), which no tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: text is not valid Unicode (lone surrogate)") from None
+
+
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -96,10 +104,12 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
             text = record[text_field]
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: field {text_field!r} is not a string")
+            _check_unicode(text, f"{path}:{lineno}")
             yield text
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -108,6 +118,9 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
         raise DataError(f"cannot read parquet file {path}: {err}") from None
     if text_field not in file.schema_arrow.names:
         raise DataError(f"{path}: parquet file has no column {text_field!r}")
+    column = file.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(column) or pa.types.is_large_string(column)):
+        raise DataError(f"{path}: parquet column {text_field!r} holds {column}, not strings")
     for batch in file.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text is not None:

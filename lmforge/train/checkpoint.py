@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -128,9 +129,12 @@ def load(
         target = {"model": get_state_dict(model, [], options=StateDictOptions())[0]}
     try:
         _dcp_load(target, path)
-    except Exception as err:  # DCP raises many types for missing/truncated shards
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {first[:200]}") from None
+    # DCP raises many types for missing or truncated shards; its CheckpointException
+    # derives from BaseException and carries the real error in its last traceback line.
+    except (Exception, CheckpointException) as err:
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        reason = lines[-1].strip() if lines else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({reason[:200]})") from None
     if optimizers:
         set_state_dict(model, optimizers, model_state_dict=target["model"], optim_state_dict=target["optim"])
         torch.set_rng_state(target["rng"])

@@ -1,40 +1,10 @@
-"""Fixtures for trainer tests: a tokenizer and token dataset from the bundled corpus."""
+"""Trainer fixtures: a TrainConfig factory over the `pretrain_data` dataset (tests/conftest.py)."""
 
 from __future__ import annotations
 
-import gzip
-import itertools
-import json
-from pathlib import Path
-
 import pytest
 
-from lmforge.data.tokenize import TokenizeConfig
-from lmforge.data.tokenize import run as tokenize_run
-from lmforge.tokenizer import TokenizerTrainConfig, run_train
 from lmforge.train.config import TrainConfig
-
-BUNDLED = Path(__file__).resolve().parents[2] / "lmforge" / "data" / "corpus" / "python_docs.jsonl.gz"
-
-
-@pytest.fixture(scope="session")
-def pretrain_data(tmp_path_factory) -> dict[str, Path]:
-    """~400 real documents -> 1024-token BPE -> token dataset with a 10% validation split."""
-    if not BUNDLED.is_file():
-        pytest.skip("bundled corpus missing")
-    root = tmp_path_factory.mktemp("pretrain")
-    subset = root / "docs.jsonl"
-    with gzip.open(BUNDLED, "rt", encoding="utf-8") as src, open(subset, "w") as dst:
-        for line in itertools.islice(src, 400):
-            dst.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
-    run_train(TokenizerTrainConfig(inputs=[str(subset)], out=str(root / "tokenizer"), vocab_size=1024))
-    tokenize_run(
-        TokenizeConfig(
-            inputs=[str(subset)], tokenizer=str(root / "tokenizer"), out=str(root / "tokens"),
-            val_fraction=0.1, num_workers=1,
-        )
-    )
-    return {"docs": subset, "tokenizer": root / "tokenizer", "tokens": root / "tokens"}
 
 
 @pytest.fixture

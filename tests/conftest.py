@@ -1,0 +1,102 @@
+"""Shared fixtures: real text from the bundled corpus, a tokenizer and a token dataset built from it.
+
+Everything is session-scoped and built once: a slice of ~150 real documents keeps the
+tokenizer and the dataset small enough for a fast suite on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.tokenize import TokenizeConfig
+from lmforge.data.tokenize import run as tokenize_run
+from lmforge.tokenizer import LmTokenizer, TokenizerTrainConfig, run_train
+
+BUNDLED_CORPUS = (
+    Path(__file__).resolve().parents[1] / "lmforge" / "data" / "corpus" / "python_docs.jsonl.gz"
+)
+SUBSET_DOCUMENTS = 150
+
+
+def read_jsonl_texts(path: str | Path) -> list[str]:
+    """The "text" field of every record of a jsonl(.gz) file, in order."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def corpus_path() -> Path:
+    """The bundled real-text corpus (jsonl.gz of {"id", "text"} records)."""
+    if not BUNDLED_CORPUS.is_file():
+        pytest.skip(f"bundled corpus not found: {BUNDLED_CORPUS}")
+    return BUNDLED_CORPUS
+
+
+@pytest.fixture(scope="session")
+def corpus_subset(corpus_path, tmp_path_factory) -> Path:
+    """A plain jsonl file with the first ~150 documents of the bundled corpus."""
+    out = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with (
+        gzip.open(corpus_path, "rt", encoding="utf-8") as src,
+        open(out, "w", encoding="utf-8") as dst,
+    ):
+        for line in itertools.islice(src, SUBSET_DOCUMENTS):
+            dst.write(line if line.endswith("\n") else line + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def corpus_texts(corpus_subset) -> list[str]:
+    """The texts of `corpus_subset`, in file order."""
+    return read_jsonl_texts(corpus_subset)
+
+
+@pytest.fixture(scope="session")
+def trained_tokenizer(corpus_subset, tmp_path_factory) -> LmTokenizer:
+    """A 1024-token byte-level BPE trained on `corpus_subset` (saved; `.path` is its file)."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    return run_train(
+        TokenizerTrainConfig(inputs=[str(corpus_subset)], out=str(out), vocab_size=1024)
+    )
+
+
+@pytest.fixture(scope="session")
+def token_dataset(corpus_subset, trained_tokenizer, tmp_path_factory) -> Path:
+    """The token dataset dir of `corpus_subset` with a 10% validation split."""
+    out = tmp_path_factory.mktemp("tokens") / "dataset"
+    tokenize_run(
+        TokenizeConfig(
+            inputs=[str(corpus_subset)],
+            tokenizer=str(trained_tokenizer.path),
+            out=str(out),
+            val_fraction=0.1,
+            num_workers=1,
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrain_data(tmp_path_factory) -> dict[str, Path]:
+    """~400 real documents -> 1024-token BPE -> token dataset with a 10% validation split."""
+    if not BUNDLED_CORPUS.is_file():
+        pytest.skip(f"bundled corpus not found: {BUNDLED_CORPUS}")
+    root = tmp_path_factory.mktemp("pretrain")
+    subset = root / "docs.jsonl"
+    with gzip.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as src, open(subset, "w") as dst:
+        for line in itertools.islice(src, 400):
+            dst.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
+    run_train(TokenizerTrainConfig(inputs=[str(subset)], out=str(root / "tokenizer"), vocab_size=1024))
+    tokenize_run(
+        TokenizeConfig(
+            inputs=[str(subset)], tokenizer=str(root / "tokenizer"), out=str(root / "tokens"),
+            val_fraction=0.1, num_workers=1,
+        )
+    )
+    return {"docs": subset, "tokenizer": root / "tokenizer", "tokens": root / "tokens"}

@@ -1,0 +1,163 @@
+"""Byte-level BPE tokenizer: lossless round trips, reserved special tokens, save/load, errors."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models
+
+from lmforge.config import build
+from lmforge.errors import ConfigError, LmforgeError, TokenizerError
+from lmforge.tokenizer import (
+    ENDOFTEXT,
+    SPECIAL_TOKENS,
+    TOKENIZER_FILE,
+    TokenizerTrainConfig,
+    load_tokenizer,
+    run_train,
+    train_tokenizer,
+)
+
+
+@settings(
+    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(text=st.text())
+def test_decode_of_encode_returns_any_unicode_text_unchanged(trained_tokenizer, text):
+    assert trained_tokenizer.decode(trained_tokenizer.encode(text)) == text
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(texts=st.lists(st.text(), max_size=8))
+def test_batch_encoding_gives_the_same_ids_as_encoding_each_text(trained_tokenizer, texts):
+    assert trained_tokenizer.encode_batch(texts) == [trained_tokenizer.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "emoji 😀👍🏽 and a family 👨‍👩‍👧",
+        "中文 日本語のテキスト 한국어",
+        "combining marks: e\u0301 a\u0308 \u0915\u094d\u0937",
+        "NUL \x00 inside and at the end\x00",
+        "windows\r\nline endings\r\n\r\n",
+        "  leading and trailing whitespace \t\n",
+        "<|pad|><|user|> look like special tokens but are text",
+        "",
+    ],
+)
+def test_hand_picked_hard_strings_round_trip(trained_tokenizer, text):
+    assert trained_tokenizer.decode(trained_tokenizer.encode(text)) == text
+
+
+def test_literal_endoftext_in_text_encodes_as_ordinary_tokens_not_the_special_id(trained_tokenizer):
+    ids = trained_tokenizer.encode(f"before {ENDOFTEXT} after")
+    assert trained_tokenizer.eos_id not in ids
+    alone = trained_tokenizer.encode(ENDOFTEXT)
+    assert len(alone) > 1 and trained_tokenizer.eos_id not in alone
+    assert trained_tokenizer.decode(alone) == ENDOFTEXT
+
+
+def test_special_tokens_are_reserved_first_with_stable_ids(
+    trained_tokenizer, corpus_texts, tmp_path
+):
+    assert [trained_tokenizer.token_id(t) for t in SPECIAL_TOKENS] == list(
+        range(len(SPECIAL_TOKENS))
+    )
+    assert trained_tokenizer.eos_id == trained_tokenizer.token_id(ENDOFTEXT)
+    # A tokenizer trained on different text and size reserves the same ids.
+    other = train_tokenizer(iter(corpus_texts[-20:]), vocab_size=400)
+    assert [other.token_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+
+
+def test_vocab_size_is_exactly_the_configured_size(trained_tokenizer):
+    assert trained_tokenizer.vocab_size == 1024
+    assert len(trained_tokenizer.tk.get_vocab(with_added_tokens=True)) == 1024
+
+
+def test_save_then_load_gives_identical_ids_and_hash(trained_tokenizer, corpus_texts, tmp_path):
+    saved_dir = trained_tokenizer.save(tmp_path / "copy")
+    from_dir = load_tokenizer(saved_dir)
+    from_file = load_tokenizer(saved_dir / TOKENIZER_FILE)
+    sample = corpus_texts[0][:5000] + f" {ENDOFTEXT} ünïcödé 😀"
+    expected = trained_tokenizer.encode(sample)
+    for loaded in (from_dir, from_file):
+        assert loaded.encode(sample) == expected
+        assert loaded.hash() == trained_tokenizer.hash()
+        assert (
+            loaded.eos_id == trained_tokenizer.eos_id and loaded.pad_id == trained_tokenizer.pad_id
+        )
+
+
+def test_a_different_tokenizer_has_a_different_hash(trained_tokenizer, corpus_texts):
+    other = train_tokenizer(iter(corpus_texts[:20]), vocab_size=600)
+    assert other.hash() != trained_tokenizer.hash()
+
+
+def test_load_tokenizer_on_a_missing_path_names_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(TokenizerError, match="nowhere"):
+        load_tokenizer(missing)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{this is not a tokenizer", b"", b"\xff\xfe\x00 binary", b"[1, 2]"],
+    ids=["broken-json", "empty", "binary", "wrong-shape"],
+)
+def test_load_tokenizer_on_a_garbage_file_names_it(tmp_path, content):
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(content)
+    with pytest.raises(TokenizerError, match=r"cannot read tokenizer .*garbage\.json"):
+        load_tokenizer(garbage)
+
+
+def test_a_tokenizer_without_lmforge_special_tokens_is_refused_by_name(tmp_path):
+    foreign = tmp_path / "foreign.json"
+    Tokenizer(models.BPE()).save(str(foreign))
+    with pytest.raises(TokenizerError, match="foreign.json.*special tokens"):
+        load_tokenizer(foreign)
+
+
+def test_vocab_size_too_small_for_bytes_and_specials_is_refused(corpus_texts):
+    minimum = 256 + len(SPECIAL_TOKENS)
+    with pytest.raises(TokenizerError, match=f"at least {minimum}"):
+        train_tokenizer(iter(corpus_texts[:5]), vocab_size=minimum - 1)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        build(TokenizerTrainConfig, {"inputs": ["x"], "out": "y", "vocab_size": 100})
+
+
+def test_training_on_a_dir_without_documents_raises_and_writes_nothing(tmp_path):
+    empty_dir = tmp_path / "no_files"
+    empty_dir.mkdir()
+    with pytest.raises(LmforgeError, match="no_files"):
+        run_train(
+            TokenizerTrainConfig(inputs=[str(empty_dir)], out=str(tmp_path / "a"), vocab_size=512)
+        )
+
+    blank_docs = tmp_path / "blank_docs"
+    blank_docs.mkdir()
+    (blank_docs / "empty.txt").write_text("")
+    (blank_docs / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(LmforgeError, match="no non-empty documents"):
+        run_train(
+            TokenizerTrainConfig(inputs=[str(blank_docs)], out=str(tmp_path / "b"), vocab_size=512)
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_trained_bpe_compresses_held_out_text_to_over_2_5_bytes_per_token(
+    trained_tokenizer, corpus_path
+):
+    # The fixture trains on the first 150 documents; everything after them is held out.
+    with gzip.open(corpus_path, "rt", encoding="utf-8") as f:
+        held_out = [json.loads(line)["text"] for line in itertools.islice(f, 150, None)]
+    assert held_out, "the corpus has no documents beyond the training subset"
+    text = "\n".join(held_out)
+    bytes_per_token = len(text.encode("utf-8")) / len(trained_tokenizer.encode(text))
+    assert bytes_per_token > 2.5
