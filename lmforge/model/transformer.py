@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.losses import linear_cross_entropy
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,23 +68,23 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # RoPE in the activation dtype (as HF Llama does): no fp32 round trip per layer.
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, start, k, v)
-        if self.n_kv_heads != self.n_heads:
-            # GQA: each KV head serves n_heads / n_kv_heads query heads.
-            repeat = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
-        if start == 0 or seq > 1 and kv_cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif seq == 1:
-            out = F.scaled_dot_product_attention(q, k, v)  # one new token sees the whole cache
+        # GQA: each KV head serves n_heads / n_kv_heads query heads; SDPA broadcasts them
+        # itself (enable_gqa) instead of materialising repeated keys and values.
+        gqa = self.n_kv_heads != self.n_heads
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif seq == 1:  # one new token sees the whole cache
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
             # A chunk appended after cached positions: query i sees keys <= start + i.
             keys = torch.arange(k.shape[2], device=x.device)
             mask = keys[None, :] <= (start + torch.arange(seq, device=x.device))[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -167,7 +168,11 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, kv_cache, i, start)
-        logits = self.output(self.norm(x))
+        hidden = self.norm(x)
+        if targets is not None and torch.is_grad_enabled():
+            # Training: head and loss fused per chunk of tokens, never holding all logits.
+            return linear_cross_entropy(hidden, self.output.weight, targets)
+        logits = self.output(hidden)
         if targets is None:
             return logits
         # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses precision.
