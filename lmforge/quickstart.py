@@ -154,7 +154,10 @@ def stages(config: QuickstartConfig, results: dict[str, StageResult]) -> list[Ca
             result = trainer.run(train_config)
             return {
                 "steps": result.step, "first_loss": result.losses[0], "final_loss": result.losses[-1],
-                "val_loss": result.val_loss, "val_bpb": result.val_bpb, "params": train_config.model.num_params(),
+                "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+                "params": trainer.resolve_vocab(
+                    train_config.model_copy(deep=True), load_tokenizer(tokenizer_dir).vocab_size
+                ).model.num_params(),
             }
 
         fingerprint = {"config": train_config.model_dump(), "dataset": atomic.sha256_file(dataset_dir / tokenize.MANIFEST)}
