@@ -215,6 +215,10 @@ def render(m: re.Match, labels: dict[str, str], docs: dict[str, str], doc_id: st
     return substitutions.get(name, SUBSTITUTIONS.get(name, m.group(0)))
 
 
+# Roles whose rendered text is the target with a fixed prefix (":pep:`8`" -> "PEP 8").
+ROLE_PREFIX = {"pep": "PEP ", "rfc": "RFC ", "issue": "bpo-", "gh": "gh-", "sup": "^", "sub": "_"}
+
+
 def render_role(role: str, body: str, labels: dict[str, str], docs: dict[str, str],
                 doc_id: str) -> str:
     role = role.lower().removeprefix("py:")
@@ -230,18 +234,8 @@ def render_role(role: str, body: str, labels: dict[str, str], docs: dict[str, st
         target = body.lstrip("/") if body.startswith("/") else posixpath.normpath(
             posixpath.join(posixpath.dirname(doc_id), body))
         return docs.get(target, posixpath.basename(body))
-    if role == "pep":
-        return "PEP " + body
-    if role == "rfc":
-        return "RFC " + body
-    if role == "issue":
-        return "bpo-" + body
-    if role == "gh":
-        return "gh-" + body
-    if role == "sup":
-        return "^" + body
-    if role == "sub":
-        return "_" + body
+    if role in ROLE_PREFIX:
+        return ROLE_PREFIX[role] + body
     if role in ("samp", "file"):
         body = re.sub(r"(?<!\\)\{([^{}]*)\}", r"\1", body)
     if body.startswith("!"):
