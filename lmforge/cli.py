@@ -77,6 +77,14 @@ def quickstart(args: ConfigArgs = None, out: Annotated[str | None, typer.Option(
         f"val loss {train['val_loss']:.3f}, {train['val_bpb']:.3f} bits/byte"
     )
     console.print(f"[bold]sample[/] {sample['prompt']}[italic]{sample['completion']}[/]", markup=True)
+    model_dir = next((r for r in results if r.name == "export"), None)
+    if model_dir is not None:
+        path = model_dir.details["model_dir"]
+        console.print(
+            f"[bold]model dir[/] {path} (Hugging Face format); load it with\n"
+            f"  AutoModelForCausalLM.from_pretrained({path!r}); AutoTokenizer.from_pretrained({path!r})\n"
+            f"  or: lmforge generate {path} --prompt '...'"
+        )
     console.print(f"summary: {Path(config.out) / 'summary.json'}")
 
 
@@ -167,7 +175,7 @@ def train(
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Argument(help="run dir or checkpoint dir")],
+    model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")],
     prompt: Annotated[str, typer.Option(help="text to continue")] = "",
     max_tokens: int = 128,
     temperature: float = 0.8,
@@ -183,7 +191,7 @@ def generate(
 
     sampling = build(SamplingConfig, _flags(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
     loaded, tokenizer, _ = load_model(model, device)
-    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    prompt_ids = tokenizer.encode_prompt(prompt)
     typer.echo(prompt, nl=False)
     new: list[int] = []
     shown = ""
@@ -194,6 +202,47 @@ def generate(
             typer.echo(text[len(shown):], nl=False)
             shown = text
     typer.echo(tokenizer.decode(new)[len(shown):])
+
+
+@app.command("export")
+def export_model(
+    model: Annotated[str, typer.Argument(help="run dir, checkpoint dir or model dir")],
+    out: Annotated[str, typer.Option(help="Hugging Face model dir to write")],
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    max_shard_size: Annotated[str, typer.Option(help="split weights past this size (5GB, 500MB)")] = "5GB",
+    name: Annotated[str | None, typer.Option(help="model name in the card")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing out dir")] = False,
+):
+    """Write a Hugging Face model dir (safetensors, config, tokenizer, chat template, card)."""
+    from lmforge.config import build
+    from lmforge.interop import export
+
+    config = build(export.ExportConfig, _flags(
+        model=model, out=out, dtype=dtype, max_shard_size=max_shard_size, name=name, overwrite=overwrite,
+    ))
+    result = export.run(config)
+    typer.echo(f"{result.params:,} params ({result.dtype}) -> {result.out}: {', '.join(result.files)}")
+    typer.echo(f"load it: AutoModelForCausalLM.from_pretrained({str(result.out)!r})")
+
+
+@app.command("import")
+def import_model(
+    source: Annotated[str, typer.Argument(help="local Hugging Face Llama/Mistral/Qwen2 model dir")],
+    out: Annotated[str, typer.Option(help="model dir (or run dir with --to checkpoint) to write")],
+    to: Annotated[str, typer.Option(help="model | checkpoint")] = "model",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    max_seq_len: Annotated[int | None, typer.Option(help="cap the context length")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing out dir")] = False,
+):
+    """Bring a local Hugging Face Llama-family model into lmforge (eval, fine-tune, serve)."""
+    from lmforge.config import build
+    from lmforge.interop import importer
+
+    config = build(importer.ImportConfig, _flags(
+        source=source, out=out, to=to, dtype=dtype, max_seq_len=max_seq_len, overwrite=overwrite,
+    ))
+    result = importer.run(config)
+    typer.echo(f"{result.architecture}, {result.params:,} params ({result.dtype}) -> {result.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,6 @@ def generate_tokens(
 
 
 def generate(model: Transformer, tokenizer, prompt: str, config: SamplingConfig) -> str:
-    """Continue `prompt` (prefixed with the document separator, as in training)."""
-    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
-    new = list(generate_tokens(model, prompt_ids, config, stop_ids={tokenizer.eos_id}))
+    """Continue `prompt` (prefixed with BOS, the document separator, as in training)."""
+    new = list(generate_tokens(model, tokenizer.encode_prompt(prompt), config, stop_ids={tokenizer.eos_id}))
     return tokenizer.decode(new)

@@ -1,6 +1,8 @@
-"""Resolve what a user names as "a model" into a model and tokenizer for inference.
+"""Resolve what a user names as "a model" into a model and tokenizer, for every verb that takes one.
 
-Accepted today: a run dir (its latest checkpoint) or a checkpoint dir `.../checkpoints/step-N`.
+Accepted alike: a model dir in the Hugging Face layout (`config.json` + safetensors, as
+`lmforge export` writes or transformers saves), a run dir (its latest checkpoint) or a
+checkpoint dir `.../checkpoints/step-N`.
 """
 
 from __future__ import annotations
@@ -27,20 +29,39 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             latest = checkpoint.latest_checkpoint(directory)
             if latest is not None:
                 return latest
-    raise CheckpointError(f"{path} is not a run dir or checkpoint (no checkpoints/latest inside)")
+    raise CheckpointError(
+        f"{path} is not a model dir, run dir or checkpoint (no config.json or checkpoints/latest inside)"
+    )
+
+
+def resolve_model(path: str | os.PathLike) -> Path:
+    """The model dir or checkpoint dir that `path` names."""
+    from lmforge.interop.model_dir import is_model_dir
+
+    return Path(path) if is_model_dir(path) else resolve_checkpoint(path)
 
 
 def load_model(
-    path: str | os.PathLike, device: torch.device | str = "cpu"
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> tuple[Transformer, LmTokenizer, Path]:
-    """Model in eval mode on `device`, its tokenizer, and the checkpoint it came from."""
+    """Model in eval mode on `device`, its tokenizer, and the model or checkpoint dir it came from.
+
+    `dtype` None keeps what is stored: a model dir's safetensors dtype, fp32 for checkpoints.
+    """
+    from lmforge.interop.model_dir import is_model_dir, load_model_dir
+
+    if is_model_dir(path):
+        model, tokenizer = load_model_dir(path, device, dtype)
+        return model, tokenizer, Path(path)
     ckpt = resolve_checkpoint(path)
     state = checkpoint.read_state(ckpt)
     config = ModelConfig.model_validate(state["model"])
     with torch.device("meta"):
         model = Transformer(config)
     model.to_empty(device="cpu")
-    model.init_weights()
+    model.init_rope()
     checkpoint.load(ckpt, model)
     tokenizer = load_tokenizer(ckpt.parent.parent / "tokenizer")
-    return model.to(device).eval(), tokenizer, ckpt
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, ckpt

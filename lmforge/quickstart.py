@@ -176,7 +176,22 @@ def stages(config: QuickstartConfig, results: dict[str, StageResult]) -> list[Ca
                        "train": results["train"].details}
         return Stage("sample", fingerprint, [out / "sample.txt"], go)
 
-    return [tokenizer_stage, tokenize_stage, train_stage, sample_stage]
+    def export_stage() -> Stage:
+        from lmforge.interop import export
+
+        model_dir = out / "model"
+        export_config = export.ExportConfig(
+            model=str(runs_dir / "quickstart"), out=str(model_dir), name="lmforge-quickstart", overwrite=True
+        )
+
+        def go() -> dict:
+            result = export.run(export_config)
+            return {"model_dir": str(result.out), "files": result.files}
+
+        fingerprint = {"config": export_config.model_dump(), "train": results["train"].details}
+        return Stage("export", fingerprint, [model_dir / "config.json"], go)
+
+    return [tokenizer_stage, tokenize_stage, train_stage, sample_stage, export_stage]
 
 
 def run(config: QuickstartConfig) -> list[StageResult]:

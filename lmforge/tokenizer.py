@@ -3,14 +3,22 @@
 Byte-level means every Unicode string maps to byte tokens, so decode(encode(x)) == x.
 Special tokens for document boundaries and chat roles are reserved at training time so
 later stages (SFT, chat, serving) never need to resize the embedding.
+
+Chat format (token-exact; `CHAT_TEMPLATE` renders the same ids in transformers):
+
+    <|endoftext|> <|system|>...<|end|> <|user|>...<|end|> <|assistant|>...<|end|>
+
+Tokenizers of imported models (no lmforge special tokens) load too: their BOS/EOS and
+chat template come from the model dir's `tokenizer_config.json`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -18,7 +26,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from lmforge import atomic
 from lmforge.config import Section
 from lmforge.data.readers import TextSplit, expand_inputs, read_documents
-from lmforge.errors import TokenizerError
+from lmforge.errors import DataError, TokenizerError
 
 # One token marks document boundaries: it is placed before every document, so the model
 # learns to emit it when a document ends and generation can start from it (GPT-2 style).
@@ -36,22 +44,84 @@ SPLIT_PATTERN = (
 )
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+CHAT_ROLES = ("system", "user", "assistant")
+END_OF_TURN = "<|end|>"
+
+# The same format as `LmTokenizer.encode_chat`, as a Jinja template for HF
+# `apply_chat_template` (which tokenizes the rendered string with special tokens parsed).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """Messages as OpenAI/HF send them: a list of {"role", "content"} with string content."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise DataError("chat messages must be a non-empty list of {role, content} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise DataError(f"chat message {i} must be an object with a string 'content'")
+        if message.get("role") not in CHAT_ROLES:
+            raise DataError(f"chat message {i} has role {message.get('role')!r} (allowed: {', '.join(CHAT_ROLES)})")
+    return list(messages)
 
 
 class LmTokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer` with lmforge's special tokens."""
+    """A thin wrapper over `tokenizers.Tokenizer`: encoding, document and chat framing.
 
-    def __init__(self, tokenizer: Tokenizer, path: Path | None = None):
+    `bos_id` starts every document and prompt (lmforge: `<|endoftext|>`, which also ends
+    documents, so `bos_id == eos_id`); `stop_ids` end generation.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        path: Path | None = None,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        chat_template: str | None = None,
+    ):
         self.tk = tokenizer
         self.path = path
         # Raw text that happens to contain "<|endoftext|>" must stay text, not become a
         # control token (a prompt-injection and data-poisoning hazard).
         self.tk.encode_special_tokens = True
-        missing = [t for t in SPECIAL_TOKENS if self.tk.token_to_id(t) is None]
-        if missing:
-            raise TokenizerError(f"tokenizer {path or ''} lacks lmforge special tokens: {missing[:3]}")
-        self.eos_id: int = self.tk.token_to_id(ENDOFTEXT)
-        self.pad_id: int = self.tk.token_to_id(PAD)
+        self._template_tk: Tokenizer | None = None
+        self.native = all(self.tk.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+        if self.native:
+            bos_token = eos_token = ENDOFTEXT
+            pad_token, chat_template = PAD, CHAT_TEMPLATE
+        elif eos_token is None:
+            raise TokenizerError(
+                f"tokenizer {path or ''} has neither lmforge's special tokens nor an eos_token "
+                f"in {TOKENIZER_CONFIG_FILE}"
+            )
+        self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
+        self.bos_id = self._special_id(bos_token)
+        self.eos_id: int = self._special_id(eos_token)
+        self.pad_id = self._special_id(pad_token)
+        self.stop_ids = {self.eos_id}
+        if self.native:
+            self.stop_ids.add(self.tk.token_to_id(END_OF_TURN))
+
+    def _special_id(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self.tk.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"tokenizer {self.path or ''} has no token {token!r}")
+        return token_id
 
     @property
     def vocab_size(self) -> int:
@@ -65,6 +135,62 @@ class LmTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A completion prompt: BOS (when the tokenizer has one), then the text."""
+        return ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
+        """Token ids of a conversation; `add_generation_prompt` opens the assistant's turn."""
+        return self.encode_chat_with_mask(messages, add_generation_prompt)[0]
+
+    def encode_chat_with_mask(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """Ids and a mask of the tokens the assistant wrote (its content and `<|end|>`).
+
+        Native tokenizers build ids piecewise, so message content is always text. Imported
+        ones render their own Jinja template (as transformers does); no mask is known then.
+        """
+        messages = check_messages(messages)
+        if not self.native:
+            ids = self._render_template(messages, add_generation_prompt)
+            return ids, [False] * len(ids)
+        end = self.tk.token_to_id(END_OF_TURN)
+        ids, mask = [self.bos_id], [False]
+        for message in messages:
+            body = [*self.encode(message["content"]), end]
+            ids += [self.tk.token_to_id(f"<|{message['role']}|>"), *body]
+            mask += [False] + [message["role"] == "assistant"] * len(body)
+        if add_generation_prompt:
+            ids.append(self.tk.token_to_id("<|assistant|>"))
+            mask.append(False)
+        return ids, mask
+
+    def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        if not self.chat_template:
+            raise TokenizerError(f"tokenizer {self.path or ''} has no chat_template")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str):
+            raise DataError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token,
+            )
+        except TemplateError as err:
+            raise TokenizerError(f"chat template of {self.path or 'tokenizer'} failed: {err}") from None
+        if self._template_tk is None:  # a copy that parses special tokens in the rendered text
+            self._template_tk = Tokenizer.from_str(self.tk.to_str())
+            self._template_tk.encode_special_tokens = False
+        return self._template_tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -107,8 +233,19 @@ def train_tokenizer(
     return LmTokenizer(tk)
 
 
+def _token_text(value: Any) -> str | None:
+    """HF writes special tokens as strings or as AddedToken dicts with a "content" key."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
 def load_tokenizer(path: str | os.PathLike) -> LmTokenizer:
-    """Load from a directory holding `tokenizer.json`, or from the file itself."""
+    """Load from a directory holding `tokenizer.json`, or from the file itself.
+
+    A `tokenizer_config.json` beside it (HF model dirs) supplies BOS/EOS/pad and the chat
+    template of tokenizers that were not trained by lmforge.
+    """
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
@@ -117,7 +254,26 @@ def load_tokenizer(path: str | os.PathLike) -> LmTokenizer:
         tk = Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises a bare Exception on malformed files
         raise TokenizerError(f"cannot read tokenizer {file}: {str(err).splitlines()[0]}") from None
-    return LmTokenizer(tk, file)
+    extra: dict[str, Any] = {}
+    config_file = file.parent / TOKENIZER_CONFIG_FILE
+    if config_file.is_file():
+        try:
+            hf = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise TokenizerError(f"{config_file} is not valid JSON") from None
+        template = hf.get("chat_template")
+        if isinstance(template, list):  # several named templates: take the default
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        jinja_file = file.parent / "chat_template.jinja"  # where transformers 5 saves it
+        if jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        extra = dict(
+            bos_token=_token_text(hf.get("bos_token")),
+            eos_token=_token_text(hf.get("eos_token")),
+            pad_token=_token_text(hf.get("pad_token")),
+            chat_template=template if isinstance(template, str) else None,
+        )
+    return LmTokenizer(tk, file, **extra)
 
 
 class TokenizerTrainConfig(Section):

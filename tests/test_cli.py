@@ -32,25 +32,25 @@ def test_quickstart_runs_every_stage_then_skips_unchanged_ones(tmp_path):
     first = lmforge("quickstart", "--out", "qs", *fast, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
-    assert [s["status"] for s in summary.values()] == ["ran"] * 4
+    assert {"tokenizer", "tokenize", "train", "sample", "export"} <= set(summary)
+    assert all(s["status"] == "ran" for s in summary.values())
     train = summary["train"]["details"]
     assert train["final_loss"] < train["first_loss"] - 1.0
     assert train["val_bpb"] > 0 and "bits/byte" in first.stdout
     assert (tmp_path / "qs" / "sample.txt").read_text().startswith("The Python interpreter")
     assert (tmp_path / "qs" / "runs" / "quickstart" / "metrics.jsonl").is_file()
+    assert (tmp_path / "qs" / "model" / "model.safetensors").is_file()
+    assert "AutoModelForCausalLM.from_pretrained" in first.stdout
 
     again = lmforge("quickstart", "--out", "qs", *fast, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert [s["status"] for s in json.loads((tmp_path / "qs" / "summary.json").read_text()).values()] == [
-        "skipped"
-    ] * 4
+    assert all(s["status"] == "skipped" for s in json.loads((tmp_path / "qs" / "summary.json").read_text()).values())
 
     # A changed sampling prompt reruns only the last stage.
     changed = lmforge("quickstart", "--out", "qs", *fast, "prompt=Lists are", cwd=tmp_path)
     statuses = {k: v["status"] for k, v in json.loads((tmp_path / "qs" / "summary.json").read_text()).items()}
-    assert changed.returncode == 0 and statuses == {
-        "tokenizer": "skipped", "tokenize": "skipped", "train": "skipped", "sample": "ran"
-    }
+    assert changed.returncode == 0 and statuses.pop("sample") == "ran"
+    assert set(statuses.values()) == {"skipped"}
 
 
 def test_stage_verbs_chain_on_real_text_through_the_cli(tmp_path, pretrain_data):

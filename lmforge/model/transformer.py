@@ -14,13 +14,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.model.config import ModelConfig
+from lmforge.model.config import ModelConfig, RopeScaling
 from lmforge.model.losses import linear_cross_entropy
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape [max_seq_len, head_dim] for rotate-half RoPE (Su et al., 2021)."""
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) (Su et al., 2021), optionally rescaled for long context."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: wavelengths longer than original_len / low_freq_factor are interpolated by
+    # `factor`, those shorter than original_len / high_freq_factor kept, a linear blend between.
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    middle = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(middle, blended, scaled)
+
+
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape [max_seq_len, head_dim] for rotate-half RoPE."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
@@ -56,8 +79,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         # One fused projection for q, k and v: a single larger matmul is faster than three.
-        self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.wqkv = nn.Linear(
+            config.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=config.qkv_bias
+        )
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.attn_out_bias)
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0):
         batch, seq, _ = x.shape
@@ -93,8 +118,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
-        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=config.mlp_bias)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=config.mlp_bias)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -124,18 +149,24 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.tie_weights()
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         # Not persistent: derived from the config, so checkpoints hold only learned weights.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head. `to_empty` (meta-device init) makes new
+        parameters and unties them, so the init methods below tie again."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * n_layers)
         so the residual stream's variance does not grow with depth (GPT-2, section 2.3)."""
+        self.tie_weights()
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std, generator=generator)
@@ -144,12 +175,22 @@ class Transformer(nn.Module):
             nn.init.normal_(block.attn.wo.weight, std=residual_std, generator=generator)
             nn.init.normal_(block.ffn.w13.weight, std=std, generator=generator)
             nn.init.normal_(block.ffn.w2.weight, std=residual_std, generator=generator)
+            for linear in (block.attn.wqkv, block.attn.wo, block.ffn.w13, block.ffn.w2):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
             block.attn_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
         if not self.config.tie_embeddings:
             nn.init.normal_(self.output.weight, std=std, generator=generator)
-        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.init_rope()
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        """Tie and fill the RoPE tables: after `to_empty`, when every weight comes from a checkpoint."""
+        self.tie_weights()
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

@@ -1,0 +1,1 @@
+"""Hugging Face interop: model dirs (export/import) in the LlamaForCausalLM layout."""

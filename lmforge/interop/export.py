@@ -1,0 +1,152 @@
+"""`lmforge export`: a run, checkpoint or model dir -> a Hugging Face model dir.
+
+The result loads with `AutoModelForCausalLM.from_pretrained` and no custom code. Before
+the directory is renamed into place, it is read back and its logits compared with the
+source model's, so a directory that exists is one that round-trips.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import Field
+
+from lmforge import __version__, atomic
+from lmforge.config import Section
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.interop import hf, model_card
+from lmforge.interop.model_dir import MODEL_CARD_FILE, is_model_dir, load_model_dir, save_model_dir
+from lmforge.loading import load_model, resolve_model
+from lmforge.model import Transformer
+from lmforge.runs import git_commit
+
+log = logging.getLogger(__name__)
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ExportConfig(Section):
+    model: str = Field(description="run dir, checkpoint dir or model dir")
+    out: str = Field(description="model dir to write")
+    dtype: DType = Field("float32", description="dtype of the saved weights")
+    max_shard_size: int | str = Field("5GB", description="split weights into shards past this size")
+    name: str | None = Field(None, description="model name in the card; default: the out dir's name")
+    overwrite: bool = Field(False, description="replace an existing out dir")
+    verify: bool = Field(True, description="reload the written dir and compare logits before keeping it")
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    files: list[str]
+    params: int
+    dtype: str
+
+
+def check_out_dir(out: Path, source: Path, overwrite: bool) -> None:
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise ConfigError(f"out dir {out} must not be (inside) the source {source}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"out dir {out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def source_lineage(source: Path) -> tuple[dict[str, Any], Path | None, int | None, str | None]:
+    """(lineage, run dir, step, training config YAML) of a checkpoint or model dir."""
+    if is_model_dir(source):
+        card = source / MODEL_CARD_FILE
+        parent = read_card_lineage(card) if card.is_file() else {}
+        return {"parent": str(source.resolve()), "parent_lineage": parent or None}, None, None, None
+    run_dir = source.parent.parent
+    manifest = _read_json(run_dir / "manifest.json")
+    state = _read_json(source / "trainer_state.json")
+    step = state.get("step")
+    keys = ("kind", "lmforge_version", "git_commit", "torch_version", "dataset", "dataset_manifest_sha256",
+            "tokenizer_hash", "parent", "created_at")
+    lineage = {"run_dir": str(run_dir.resolve()), "checkpoint": source.name, "step": step}
+    lineage.update({f"train_{k}" if k in ("lmforge_version", "git_commit", "torch_version", "created_at") else k:
+                    manifest.get(k) for k in keys})
+    config_file = run_dir / "config.yaml"
+    training = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
+    if step is not None and training is not None:
+        tokens = _trained_tokens(training, step)
+        if tokens:
+            lineage["tokens_trained"] = tokens
+    return lineage, run_dir, step, training
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _trained_tokens(training_yaml: str, step: int) -> int | None:
+    try:
+        data = yaml.safe_load(training_yaml)
+        return int(data["train"]["global_batch_tokens"]) * step
+    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def read_card_lineage(card: Path) -> dict[str, Any]:
+    """The `lmforge:` block of a card's YAML front matter, if it has one."""
+    text = card.read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        return {}
+    try:
+        meta = yaml.safe_load(text[4 : text.index("\n---", 4)])
+    except (ValueError, yaml.YAMLError):
+        return {}
+    return meta.get("lmforge", {}) if isinstance(meta, dict) else {}
+
+
+def verify_round_trip(directory: Path, model: Transformer, dtype: torch.dtype) -> None:
+    """Reload `directory` and require the same logits as `model` in the saved dtype."""
+    reloaded, _ = load_model_dir(directory, dtype=dtype)
+    length = min(16, model.config.max_seq_len)
+    tokens = torch.arange(length).remainder(model.config.vocab_size)[None]
+    reference = model.to(dtype)
+    with torch.no_grad():
+        expected, got = reference(tokens), reloaded(tokens)
+    if not torch.allclose(expected.float(), got.float(), atol=1e-5, rtol=1e-5):
+        diff = (expected.float() - got.float()).abs().max().item()
+        raise CheckpointError(f"export failed its round-trip check: logits differ by {diff:.3g}")
+
+
+def run(config: ExportConfig) -> ExportResult:
+    out = Path(config.out)
+    source = resolve_model(config.model)
+    check_out_dir(out, source, config.overwrite)
+    max_shard_bytes = hf.parse_size(config.max_shard_size)
+    dtype = hf.DTYPES[config.dtype]
+    model, tokenizer, source = load_model(source)
+    lineage, run_dir, step, training = source_lineage(source)
+    lineage.update(
+        exported_by=f"lmforge {__version__}",
+        export_git_commit=git_commit(),
+        exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        export_dtype=config.dtype,
+        tokenizer_hash=lineage.get("tokenizer_hash") or tokenizer.hash(),
+    )
+    name = config.name or out.resolve().name
+
+    def finish(tmp: Path, files: list[str]) -> str:
+        if config.verify:
+            verify_round_trip(tmp, model, dtype)
+        digests = {f: atomic.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
+        return model_card.render(
+            name, model.config, config.dtype, digests, lineage, model_card.collect_evals(run_dir, step), training
+        )
+
+    files = save_model_dir(out, model, tokenizer, dtype, max_shard_bytes, finish)
+    log.info("exported %s -> %s (%s)", source, out, config.dtype)
+    return ExportResult(out, files, model.config.num_params(), config.dtype)

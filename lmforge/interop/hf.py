@@ -1,0 +1,390 @@
+"""The Hugging Face Llama-family format: config.json fields and safetensors weight names.
+
+lmforge's decoder has the HF Llama layout (rotate-half RoPE, RMSNorm, SwiGLU, GQA), so
+converting is renaming plus splitting (export) or concatenating (import) the fused
+projections: `wqkv` = q_proj | k_proj | v_proj and `w13` = gate_proj | up_proj, by rows.
+No permutation of the query/key rows is needed, unlike Meta's original checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lmforge import atomic
+from lmforge.errors import CheckpointError
+from lmforge.model.config import ModelConfig, RopeScaling
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+
+# Architectures whose weights map onto lmforge's exactly (HF class -> model_type).
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------- config.json
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype, token_ids: dict[str, int | None]) -> dict[str, Any]:
+    """config.json for transformers (4.x and 5.x), vLLM and llama.cpp's converter.
+
+    RoPE is written in the long-standing `rope_theta` / `rope_scaling` form, which every
+    reader accepts (transformers 5 converts it to `rope_parameters` on load).
+    """
+    if config.attn_out_bias != config.qkv_bias:
+        if config.attn_out_bias or config.mlp_bias:
+            raise CheckpointError(
+                "this model has an attention output bias without q/k/v biases, which no "
+                "Llama-family architecture in transformers can express"
+            )
+        architecture = "Qwen2ForCausalLM"  # q/k/v biases only: Qwen2's layout
+    else:
+        architecture = "LlamaForCausalLM"
+    hf: dict[str, Any] = {
+        "architectures": [architecture],
+        "model_type": SUPPORTED_ARCHITECTURES[architecture],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope_scaling_to_hf(config.rope_scaling),
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": config.init_std,
+        "use_cache": True,
+        "torch_dtype": dtype_name(dtype),
+        **token_ids,
+    }
+    if architecture == "LlamaForCausalLM":
+        hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+def rope_scaling_to_hf(scaling: RopeScaling | None) -> dict[str, Any] | None:
+    if scaling is None:
+        return None
+    if scaling.type == "linear":
+        return {"rope_type": "linear", "factor": scaling.factor}
+    return {
+        "rope_type": "llama3",
+        "factor": scaling.factor,
+        "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor,
+        "original_max_position_embeddings": scaling.original_max_seq_len,
+    }
+
+
+def _rope_from_hf(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
+    # transformers 5 writes `rope_parameters` (theta inside); 4.x `rope_theta` + `rope_scaling`.
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling(type="linear", factor=params["factor"])
+    if kind == "llama3":
+        return theta, RopeScaling(
+            type="llama3",
+            factor=params["factor"],
+            low_freq_factor=params.get("low_freq_factor", 1.0),
+            high_freq_factor=params.get("high_freq_factor", 4.0),
+            original_max_seq_len=params.get("original_max_position_embeddings", 8192),
+        )
+    raise CheckpointError(
+        f"{source / CONFIG_FILE}: rope scaling {kind!r} is not supported (supported: default, linear, llama3)"
+    )
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    file = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"model dir not found: {directory}")
+    if not file.is_file():
+        raise CheckpointError(f"{directory} is not a Hugging Face model dir (no {CONFIG_FILE})")
+    try:
+        hf = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{file} must hold a JSON object")
+    return hf
+
+
+def config_from_hf(hf: dict[str, Any], source: Path, max_seq_len: int | None = None) -> ModelConfig:
+    """ModelConfig for a Llama/Mistral/Qwen2 config.json; anything else is refused by name."""
+    file = source / CONFIG_FILE
+    architectures = hf.get("architectures") or []
+    architecture = architectures[0] if architectures else f"model_type {hf.get('model_type')!r}"
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"{file}: architecture {architecture} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise CheckpointError(f"{file}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    try:
+        dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+        theta, scaling = _rope_from_hf(hf, source)
+        fields: dict[str, Any] = dict(
+            vocab_size=hf["vocab_size"],
+            dim=dim,
+            n_layers=hf["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads,
+            ffn_dim=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            init_std=hf.get("initializer_range", 0.02),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{file} lacks the field {err.args[0]!r}") from None
+    head_dim = hf.get("head_dim")
+    if head_dim and head_dim != dim // heads:
+        fields["head_size"] = head_dim
+    model_type = SUPPORTED_ARCHITECTURES[architecture]
+    if model_type == "llama":
+        fields["qkv_bias"] = fields["attn_out_bias"] = bool(hf.get("attention_bias", False))
+        fields["mlp_bias"] = bool(hf.get("mlp_bias", False))
+    elif model_type == "qwen2":
+        fields["qkv_bias"] = True
+    # Sliding-window attention equals full attention on sequences no longer than the window,
+    # so the mapping stays exact when the context is capped at the window.
+    window = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    if window and window < fields["max_seq_len"]:
+        log.warning("%s: sliding_window %d: context capped at %d tokens", file, window, window)
+        fields["max_seq_len"] = window
+    if max_seq_len is not None:
+        fields["max_seq_len"] = max_seq_len
+    try:
+        return ModelConfig(**fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise CheckpointError(f"{file}: {where}: {first['msg']}") from None
+
+
+def token_ids_from_hf(directory: Path) -> dict[str, Any]:
+    """bos/eos/pad ids from generation_config.json, else config.json."""
+    ids: dict[str, Any] = {}
+    for name in (CONFIG_FILE, GENERATION_CONFIG_FILE):
+        file = directory / name
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{file} is not valid JSON") from None
+            ids.update({k: data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(k) is not None})
+    return ids
+
+
+# ------------------------------------------------------------------------------- weights
+
+
+def _layer_names(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {
+        "attn_norm": p + "input_layernorm.weight",
+        "ffn_norm": p + "post_attention_layernorm.weight",
+        "q": p + "self_attn.q_proj",
+        "k": p + "self_attn.k_proj",
+        "v": p + "self_attn.v_proj",
+        "o": p + "self_attn.o_proj",
+        "gate": p + "mlp.gate_proj",
+        "up": p + "mlp.up_proj",
+        "down": p + "mlp.down_proj",
+    }
+
+
+def state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """lmforge state dict -> HF tensor names, fused projections split by rows."""
+    q_rows, kv_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state["output.weight"]
+    for i in range(config.n_layers):
+        ours, hf = f"layers.{i}.", _layer_names(i)
+        out[hf["attn_norm"]] = state[ours + "attn_norm.weight"]
+        out[hf["ffn_norm"]] = state[ours + "ffn_norm.weight"]
+        suffixes = ["weight"] + (["bias"] if config.qkv_bias else [])
+        for suffix in suffixes:
+            q, k, v = state[ours + f"attn.wqkv.{suffix}"].split([q_rows, kv_rows, kv_rows])
+            out[f"{hf['q']}.{suffix}"], out[f"{hf['k']}.{suffix}"], out[f"{hf['v']}.{suffix}"] = q, k, v
+        for suffix in ["weight"] + (["bias"] if config.attn_out_bias else []):
+            out[f"{hf['o']}.{suffix}"] = state[ours + f"attn.wo.{suffix}"]
+        for suffix in ["weight"] + (["bias"] if config.mlp_bias else []):
+            gate, up = state[ours + f"ffn.w13.{suffix}"].chunk(2)
+            out[f"{hf['gate']}.{suffix}"], out[f"{hf['up']}.{suffix}"] = gate, up
+            out[f"{hf['down']}.{suffix}"] = state[ours + f"ffn.w2.{suffix}"]
+    return out
+
+
+def state_from_hf(
+    tensors: dict[str, torch.Tensor], config: ModelConfig, expected: dict[str, torch.Size], source: Path
+) -> dict[str, torch.Tensor]:
+    """HF tensors -> lmforge state dict, every name and shape checked against `expected`."""
+    remaining = dict(tensors)
+
+    def take(name: str) -> torch.Tensor:
+        if name not in remaining:
+            raise CheckpointError(f"{source}: weights lack the tensor {name!r}")
+        return remaining.pop(name)
+
+    state = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if config.tie_embeddings:
+        remaining.pop("lm_head.weight", None)  # some tied checkpoints store a copy anyway
+        state["output.weight"] = state["tok_embeddings.weight"]
+    else:
+        state["output.weight"] = take("lm_head.weight")
+    for i in range(config.n_layers):
+        ours, hf = f"layers.{i}.", _layer_names(i)
+        state[ours + "attn_norm.weight"] = take(hf["attn_norm"])
+        state[ours + "ffn_norm.weight"] = take(hf["ffn_norm"])
+        for suffix in ["weight"] + (["bias"] if config.qkv_bias else []):
+            parts = [take(f"{hf[p]}.{suffix}") for p in ("q", "k", "v")]
+            _check_same_width(parts, f"{hf['q']}.{suffix}", source)
+            state[ours + f"attn.wqkv.{suffix}"] = torch.cat(parts)
+        for suffix in ["weight"] + (["bias"] if config.attn_out_bias else []):
+            state[ours + f"attn.wo.{suffix}"] = take(f"{hf['o']}.{suffix}")
+        for suffix in ["weight"] + (["bias"] if config.mlp_bias else []):
+            parts = [take(f"{hf[p]}.{suffix}") for p in ("gate", "up")]
+            _check_same_width(parts, f"{hf['gate']}.{suffix}", source)
+            state[ours + f"ffn.w13.{suffix}"] = torch.cat(parts)
+            state[ours + f"ffn.w2.{suffix}"] = take(f"{hf['down']}.{suffix}")
+    # Old checkpoints saved RoPE's inverse frequencies; they are derived from the config.
+    unexpected = [k for k in remaining if not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: weights hold tensors that a {config.n_layers}-layer Llama-family model lacks: "
+            f"{', '.join(sorted(unexpected)[:3])}{' ...' if len(unexpected) > 3 else ''}"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CheckpointError(
+                f"{source}: tensor for {name} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(expected[name])}"
+            )
+    return state
+
+
+def _check_same_width(parts: list[torch.Tensor], name: str, source: Path) -> None:
+    widths = {tuple(p.shape[1:]) for p in parts}
+    if len(widths) > 1:
+        raise CheckpointError(f"{source}: projections around {name} have mismatched shapes {sorted(widths)}")
+
+
+# --------------------------------------------------------------------------- safetensors
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 5000000, "5GB" (10^9, as HF counts) or "4GiB"."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise CheckpointError(f"bad size {value!r}: expected bytes or a number with KB/MB/GB/GiB")
+    unit = (match.group(2) or "B").upper()
+    return int(float(match.group(1)) * _UNITS.get(unit, 1))
+
+
+def write_safetensors(
+    directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int, metadata: dict[str, str] | None = None
+) -> list[str]:
+    """`model.safetensors`, or numbered shards plus the index when past `max_shard_bytes`."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        # safetensors refuses views that share storage (split projections, tied weights).
+        shards[-1][name] = tensor.detach().contiguous().clone()
+        size += nbytes
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS_FILE), metadata=meta)
+        return [WEIGHTS_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(directory / name), metadata=meta)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic.write_json(directory / WEIGHTS_INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return [*names, WEIGHTS_INDEX_FILE]
+
+
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index} is not a valid safetensors index") from None
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{directory}: shard {missing[0]} named in {index.name} is missing")
+        return files
+    if (directory / WEIGHTS_FILE).is_file():
+        return [directory / WEIGHTS_FILE]
+    found = sorted(directory.glob("*.safetensors"))
+    if found:
+        return found
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pth")):
+        raise CheckpointError(
+            f"{directory} holds only pickled weights (.bin/.pth); lmforge reads safetensors only "
+            "(pickles can run code): convert them with transformers' save_pretrained first"
+        )
+    raise CheckpointError(f"{directory} has no model weights ({WEIGHTS_FILE})")
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(directory):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    tensors[name] = f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"{file} is truncated or corrupt ({str(err).splitlines()[0][:160]})") from None
+    return tensors

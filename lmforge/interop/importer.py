@@ -1,0 +1,98 @@
+"""`lmforge import`: a local Hugging Face Llama-family dir -> an lmforge model dir or checkpoint.
+
+Llama, Mistral and Qwen2 share lmforge's layout and map exactly; other architectures are
+refused by name. Output is either a normalised model dir (what every lmforge verb reads)
+or a run dir holding a DCP checkpoint at step 0 plus the tokenizer, for training code
+that starts from checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from lmforge import atomic
+from lmforge.config import Section
+from lmforge.errors import CheckpointError
+from lmforge.interop import hf, model_card
+from lmforge.interop.export import check_out_dir, verify_round_trip
+from lmforge.interop.model_dir import load_model_dir, save_model_dir, tokenizer_files
+from lmforge.runs import RunDir, lineage
+from lmforge.train import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class ImportConfig(Section):
+    source: str = Field(description="local Hugging Face model dir (config.json + safetensors + tokenizer)")
+    out: str = Field(description="model dir or run dir to write")
+    to: Literal["model", "checkpoint"] = Field("model", description="write a model dir or a run dir with a checkpoint")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: as stored (model dir), float32 (checkpoint: training keeps fp32 weights)"
+    )
+    max_seq_len: int | None = Field(None, ge=2, description="cap the context (RoPE tables); default: the config's")
+    max_shard_size: int | str = "5GB"
+    overwrite: bool = False
+
+
+@dataclass
+class ImportResult:
+    out: Path
+    architecture: str
+    params: int
+    dtype: str
+
+
+def run(config: ImportConfig) -> ImportResult:
+    source, out = Path(config.source), Path(config.out)
+    hf_config = hf.read_hf_config(source)
+    architecture = (hf_config.get("architectures") or ["?"])[0]
+    check_out_dir(out, source, config.overwrite)
+    if config.dtype != "auto":
+        dtype = hf.DTYPES[config.dtype]
+    else:
+        dtype = torch.float32 if config.to == "checkpoint" else None
+    model, tokenizer = load_model_dir(source, dtype=dtype, max_seq_len=config.max_seq_len)
+    dtype = next(model.parameters()).dtype
+    origin = lineage(kind="import", parent=str(source.resolve()), architecture=architecture,
+                     source_config_sha256=atomic.sha256_file(source / hf.CONFIG_FILE),
+                     tokenizer_hash=tokenizer.hash())
+    if config.to == "model":
+
+        def finish(tmp: Path, files: list[str]) -> str:
+            verify_round_trip(tmp, model, dtype)
+            digests = {f: atomic.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
+            card_lineage = {k: origin[k] for k in ("kind", "parent", "architecture", "source_config_sha256",
+                                                   "tokenizer_hash", "lmforge_version", "created_at")}
+            return model_card.render(out.resolve().name, model.config, hf.dtype_name(dtype), digests,
+                                     card_lineage, {}, None)
+
+        save_model_dir(out, model, tokenizer, dtype, hf.parse_size(config.max_shard_size), finish)
+    else:
+        write_checkpoint_run(out, model, tokenizer, origin)
+    log.info("imported %s (%s) -> %s", source, architecture, out)
+    return ImportResult(out, architecture, model.config.num_params(), hf.dtype_name(dtype))
+
+
+def write_checkpoint_run(out: Path, model, tokenizer, origin: dict) -> None:
+    """A run dir: tokenizer/, manifest.json and checkpoints/step-0000000 (+ `latest`)."""
+    with atomic.atomic_dir(out) as tmp:
+        run_dir = RunDir(tmp)
+        for name, text in tokenizer_files(tokenizer, model.config.max_seq_len).items():
+            atomic.write_text(run_dir.tokenizer / name, text)
+        run_dir.write_manifest(origin)
+        state = {
+            "step": 0,
+            "model": model.config.model_dump(mode="json"),
+            "model_shape": model.config.shape(),
+            "imported_from": origin["parent"],
+        }
+        try:
+            checkpoint.save(run_dir.checkpoints, 0, model, [], state, keep=1)
+        except OSError as err:
+            raise CheckpointError(f"cannot write checkpoint under {out}: {err}") from None
