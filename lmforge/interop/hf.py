@@ -257,55 +257,39 @@ def state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
 def state_from_hf(
     tensors: dict[str, torch.Tensor], config: ModelConfig, expected: dict[str, torch.Size], source: Path
 ) -> dict[str, torch.Tensor]:
-    """HF tensors -> lmforge state dict, every name and shape checked against `expected`."""
-    remaining = dict(tensors)
-
-    def take(name: str) -> torch.Tensor:
-        if name not in remaining:
-            raise CheckpointError(f"{source}: weights lack the tensor {name!r}")
-        return remaining.pop(name)
-
-    state = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    if config.tie_embeddings:
-        remaining.pop("lm_head.weight", None)  # some tied checkpoints store a copy anyway
-        state["output.weight"] = state["tok_embeddings.weight"]
-    else:
-        state["output.weight"] = take("lm_head.weight")
-    for i in range(config.n_layers):
-        ours, hf = f"layers.{i}.", _layer_names(i)
-        state[ours + "attn_norm.weight"] = take(hf["attn_norm"])
-        state[ours + "ffn_norm.weight"] = take(hf["ffn_norm"])
-        for suffix in ["weight"] + (["bias"] if config.qkv_bias else []):
-            parts = [take(f"{hf[p]}.{suffix}") for p in ("q", "k", "v")]
-            _check_same_width(parts, f"{hf['q']}.{suffix}", source)
-            state[ours + f"attn.wqkv.{suffix}"] = torch.cat(parts)
-        for suffix in ["weight"] + (["bias"] if config.attn_out_bias else []):
-            state[ours + f"attn.wo.{suffix}"] = take(f"{hf['o']}.{suffix}")
-        for suffix in ["weight"] + (["bias"] if config.mlp_bias else []):
-            parts = [take(f"{hf[p]}.{suffix}") for p in ("gate", "up")]
-            _check_same_width(parts, f"{hf['gate']}.{suffix}", source)
-            state[ours + f"ffn.w13.{suffix}"] = torch.cat(parts)
-            state[ours + f"ffn.w2.{suffix}"] = take(f"{hf['down']}.{suffix}")
-    # Old checkpoints saved RoPE's inverse frequencies; they are derived from the config.
-    unexpected = [k for k in remaining if not k.endswith("rotary_emb.inv_freq")]
+    """HF tensors -> lmforge state dict. `expected` maps HF names to the shapes the config implies
+    (`state_to_hf` of a meta-device model); every name and shape is checked before conversion."""
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise CheckpointError(f"{source}: weights lack the tensor {missing[0]!r}")
+    # Old checkpoints saved RoPE's inverse frequencies (derived from the config); some tied
+    # checkpoints store a copy of the embedding as lm_head.
+    ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
+    unexpected = sorted(k for k in tensors if k not in expected and k not in ignorable and not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise CheckpointError(
-            f"{source}: weights hold tensors that a {config.n_layers}-layer Llama-family model lacks: "
-            f"{', '.join(sorted(unexpected)[:3])}{' ...' if len(unexpected) > 3 else ''}"
+            f"{source}: weights hold tensors a {config.n_layers}-layer Llama-family model lacks: "
+            f"{', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"
         )
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name]):
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
             raise CheckpointError(
-                f"{source}: tensor for {name} has shape {tuple(tensor.shape)}, "
-                f"config.json implies {tuple(expected[name])}"
+                f"{source}: {name} has shape {tuple(tensors[name].shape)}, config.json implies {tuple(shape)}"
             )
+    state = {"tok_embeddings.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
+    state["output.weight"] = state["tok_embeddings.weight"] if config.tie_embeddings else tensors["lm_head.weight"]
+    for i in range(config.n_layers):
+        ours, hf = f"layers.{i}.", _layer_names(i)
+        state[ours + "attn_norm.weight"] = tensors[hf["attn_norm"]]
+        state[ours + "ffn_norm.weight"] = tensors[hf["ffn_norm"]]
+        for suffix in ["weight"] + (["bias"] if config.qkv_bias else []):
+            state[ours + f"attn.wqkv.{suffix}"] = torch.cat([tensors[f"{hf[p]}.{suffix}"] for p in ("q", "k", "v")])
+        for suffix in ["weight"] + (["bias"] if config.attn_out_bias else []):
+            state[ours + f"attn.wo.{suffix}"] = tensors[f"{hf['o']}.{suffix}"]
+        for suffix in ["weight"] + (["bias"] if config.mlp_bias else []):
+            state[ours + f"ffn.w13.{suffix}"] = torch.cat([tensors[f"{hf[p]}.{suffix}"] for p in ("gate", "up")])
+            state[ours + f"ffn.w2.{suffix}"] = tensors[f"{hf['down']}.{suffix}"]
     return state
-
-
-def _check_same_width(parts: list[torch.Tensor], name: str, source: Path) -> None:
-    widths = {tuple(p.shape[1:]) for p in parts}
-    if len(widths) > 1:
-        raise CheckpointError(f"{source}: projections around {name} have mismatched shapes {sorted(widths)}")
 
 
 # --------------------------------------------------------------------------- safetensors

@@ -142,7 +142,7 @@ def load_model_dir(
     tensors = hf.read_safetensors(path)
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in hf.state_to_hf(model.state_dict(), config).items()}
     state = hf.state_from_hf(tensors, config, expected, path)
     dtype = dtype or next(iter(state.values())).dtype
     model.to_empty(device=device)
