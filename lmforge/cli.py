@@ -195,7 +195,7 @@ def generate(
     typer.echo(prompt, nl=False)
     new: list[int] = []
     shown = ""
-    for token in generate_tokens(loaded, prompt_ids, sampling, stop_ids={tokenizer.eos_id}):
+    for token in generate_tokens(loaded, prompt_ids, sampling, stop_ids=tokenizer.stop_ids):
         new.append(token)
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character

@@ -75,5 +75,5 @@ def generate_tokens(
 
 def generate(model: Transformer, tokenizer, prompt: str, config: SamplingConfig) -> str:
     """Continue `prompt` (prefixed with BOS, the document separator, as in training)."""
-    new = list(generate_tokens(model, tokenizer.encode_prompt(prompt), config, stop_ids={tokenizer.eos_id}))
+    new = list(generate_tokens(model, tokenizer.encode_prompt(prompt), config, stop_ids=tokenizer.stop_ids))
     return tokenizer.decode(new)

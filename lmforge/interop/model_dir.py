@@ -139,6 +139,9 @@ def load_model_dir(
     if not (path / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{path} has no {TOKENIZER_FILE}")
     tokenizer = load_tokenizer(path)
+    # Instruct models list their end-of-turn tokens as extra EOS ids in generation_config.json.
+    eos = hf.token_ids_from_hf(path).get("eos_token_id")
+    tokenizer.stop_ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
     tensors = hf.read_safetensors(path)
     with torch.device("meta"):
         model = Transformer(config)
