@@ -80,11 +80,13 @@ def quickstart(args: ConfigArgs = None, out: Annotated[str | None, typer.Option(
     model_dir = next((r for r in results if r.name == "export"), None)
     if model_dir is not None:
         path = model_dir.details["model_dir"]
-        console.print(
-            f"[bold]model dir[/] {path} (Hugging Face format); load it with\n"
-            f"  AutoModelForCausalLM.from_pretrained({path!r}); AutoTokenizer.from_pretrained({path!r})\n"
-            f"  or: lmforge generate {path} --prompt '...'"
-        )
+        console.print(f"[bold]model dir[/] {path} (Hugging Face format); load it with", soft_wrap=True)
+        for line in (
+            f"  AutoModelForCausalLM.from_pretrained({path!r})",
+            f"  AutoTokenizer.from_pretrained({path!r})",
+            f"  or: lmforge generate {path} --prompt '...'",
+        ):
+            console.print(line, soft_wrap=True, markup=False)
     console.print(f"summary: {Path(config.out) / 'summary.json'}")
 
 

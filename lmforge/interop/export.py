@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmforge import __version__, atomic
 from lmforge.config import Section
@@ -40,6 +40,12 @@ class ExportConfig(Section):
     name: str | None = Field(None, description="model name in the card; default: the out dir's name")
     overwrite: bool = Field(False, description="replace an existing out dir")
     verify: bool = Field(True, description="reload the written dir and compare logits before keeping it")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _check_size(cls, value: int | str) -> int | str:
+        hf.parse_size(value)  # raises ValueError naming the bad size
+        return value
 
 
 @dataclass

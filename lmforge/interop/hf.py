@@ -304,7 +304,7 @@ def parse_size(value: int | str) -> int:
         return value
     match = _SIZE.match(value)
     if not match:
-        raise CheckpointError(f"bad size {value!r}: expected bytes or a number with KB/MB/GB/GiB")
+        raise ValueError(f"bad size {value!r}: expected bytes or a number with KB/MB/GB/GiB")
     unit = (match.group(2) or "B").upper()
     return int(float(match.group(1)) * _UNITS.get(unit, 1))
 

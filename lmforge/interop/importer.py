@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmforge import atomic
 from lmforge.config import Section
@@ -38,6 +38,12 @@ class ImportConfig(Section):
     max_seq_len: int | None = Field(None, ge=2, description="cap the context (RoPE tables); default: the config's")
     max_shard_size: int | str = "5GB"
     overwrite: bool = False
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _check_size(cls, value: int | str) -> int | str:
+        hf.parse_size(value)  # raises ValueError naming the bad size
+        return value
 
 
 @dataclass
