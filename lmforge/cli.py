@@ -206,6 +206,64 @@ def generate(
     typer.echo(tokenizer.decode(new)[len(shown):])
 
 
+def _split_list(values: list[str] | None) -> list[str]:
+    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+
+
+@app.command("eval")
+def eval_model(
+    model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir; or `compare`")],
+    others: Annotated[list[str] | None, typer.Argument(help="compare: the models to tabulate", show_default=False)] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", "-t", help="shipped task names, task YAMLs or JSONL files (comma-separated or repeated)")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", "-d", help="text/jsonl/parquet file or token dataset dir: bits per byte")] = None,
+    harness: Annotated[list[str] | None, typer.Option(help="lm-evaluation-harness task names")] = None,
+    include_path: Annotated[str | None, typer.Option(help="extra harness task YAMLs")] = None,
+    limit: Annotated[int | None, typer.Option(help="first N examples per task")] = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    seed: int = 1234,
+    out: Annotated[str | None, typer.Option(help="results dir (default: the model's eval/)")] = None,
+):
+    """Evaluate a model (`lmforge eval MODEL --tasks python_mc`) or compare results (`lmforge eval compare A B`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmforge.config import build
+    from lmforge.eval import runner
+
+    console = Console()
+    if model == "compare":
+        header, rows = runner.compare(others or [])
+        table = Table(title="lmforge eval compare")
+        for column in header:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    if others:
+        raise ConfigError(f"unexpected arguments {' '.join(others)!r} (one model per eval; `lmforge eval compare A B` compares)")
+    config = build(runner.EvalConfig, _flags(
+        model=model, tasks=_split_list(tasks), data=_split_list(data), harness=_split_list(harness),
+        harness_include=include_path, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
+        seed=seed, out=out,
+    ))
+    results = runner.run(config)
+    table = Table(title=f"lmforge eval {model}")
+    for column in ("task", "metric", "value", "stderr", "n", "ex/s"):
+        table.add_column(column)
+    for name, result in results.items():
+        for metric, value in result["metrics"].items():
+            stderr = value.get("stderr")
+            table.add_row(name, metric, f"{value['value']:.4f}",
+                          f"{stderr:.4f}" if isinstance(stderr, float) else "-",
+                          str(result.get("n")), f"{result.get('examples_per_second') or 0:.1f}")
+    console.print(table)
+    if config.save:
+        console.print(f"results: {Path(config.out) if config.out else runner.eval_dir(Path(model))}/")
+
+
 @app.command("export")
 def export_model(
     model: Annotated[str, typer.Argument(help="run dir, checkpoint dir or model dir")],

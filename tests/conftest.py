@@ -16,6 +16,8 @@ import pytest
 from lmforge.data.tokenize import TokenizeConfig
 from lmforge.data.tokenize import run as tokenize_run
 from lmforge.tokenizer import LmTokenizer, TokenizerTrainConfig, run_train
+from lmforge.train import trainer
+from lmforge.train.config import TrainConfig
 
 BUNDLED_CORPUS = (
     Path(__file__).resolve().parents[1] / "lmforge" / "data" / "corpus" / "python_docs.jsonl.gz"
@@ -100,3 +102,22 @@ def pretrain_data(tmp_path_factory) -> dict[str, Path]:
         )
     )
     return {"docs": subset, "tokenizer": root / "tokenizer", "tokens": root / "tokens"}
+
+
+@pytest.fixture(scope="session")
+def trained_run(pretrain_data, tmp_path_factory) -> Path:
+    """A tiny model trained 150 steps (~5 s) on real text, validated and checkpointed at the end."""
+    root = tmp_path_factory.mktemp("interop")
+    config = TrainConfig.model_validate({
+        "run": {"name": "export-me", "out_dir": str(root / "runs"), "seed": 3},
+        "model": {"preset": "tiny", "max_seq_len": 128},
+        "data": {"dataset": str(pretrain_data["tokens"]), "seq_len": 64},
+        "schedule": {"warmup_steps": 2},
+        "train": {
+            "max_steps": 150, "global_batch_tokens": 1024, "micro_batch_size": 8, "device": "cpu",
+            "eval_every": 150, "eval_batches": 2, "checkpoint_every": 0, "progress": False,
+        },
+    })
+    result = trainer.run(config)
+    assert result.status == "completed" and result.val_loss is not None
+    return result.run_dir

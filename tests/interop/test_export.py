@@ -94,7 +94,7 @@ def test_model_card_records_lineage_training_config_and_evals(trained_run, expor
     _, tokenizer, _ = load_model(trained_run)
     assert lineage["dataset_manifest_sha256"] == atomic.sha256_file(pretrain_data["tokens"] / "manifest.json")
     assert lineage["tokenizer_hash"] == tokenizer.hash()
-    assert lineage["step"] == 16 and lineage["tokens_trained"] == 16 * 1024
+    assert lineage["step"] == 150 and lineage["tokens_trained"] == 150 * 1024
     assert lineage["run_dir"] == str(trained_run.resolve())
     val = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
     assert f"{val['val_loss']:.4f}" in card and "val_bpb" in card

@@ -1,0 +1,226 @@
+"""`lmforge eval`: tasks, bits per byte and harness tasks on a model; results saved as JSON.
+
+Each result is `eval/<name>.json` in the run dir (for a run or checkpoint) or the model
+dir: the metrics with their standard errors, the number of examples, few-shot count,
+seed, the model's weight hash and step, and lmforge/torch versions, so two numbers can be
+told apart. `compare` tabulates those files across models.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from lmforge import __version__, atomic
+from lmforge.config import Section
+from lmforge.data.readers import expand_inputs, read_documents
+from lmforge.errors import ConfigError, DataError
+from lmforge.eval import perplexity, tasks
+from lmforge.eval.scoring import Scorer
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+
+
+class EvalConfig(Section):
+    model: str = Field(description="model dir, run dir or checkpoint dir")
+    tasks: list[str] = Field(default_factory=list, description="shipped task names, task YAMLs or JSONL files")
+    data: list[str] = Field(default_factory=list, description="text/jsonl/parquet files or token dataset dirs: bits per byte")
+    text_field: str = "text"
+    split: str = Field("val", description="split of token dataset dirs")
+    harness: list[str] = Field(default_factory=list, description="lm-evaluation-harness task names")
+    harness_include: str | None = Field(None, description="dir of extra harness task YAMLs (local data)")
+    limit: int | None = Field(None, ge=1, description="first N examples of each task")
+    max_windows: int | None = Field(None, ge=1, description="token datasets: at most N windows")
+    batch_size: int = Field(16, ge=1)
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seed: int = 1234
+    out: str | None = Field(None, description="results dir; default: eval/ of the run or model dir")
+    save: bool = True
+
+    def requested(self) -> bool:
+        return bool(self.tasks or self.data or self.harness)
+
+
+def eval_dir(model_path: Path) -> Path:
+    """Where a model's results live: its model dir, or the run dir of a checkpoint."""
+    from lmforge.interop.model_dir import is_model_dir
+    from lmforge.loading import resolve_checkpoint
+
+    if is_model_dir(model_path):
+        return model_path / EVAL_DIR
+    return resolve_checkpoint(model_path).parent.parent / EVAL_DIR
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """sha256 of every weight's bytes, in state-dict order: equal hashes, equal models."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
+    """Evaluate; return {result name: result}, written to `eval/<name>.json` unless save=False."""
+    from lmforge.loading import load_model
+
+    if not config.requested():
+        shipped = ", ".join(tasks.shipped_tasks())
+        raise ConfigError(f"nothing to evaluate: give --tasks (shipped: {shipped}), --data or --harness")
+    # Resolve every task before loading the model: a bad file fails in a second.
+    task_list = [tasks.resolve_task(name) for name in config.tasks]
+    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+    model, tokenizer, source = load_model(config.model, config.device, dtype)
+    scorer = Scorer(model, tokenizer, config.batch_size)
+    common = {
+        "model": str(Path(config.model).resolve()),
+        "source": str(source),
+        "model_hash": model_hash(model),
+        "step": _step(source),
+        "seed": config.seed,
+        "limit": config.limit,
+        "lmforge_version": __version__,
+        "torch_version": torch.__version__,
+        "device": config.device,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    results: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, kind: str, body: dict[str, Any], seconds: float, examples: int) -> None:
+        results[name] = {
+            "task": name, "kind": kind, **body, **common,
+            "seconds": round(seconds, 3),
+            "examples_per_second": round(examples / seconds, 3) if seconds > 0 else None,
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        metrics = ", ".join(f"{m} {v['value']:.4f}" for m, v in body["metrics"].items())
+        log.info("%s: %s (n=%s, %.1fs)", name, metrics, body.get("n"), seconds)
+
+    for task in task_list:
+        start = time.perf_counter()
+        body = tasks.evaluate(task, scorer, config.limit, config.seed)
+        body["data"] = {"path": str(task.path), "sha256": atomic.sha256_file(task.path)}
+        record(task.spec.name, task.spec.type, body, time.perf_counter() - start, body["n"])
+
+    for item in config.data:
+        start = time.perf_counter()
+        figures = _bits_per_byte(item, config, scorer)
+        body = {
+            "metrics": {k: {"value": figures[k], "stderr": None} for k in ("bits_per_byte", "byte_perplexity", "token_perplexity")},
+            "n": figures["documents"],
+            "tokens": figures["tokens"],
+            "bytes": figures["bytes"],
+            "data": {"path": str(Path(item).resolve())},
+        }
+        record(f"bpb-{_slug(Path(item).name.split('.')[0])}", "perplexity", body, time.perf_counter() - start, figures["documents"])
+
+    if config.harness:
+        from lmforge.eval.harness import run_harness
+
+        start = time.perf_counter()
+        out = run_harness(
+            str(source), config.harness, config.harness_include, config.limit, None,
+            config.batch_size, config.device, config.seed,
+        )
+        seconds = time.perf_counter() - start
+        for name, metrics in out["results"].items():
+            values = {
+                key.split(",")[0]: {"value": value, "stderr": _finite(metrics.get(key.replace(",", "_stderr,", 1)))}
+                for key, value in metrics.items()
+                if "," in key and "_stderr" not in key and isinstance(value, (int, float))
+            }
+            n = out.get("n-samples", {}).get(name, {}).get("effective")
+            record(f"harness-{name}", "harness", {"metrics": values, "n": n}, seconds, n or 0)
+
+    if config.save:
+        directory = Path(config.out) if config.out else eval_dir(source)
+        for name, result in results.items():
+            atomic.write_json(directory / f"{name}.json", result)
+    return results
+
+
+def _finite(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _step(source: Path) -> int | None:
+    from lmforge.train import checkpoint
+
+    match = checkpoint.STEP_DIR.match(source.name)
+    return int(match.group(1)) if match else None
+
+
+def _bits_per_byte(item: str, config: EvalConfig, scorer: Scorer) -> dict[str, Any]:
+    path = Path(item)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from lmforge.data.loader import TokenDataset
+
+        dataset = TokenDataset(path, config.split)
+        if dataset.tokenizer_hash != scorer.tokenizer.hash():
+            raise DataError(f"{path} was tokenized with a different tokenizer than the model's; give the raw text instead")
+        return perplexity.evaluate_token_split(
+            scorer.model, dataset, scorer.max_length, config.batch_size, config.max_windows
+        )
+    texts = list(read_documents(expand_inputs([path]), config.text_field))
+    if config.limit:
+        texts = texts[: config.limit]
+    if not any(texts):
+        raise DataError(f"{path}: no text to evaluate")
+    return perplexity.evaluate_texts(scorer, texts)
+
+
+# ------------------------------------------------------------------------------ compare
+
+
+def load_results(model: str) -> dict[str, dict[str, Any]]:
+    """Results of a model dir, run dir or checkpoint (its eval/), or of a results dir itself."""
+    from lmforge.interop.model_dir import is_model_dir
+
+    path = Path(model)
+    is_results_dir = path.is_dir() and not is_model_dir(path) and not (path / "checkpoints").is_dir() and any(path.glob("*.json"))
+    directory = path if is_results_dir else eval_dir(path)
+    results = {}
+    for file in sorted(directory.glob("*.json")):
+        try:
+            results[file.stem] = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{file} is not valid JSON") from None
+    if not results:
+        raise DataError(f"no evaluation results in {directory} (run `lmforge eval {model} --tasks ...` first)")
+    return results
+
+
+def compare(models: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per task and metric, one column per model, `value ± stderr`."""
+    if len(models) < 1:
+        raise ConfigError("compare needs at least one model, run or eval dir")
+    loaded = [load_results(m) for m in models]
+    keys = sorted({(task, metric) for results in loaded for task, r in results.items() for metric in r.get("metrics", {})})
+    rows = []
+    for task, metric in keys:
+        row = [task, metric]
+        for results in loaded:
+            value = results.get(task, {}).get("metrics", {}).get(metric)
+            if value is None:
+                row.append("-")
+            else:
+                stderr = value.get("stderr")
+                row.append(f"{value['value']:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) and math.isfinite(stderr) else ""))
+        rows.append(row)
+    return ["task", "metric", *models], rows

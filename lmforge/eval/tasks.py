@@ -1,0 +1,255 @@
+"""Evaluation tasks from local files: multiple choice and generation, scored as the field does.
+
+A task is a YAML spec next to a JSONL file (see `lmforge/eval/tasks/README.md`), or a bare
+JSONL file whose layout is recognised:
+
+    {"context", "endings", "label"}          HellaSwag-style (ctx / endings also accepted)
+    {"question", "choices", "answer"}        ARC / MMLU-style (answer: index or letter)
+    {"question", "answer": "text"}           generation, exact match
+
+Multiple choice reports `acc` (highest summed log-likelihood) and `acc_norm` (highest
+log-likelihood per character of the choice), as lm-evaluation-harness computes them.
+Generation is greedy until a stop string, scored by exact match, a regex or a number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from lmforge.config import Section, read_yaml
+from lmforge.errors import ConfigError, DataError
+from lmforge.eval.scoring import Scorer
+
+SHIPPED_DIR = Path(__file__).parent / "tasks"
+LETTERS = "ABCDEFGHIJ"
+
+
+class TaskSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    type: Literal["multiple_choice", "generation"]
+    data: str = Field(description="JSONL file, relative to the spec")
+    description: str = ""
+    prompt: str = Field("{question}", description="str.format over the record's fields")
+    choices_field: str = "choices"
+    answer_field: str = "answer"
+    target_delimiter: str = " "
+    target_field: str = "answer"
+    metric: Literal["exact_match", "regex", "numeric"] = "exact_match"
+    regex: str | None = None
+    until: list[str] = Field(default_factory=lambda: ["\n"])
+    max_tokens: int = Field(32, ge=1)
+    num_fewshot: int = Field(0, ge=0)
+    fewshot_separator: str = "\n\n"
+
+
+@dataclass
+class Example:
+    line: int
+    record: dict[str, Any]
+    prompt: str
+    choices: list[str] = field(default_factory=list)
+    answer: int | str = 0
+
+
+@dataclass
+class Task:
+    spec: TaskSpec
+    path: Path
+    examples: list[Example]
+
+
+def shipped_tasks() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def resolve_task(name_or_path: str) -> Task:
+    """A shipped task by name, a YAML spec, or a JSONL file with a recognised layout."""
+    path = Path(name_or_path)
+    if not path.exists() and (SHIPPED_DIR / f"{name_or_path}.yaml").is_file():
+        path = SHIPPED_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(shipped_tasks()) or "none"
+        raise ConfigError(f"task {name_or_path!r} is neither a file nor a shipped task (shipped: {shipped})")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            spec = TaskSpec.model_validate(read_yaml(path))
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ConfigError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        data = (path.parent / spec.data).resolve()
+    else:
+        data = path
+        spec = infer_spec(path)
+    return Task(spec, data, load_examples(spec, data))
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    if not path.is_file():
+        raise DataError(f"task data not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object")
+            records.append((number, record))
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def infer_spec(path: Path) -> TaskSpec:
+    number, first = read_jsonl(path)[0]
+    name = path.name.split(".")[0]
+    if "endings" in first:
+        context = "context" if "context" in first else "ctx"
+        label = "label" if "label" in first else "answer"
+        return TaskSpec(name=name, type="multiple_choice", data=str(path), prompt=f"{{{context}}}",
+                        choices_field="endings", answer_field=label, target_delimiter=" ")
+    if "choices" in first:
+        return TaskSpec(name=name, type="multiple_choice", data=str(path), prompt="Question: {question}\nAnswer:")
+    if "question" in first and isinstance(first.get("answer"), str):
+        return TaskSpec(name=name, type="generation", data=str(path), prompt="Question: {question}\nAnswer:")
+    raise DataError(
+        f"{path}:{number}: unrecognised task layout (fields: {', '.join(first)}); expected "
+        "context+endings+label, question+choices+answer, or question+answer"
+    )
+
+
+def _format(spec: TaskSpec, path: Path, line: int, record: dict[str, Any]) -> str:
+    try:
+        return spec.prompt.format(**record)
+    except KeyError as err:
+        raise DataError(f"{path}:{line}: record lacks the field {err.args[0]!r} used by the prompt") from None
+    except (IndexError, ValueError) as err:
+        raise DataError(f"{path}:{line}: cannot format the prompt ({err})") from None
+
+
+def load_examples(spec: TaskSpec, path: Path) -> list[Example]:
+    examples = []
+    for line, record in read_jsonl(path):
+        prompt = _format(spec, path, line, record)
+        if spec.type == "generation":
+            target = record.get(spec.target_field)
+            if not isinstance(target, (str, int, float)) or isinstance(target, bool) or str(target) == "":
+                raise DataError(f"{path}:{line}: field {spec.target_field!r} must be a non-empty string or number")
+            examples.append(Example(line, record, prompt, answer=str(target)))
+            continue
+        choices = record.get(spec.choices_field)
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise DataError(f"{path}:{line}: field {spec.choices_field!r} must list at least two non-empty strings")
+        answer = record.get(spec.answer_field)
+        if isinstance(answer, str) and len(answer) == 1 and answer.upper() in LETTERS:
+            answer = LETTERS.index(answer.upper())
+        elif isinstance(answer, str) and answer.strip().isdigit():
+            answer = int(answer)
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise DataError(
+                f"{path}:{line}: field {spec.answer_field!r} must be a choice index 0..{len(choices) - 1} "
+                f"or a letter, got {record.get(spec.answer_field)!r}"
+            )
+        examples.append(Example(line, record, prompt, choices, answer))
+    return examples
+
+
+def fewshot_prefix(task: Task, index: int, rng: random.Random) -> str:
+    """`num_fewshot` solved examples drawn (seeded) from the other records."""
+    k = task.spec.num_fewshot
+    if k == 0:
+        return ""
+    pool = [i for i in range(len(task.examples)) if i != index]
+    shots = [task.examples[i] for i in rng.sample(pool, min(k, len(pool)))]
+    solved = []
+    for shot in shots:
+        target = shot.choices[shot.answer] if task.spec.type == "multiple_choice" else shot.answer
+        solved.append(f"{shot.prompt}{task.spec.target_delimiter}{target}")
+    return task.spec.fewshot_separator.join(solved) + task.spec.fewshot_separator
+
+
+def mean_stderr(values: list[float]) -> float:
+    """Standard error of the mean with the sample standard deviation, as the harness reports."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _number(text: str) -> float | None:
+    match = _NUMBER.search(text)
+    if match is None:
+        return None
+    try:
+        return float(match.group().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def score_generation(spec: TaskSpec, output: str, target: str) -> float:
+    output = output.strip()
+    if spec.metric == "numeric":
+        got, want = _number(output), _number(target)
+        return float(got is not None and want is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9))
+    if spec.metric == "regex":
+        match = re.search(spec.regex or r"(.*)", output)
+        output = (match.group(1) if match and match.groups() else match.group(0) if match else "").strip()
+    return float(output == target.strip())
+
+
+def evaluate(task: Task, scorer: Scorer, limit: int | None = None, seed: int = 1234) -> dict[str, Any]:
+    """Metrics of `task` with `scorer`: {"metrics": {name: {"value", "stderr"}}, "n", "samples"}."""
+    rng = random.Random(seed)
+    examples = task.examples[:limit] if limit else task.examples
+    contexts = [fewshot_prefix(task, i, rng) + ex.prompt for i, ex in enumerate(examples)]
+    samples = []
+    if task.spec.type == "multiple_choice":
+        requests, owners = [], []
+        for i, (ex, context) in enumerate(zip(examples, contexts, strict=True)):
+            for choice in ex.choices:
+                requests.append(scorer.encode_pair(context, task.spec.target_delimiter + choice))
+                owners.append(i)
+        scores = scorer.loglikelihood_tokens(requests)
+        per_example: list[list[float]] = [[] for _ in examples]
+        for owner, (logprob, _) in zip(owners, scores, strict=True):
+            per_example[owner].append(logprob)
+        acc, acc_norm = [], []
+        for ex, logprobs in zip(examples, per_example, strict=True):
+            normed = [lp / len(choice) for lp, choice in zip(logprobs, ex.choices, strict=True)]
+            pick, pick_norm = _argmax(logprobs), _argmax(normed)
+            acc.append(float(pick == ex.answer))
+            acc_norm.append(float(pick_norm == ex.answer))
+            samples.append({"line": ex.line, "answer": ex.answer, "loglikelihoods": logprobs, "pred": pick})
+        metrics = {"acc": acc, "acc_norm": acc_norm}
+    else:
+        correct = []
+        for ex, context in zip(examples, contexts, strict=True):
+            output = scorer.generate_until(context, task.spec.until, task.spec.max_tokens)
+            correct.append(score_generation(task.spec, output, str(ex.answer)))
+            samples.append({"line": ex.line, "target": ex.answer, "output": output, "correct": correct[-1]})
+        metrics = {task.spec.metric: correct}
+    return {
+        "metrics": {name: {"value": sum(v) / len(v), "stderr": mean_stderr(v)} for name, v in metrics.items()},
+        "n": len(examples),
+        "num_fewshot": task.spec.num_fewshot,
+        "samples": samples,
+    }
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
