@@ -264,6 +264,45 @@ def eval_model(
         console.print(f"results: {Path(config.out) if config.out else runner.eval_dir(Path(model))}/")
 
 
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")],
+    system: Annotated[str | None, typer.Option(help="system message")] = None,
+    max_tokens: int = 256,
+    temperature: float = 0.7,
+    top_k: int | None = None,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    device: str = "cpu",
+):
+    """Chat in the terminal (or over a pipe: one user turn per line). /reset clears, /exit quits."""
+    from lmforge.chat import ChatSession
+    from lmforge.config import build
+    from lmforge.generate import SamplingConfig
+    from lmforge.loading import load_model
+
+    sampling = build(SamplingConfig, _flags(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    loaded, tokenizer, _ = load_model(model, device)
+    session = ChatSession(loaded, tokenizer, sampling, system)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            typer.echo("you> ", nl=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            session.reset()
+            continue
+        if not text.strip():
+            continue
+        typer.echo("assistant> ", nl=False)
+        for piece in session.send(text):
+            typer.echo(piece, nl=False)
+        typer.echo()
+
+
 @app.command("export")
 def export_model(
     model: Annotated[str, typer.Argument(help="run dir, checkpoint dir or model dir")],

@@ -81,6 +81,10 @@ class ModelConfig(Section):
         shape.update({k: getattr(self, k) for k in variants if getattr(self, k)})
         return shape
 
+    def to_dict(self) -> dict[str, Any]:
+        """The config as HF tools (peft) read `model.config`: a dict with HF's name for tying."""
+        return {**self.model_dump(mode="json"), "tie_word_embeddings": self.tie_embeddings}
+
     def num_params(self, embedding: bool = True) -> int:
         vocab = self.vocab_size or 0
         qkv = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim

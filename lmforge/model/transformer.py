@@ -50,10 +50,22 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim]."""
+    """x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim] or [batch, 1, seq, head_dim]."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
+
+
+def packed_positions_and_mask(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions within each document [batch, seq] and the block-causal mask [batch, 1, seq, seq]."""
+    batch, seq = document_ids.shape
+    index = torch.arange(seq, device=document_ids.device).expand(batch, seq)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    return index - first, (same & causal)[:, None]
 
 
 class KVCache:
@@ -84,7 +96,9 @@ class Attention(nn.Module):
         )
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.attn_out_bias)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0):
+    def forward(
+        self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0, attn_mask=None
+    ):
         batch, seq, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim],
@@ -101,7 +115,9 @@ class Attention(nn.Module):
         # GQA: each KV head serves n_heads / n_kv_heads query heads; SDPA broadcasts them
         # itself (enable_gqa) instead of materialising repeated keys and values.
         gqa = self.n_kv_heads != self.n_heads
-        if start == 0:
+        if attn_mask is not None:  # packed sequences: causal within each document only
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        elif start == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif seq == 1:  # one new token sees the whole cache
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -134,8 +150,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, layer=0, start=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, layer, start)
+    def forward(self, x, cos, sin, kv_cache=None, layer=0, start=0, attn_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, layer, start, attn_mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -200,15 +216,26 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         start: int = 0,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [batch, seq, vocab], or the mean cross-entropy if `targets` are given."""
+        """Logits [batch, seq, vocab], or the mean cross-entropy if `targets` are given.
+
+        `document_ids` [batch, seq] marks sequences packed into one row: each token attends
+        only to earlier tokens of its own document, and RoPE positions restart at every
+        document, so a packed row computes exactly what the documents would alone.
+        """
         seq = tokens.shape[1]
         if start + seq > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
+        mask = None
+        if document_ids is not None:
+            positions, mask = packed_positions_and_mask(document_ids)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        else:
+            cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
         x = self.tok_embeddings(tokens)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, kv_cache, i, start)
+            x = block(x, cos, sin, kv_cache, i, start, mask)
         hidden = self.norm(x)
         if targets is not None and torch.is_grad_enabled():
             # Training: head and loss fused per chunk of tokens, never holding all logits.

@@ -1,0 +1,1 @@
+"""Alignment: chat data, SFT with loss masking and packing, DPO, LoRA (peft)."""

@@ -1,0 +1,210 @@
+"""Alignment data: conversations for SFT and preference pairs for DPO, tokenized in the chat format.
+
+    conversations   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    preferences     {"prompt": messages | "text", "chosen": messages | "text", "rejected": ...}
+
+Files are JSONL (optionally .gz); every bad record is reported as `file:line: problem`.
+SFT examples become (input, target) rows, either packed several to a row (attention and
+RoPE positions restart at each conversation, so packing changes no number) or one per row.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lmforge.errors import DataError, LmforgeError
+from lmforge.model.losses import IGNORE_INDEX
+from lmforge.tokenizer import LmTokenizer, check_messages
+
+LossOn = Literal["assistant", "all"]
+
+
+def _open(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    records = []
+    try:
+        with _open(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{number}: expected a JSON object")
+                records.append((number, record))
+    except (OSError, UnicodeDecodeError, EOFError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from None
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _messages(value: Any, default_role: str, where: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        value = [{"role": default_role, "content": value}]
+    try:
+        return check_messages(value)
+    except LmforgeError as err:
+        raise DataError(f"{where}: {err}") from None
+
+
+def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict[str, str]]]]:
+    """(where, messages) per record; each conversation must contain an assistant turn."""
+    out = []
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        if "messages" not in record:
+            raise DataError(f"{where}: record has no 'messages' (fields: {', '.join(record) or 'none'})")
+        messages = _messages(record["messages"], "user", where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: conversation has no assistant turn to learn from")
+        out.append((where, messages))
+    return out
+
+
+def read_preferences(path: str | os.PathLike) -> list[tuple[str, list[dict], list[dict], list[dict]]]:
+    """(where, prompt, chosen, rejected); strings become a user prompt / assistant replies."""
+    out = []
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+        if missing:
+            raise DataError(f"{where}: preference record lacks {', '.join(repr(k) for k in missing)}")
+        prompt = _messages(record["prompt"], "user", where)
+        chosen = _messages(record["chosen"], "assistant", where)
+        rejected = _messages(record["rejected"], "assistant", where)
+        for name, reply in (("chosen", chosen), ("rejected", rejected)):
+            if any(m["role"] != "assistant" for m in reply):
+                raise DataError(f"{where}: '{name}' must hold assistant turns only")
+        if prompt[-1]["role"] == "assistant":
+            raise DataError(f"{where}: 'prompt' must end with a user (or system) turn")
+        out.append((where, prompt, chosen, rejected))
+    return out
+
+
+# ------------------------------------------------------------------------------------ SFT
+
+
+@dataclass
+class Sequence:
+    """Token ids and which of them are trained on (the loss falls on predicting them)."""
+
+    ids: list[int]
+    trained: list[bool]
+
+
+def encode_conversation(tokenizer: LmTokenizer, messages: list[dict], loss_on: LossOn, max_len: int) -> Sequence:
+    if not tokenizer.native:
+        raise DataError("SFT needs a tokenizer with lmforge's chat tokens (imported tokenizers have no assistant mask)")
+    ids, mask = tokenizer.encode_chat_with_mask(messages)
+    trained = mask if loss_on == "assistant" else [True] * len(ids)
+    trained[0] = False  # BOS is never predicted
+    return Sequence(ids[: max_len + 1], trained[: max_len + 1])
+
+
+@dataclass
+class Rows:
+    """Fixed-width training rows: inputs, targets (IGNORE_INDEX where untrained) and document ids."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    document_ids: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def select(self, index: list[int]) -> Rows:
+        docs = None if self.document_ids is None else self.document_ids[index]
+        return Rows(self.inputs[index], self.targets[index], docs)
+
+
+def _pair(sequence: Sequence) -> tuple[list[int], list[int]]:
+    inputs = sequence.ids[:-1]
+    targets = [t if trained else IGNORE_INDEX for t, trained in zip(sequence.ids[1:], sequence.trained[1:], strict=True)]
+    return inputs, targets
+
+
+def build_rows(sequences: list[Sequence], seq_len: int, pad_id: int, pack: bool) -> Rows:
+    """Pack sequences in order into rows of `seq_len` (first fit, no splitting), or one per row."""
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    used = 0
+    for sequence in sequences:
+        inputs, targets = _pair(sequence)
+        if not any(t != IGNORE_INDEX for t in targets):
+            continue  # nothing to learn (all trained tokens truncated away)
+        if pack and rows and used + len(inputs) <= seq_len:
+            rows[-1].append((inputs, targets))
+            used += len(inputs)
+        else:
+            rows.append([(inputs, targets)])
+            used = len(inputs)
+    if not rows:
+        raise DataError("no training tokens: every conversation lost its assistant turns to truncation")
+    inputs = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    documents = torch.full((len(rows), seq_len), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        position = 0
+        for d, (row_inputs, row_targets) in enumerate(row):
+            end = position + len(row_inputs)
+            inputs[r, position:end] = torch.tensor(row_inputs)
+            targets[r, position:end] = torch.tensor(row_targets)
+            documents[r, position:end] = d
+            position = end
+    return Rows(inputs, targets, documents if pack else None)
+
+
+# ------------------------------------------------------------------------------------ DPO
+
+
+@dataclass
+class PreferencePair:
+    chosen: Sequence
+    rejected: Sequence
+
+
+def encode_preference(
+    tokenizer: LmTokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], max_len: int
+) -> PreferencePair:
+    """Both replies after the same prompt; only the reply tokens are scored."""
+    if not tokenizer.native:
+        raise DataError("DPO needs a tokenizer with lmforge's chat tokens")
+    prompt_len = len(tokenizer.encode_chat(prompt, add_generation_prompt=True))
+
+    def reply(messages: list[dict]) -> Sequence:
+        ids = tokenizer.encode_chat(prompt + messages)
+        trained = [i >= prompt_len for i in range(len(ids))]
+        return Sequence(ids[: max_len + 1], trained[: max_len + 1])
+
+    return PreferencePair(reply(chosen), reply(rejected))
+
+
+def pad_sequences(sequences: list[Sequence], pad_id: int) -> Rows:
+    """One sequence per row, right-padded to the longest."""
+    width = max(len(s.ids) - 1 for s in sequences)
+    return build_rows_exact(sequences, width, pad_id)
+
+
+def build_rows_exact(sequences: list[Sequence], width: int, pad_id: int) -> Rows:
+    inputs = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for r, sequence in enumerate(sequences):
+        row_inputs, row_targets = _pair(sequence)
+        inputs[r, : len(row_inputs)] = torch.tensor(row_inputs)
+        targets[r, : len(row_targets)] = torch.tensor(row_targets)
+    return Rows(inputs, targets, None)

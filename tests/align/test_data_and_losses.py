@@ -1,0 +1,184 @@
+"""Alignment building blocks: chat data, loss masks, packing, DPO/IPO losses, LoRA, chat sessions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lmforge.align import data as align_data
+from lmforge.align.lora import LoraSettings, apply_lora, load_adapter, merge, save_adapter
+from lmforge.align.losses import preference_loss, sequence_logprobs
+from lmforge.chat import ChatSession
+from lmforge.errors import DataError
+from lmforge.generate import SamplingConfig
+from lmforge.model import ModelConfig, Transformer
+from lmforge.model.losses import IGNORE_INDEX
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the bisect module for?"},
+     {"role": "assistant", "content": "It keeps a list sorted as items are inserted."}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": "What does len() return?"},
+     {"role": "assistant", "content": "The number of items."},
+     {"role": "user", "content": "Of a string?"},
+     {"role": "assistant", "content": "Its number of characters."}],
+    [{"role": "user", "content": "Name a mutable sequence type."},
+     {"role": "assistant", "content": "list"}],
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def model(trained_tokenizer) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(preset="tiny", vocab_size=1024, max_seq_len=128))
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model
+
+
+def sequences(tokenizer, loss_on="assistant"):
+    return [align_data.encode_conversation(tokenizer, m, loss_on, 127) for m in CONVERSATIONS]
+
+
+def test_loss_mask_trains_only_on_assistant_tokens_and_prompt_gradients_are_zero(trained_tokenizer, model):
+    rows = align_data.build_rows(sequences(trained_tokenizer), 128, trained_tokenizer.pad_id, pack=False)
+    trained_ids = rows.targets[rows.targets != IGNORE_INDEX].tolist()
+    expected = []
+    for messages in CONVERSATIONS:
+        for m in messages:
+            if m["role"] == "assistant":
+                expected += [*trained_tokenizer.encode(m["content"]), trained_tokenizer.token_id("<|end|>")]
+    assert trained_ids == expected
+    # Prompt positions send exactly zero gradient into the model; assistant positions do not.
+    inputs, targets = rows.inputs, rows.targets
+    logits = model(inputs)
+    logits.retain_grad()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    loss.backward()
+    untrained = targets == IGNORE_INDEX
+    assert logits.grad[untrained].abs().max().item() == 0.0
+    assert logits.grad[~untrained].abs().sum().item() > 0
+
+
+def test_loss_on_all_tokens_trains_on_the_prompt_too(trained_tokenizer):
+    everything = align_data.build_rows(sequences(trained_tokenizer, "all"), 128, trained_tokenizer.pad_id, pack=False)
+    assistant = align_data.build_rows(sequences(trained_tokenizer), 128, trained_tokenizer.pad_id, pack=False)
+    assert (everything.targets != IGNORE_INDEX).sum() > (assistant.targets != IGNORE_INDEX).sum()
+
+
+def test_packed_and_padded_batches_give_the_same_loss(trained_tokenizer, model):
+    seqs = sequences(trained_tokenizer)
+    packed = align_data.build_rows(seqs, 128, trained_tokenizer.pad_id, pack=True)
+    padded = align_data.build_rows(seqs, 128, trained_tokenizer.pad_id, pack=False)
+    assert len(packed) == 1 and len(padded) == 3
+    assert packed.document_ids[0].max().item() == 2
+    with torch.no_grad():
+        loss_packed = model(packed.inputs, packed.targets, document_ids=packed.document_ids)
+        loss_padded = model(padded.inputs, padded.targets)
+    assert loss_packed.item() == pytest.approx(loss_padded.item(), abs=1e-5)
+    # Training path (fused head + loss) too.
+    assert model(packed.inputs, packed.targets, document_ids=packed.document_ids).item() == pytest.approx(
+        loss_padded.item(), abs=1e-5
+    )
+
+
+def test_dpo_loss_equals_the_closed_form_on_hand_computed_logprobs():
+    pc, pr = torch.tensor([-4.0, -7.5]), torch.tensor([-6.0, -7.0])
+    rc, rr = torch.tensor([-5.0, -7.0]), torch.tensor([-5.5, -8.0])
+    beta = 0.1
+    stats = preference_loss(pc, pr, rc, rr, beta)
+    by_hand = [-math.log(1 / (1 + math.exp(-beta * ((-4 + 5) - (-6 + 5.5))))),
+               -math.log(1 / (1 + math.exp(-beta * ((-7.5 + 7) - (-7 + 8)))))]
+    assert stats.loss.item() == pytest.approx(sum(by_hand) / 2, rel=1e-6)
+    assert stats.chosen_reward.tolist() == pytest.approx([0.1, -0.05])
+    assert stats.accuracy.tolist() == [1.0, 0.0]
+    ipo = preference_loss(pc, pr, rc, rr, beta, "ipo")
+    assert ipo.loss.item() == pytest.approx(((1.5 - 5) ** 2 + (-1.5 - 5) ** 2) / 2)
+
+
+def test_sequence_logprobs_sum_only_the_reply_tokens(trained_tokenizer, model):
+    prompt = [{"role": "user", "content": "Which module sorts lists?"}]
+    pair = align_data.encode_preference(
+        trained_tokenizer, prompt, [{"role": "assistant", "content": "bisect"}], [{"role": "assistant", "content": "os"}], 127
+    )
+    rows = align_data.pad_sequences([pair.chosen, pair.rejected], trained_tokenizer.pad_id)
+    with torch.no_grad():
+        got = sequence_logprobs(model(rows.inputs), rows.targets)
+        ids = pair.chosen.ids
+        logprobs = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)
+        reply_start = len(trained_tokenizer.encode_chat(prompt, add_generation_prompt=True))
+        direct = sum(logprobs[i - 1, ids[i]].item() for i in range(reply_start, len(ids)))
+    assert got[0].item() == pytest.approx(direct, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"text": "hi"}, r"c.jsonl:2: record has no 'messages'"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"c.jsonl:2: conversation has no assistant turn"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, r"c.jsonl:2: chat message 0 has role 'robot'"),
+        ({"messages": "hello"}, r"c.jsonl:2: chat message 0 has role 'user'|c.jsonl:2: conversation has no assistant"),
+        ("[1, 2]", r"c.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_bad_conversation_records_name_the_line(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[0]}, record])
+    with pytest.raises(DataError, match=message):
+        align_data.read_conversations(path)
+
+
+def test_bad_preference_records_name_the_line(tmp_path):
+    ok = {"prompt": "Which?", "chosen": "this", "rejected": "that"}
+    path = write_jsonl(tmp_path / "p.jsonl", [ok, {"prompt": "Which?", "chosen": "this"}])
+    with pytest.raises(DataError, match=r"p.jsonl:2: preference record lacks 'rejected'"):
+        align_data.read_preferences(path)
+    path = write_jsonl(tmp_path / "p.jsonl", [ok, {**ok, "chosen": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(DataError, match=r"p.jsonl:2: 'chosen' must hold assistant turns only"):
+        align_data.read_preferences(path)
+    assert align_data.read_preferences(write_jsonl(tmp_path / "ok.jsonl", [ok]))[0][1] == [{"role": "user", "content": "Which?"}]
+
+
+def test_lora_merged_and_unmerged_give_the_same_logits_and_the_base_is_untouched(model, tmp_path):
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = apply_lora(model, LoraSettings(enabled=True, r=4, alpha=8))
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        optimizer.zero_grad()
+        wrapped(tokens[:, :-1], tokens[:, 1:]).backward()
+        optimizer.step()
+    base_now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                for k, v in wrapped.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base[k], base_now[k]) for k in base)
+    with torch.no_grad():
+        unmerged = wrapped(tokens)
+    checkpoint_dir = tmp_path / "base"
+    save_adapter(tmp_path / "adapter", wrapped, str(checkpoint_dir))
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    merged = merge(wrapped)
+    assert isinstance(merged, Transformer)
+    with torch.no_grad():
+        assert (merged(tokens) - unmerged).abs().max().item() < 1e-5
+    with pytest.raises(Exception, match="not a LoRA adapter dir"):
+        load_adapter(tmp_path)
+
+
+def test_chat_session_keeps_the_conversation_and_trims_the_oldest_turns(trained_tokenizer, model):
+    session = ChatSession(model, trained_tokenizer, SamplingConfig(max_tokens=8, temperature=0), system="Be brief.")
+    reply = "".join(session.send("What is a list?"))
+    assert session.messages[-1] == {"role": "assistant", "content": reply}
+    for _ in range(12):
+        "".join(session.send("Tell me more about lists and tuples and sets and dicts, please."))
+    assert session.messages[0]["role"] == "system"
+    assert len(trained_tokenizer.encode_chat(session.messages[:-1], True)) <= 128 - 8
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
