@@ -31,9 +31,18 @@ class LoraSettings(Section):
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
 
 
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("LoRA needs peft: pip install 'lmforge[align]'") from None
+    return peft
+
+
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """The model wrapped with trainable adapters; base weights frozen."""
-    from peft import LoraConfig, get_peft_model
+    peft = _peft()
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     unknown = [t for t in settings.target_modules if t not in LORA_TARGETS + ("output",)]
     if unknown:
@@ -56,7 +65,7 @@ def save_adapter(directory: str | os.PathLike, model: nn.Module, base: str) -> P
 
 def load_adapter(directory: str | os.PathLike, device="cpu"):
     """(peft model over its base, tokenizer, base path) from an adapter dir."""
-    from peft import PeftModel
+    PeftModel = _peft().PeftModel
 
     from lmforge.loading import load_model
 
