@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and use byte-level BPE tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
+runs_app = typer.Typer(no_args_is_help=True, help="List, inspect and compare run dirs.")
+app.add_typer(runs_app, name="runs")
 
 ConfigArgs = Annotated[
     list[str] | None,
@@ -301,6 +303,71 @@ def chat(
         for piece in session.send(text):
             typer.echo(piece, nl=False)
         typer.echo()
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+@runs_app.command("list")
+def runs_list(root: Annotated[str, typer.Argument(help="dir of run dirs")] = "runs"):
+    """One line per run: status, steps, tokens, losses, evals, parent."""
+    from lmforge.monitor import catalog
+
+    rows = []
+    for path in catalog.find_runs(root):
+        r = catalog.summarize(path)
+        evals = ", ".join(f"{k} {v:.3f}" for k, v in list(r.evals.items())[:3])
+        rows.append([r.name, r.kind or "-", r.status, f"{catalog.fmt(r.step)}/{catalog.fmt(r.max_steps)}",
+                     catalog.fmt(r.tokens), catalog.fmt(r.last_loss), catalog.fmt(r.best_val_loss), evals or "-",
+                     r.parent or "-"])
+    _print_table(f"runs in {root}", ["run", "kind", "status", "step", "tokens", "loss", "best val", "evals", "parent"], rows)
+
+
+@runs_app.command("show")
+def runs_show(run: Annotated[str, typer.Argument(help="run dir")]):
+    """Everything about one run: summary, evals, lineage and config."""
+    from lmforge.monitor import catalog
+
+    r = catalog.summarize(run)
+    rows = [[k, catalog.fmt(v)] for k, v in catalog.metric_rows([r])]
+    rows += [["checkpoint", r.checkpoint or "-"], ["parent", r.parent or "-"], ["created", r.created_at or "-"]]
+    rows += [[f"config {k}", str(v)] for k, v in catalog.flatten(r.config).items()]
+    _print_table(f"run {r.path}", ["", "value"], rows)
+
+
+@runs_app.command("compare")
+def runs_compare(runs: Annotated[list[str], typer.Argument(help="run dirs")]):
+    """Metrics side by side and only the config keys that differ."""
+    from lmforge.monitor import catalog
+
+    summaries = [catalog.summarize(r) for r in runs]
+    names = [s.name for s in summaries]
+    _print_table("metrics", ["", *names], [[k, *map(catalog.fmt, v)] for k, v in catalog.metric_rows(summaries)])
+    differences = catalog.config_differences(summaries)
+    if differences:
+        _print_table("config differences", ["key", *names], [[k, *map(str, v)] for k, v in differences])
+    else:
+        typer.echo("configs are identical (apart from run.name)")
+
+
+@app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="run dir")],
+    out: Annotated[str | None, typer.Option(help="output dir (default RUN/report)")] = None,
+):
+    """Write a self-contained HTML report of a run (curves, evals, lineage, card)."""
+    from lmforge.monitor.report import render
+
+    typer.echo(f"report: {render(run, out)}")
 
 
 @app.command("export")

@@ -1,0 +1,1 @@
+"""Monitoring: run catalogs and comparisons, HTML reports, trackers, alerts, profiling."""

@@ -1,0 +1,157 @@
+"""`lmforge report RUN`: one self-contained HTML page (plus the PNGs) describing a run.
+
+Curves of loss, validation loss and bits per byte, learning rate, gradient norm,
+tokens/s and MFU; evaluation results; the lineage from raw data to model; the data's
+curation funnel when the dataset came from `lmforge curate`; the model card when the run
+has one. Images are embedded as data URIs, so the file can be mailed or archived alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lmforge import atomic
+from lmforge.errors import ConfigError
+from lmforge.monitor.catalog import _read_json, fmt, read_metrics, summarize
+
+CURVES = [
+    ("loss", "train loss", ["loss"]),
+    ("val", "validation", ["val_loss", "val_bpb"]),
+    ("lr", "learning rate", ["lr"]),
+    ("grad_norm", "gradient norm", ["grad_norm"]),
+    ("throughput", "tokens / second", ["tokens_per_second"]),
+    ("mfu", "model FLOPs utilisation", ["mfu"]),
+]
+
+
+def _plot(records: list[dict[str, Any]], keys: list[str], title: str) -> bytes | None:
+    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and "step" in r] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+    for key, points in series.items():
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(fmt(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _lineage(path: Path, manifest: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Raw data -> curation -> token dataset -> tokenizer -> this run (-> parent model)."""
+    rows: list[tuple[str, Any]] = []
+    dataset = manifest.get("dataset")
+    if dataset:
+        data_manifest = _read_json(Path(dataset) / "manifest.json")
+        source = data_manifest.get("source", {})
+        if isinstance(source, dict):
+            files = source.get("files") or []
+            rows.append(("raw data", ", ".join(str(f.get("path", f)) if isinstance(f, dict) else str(f) for f in files[:5]) or source.get("hash")))
+        rows.append(("token dataset", dataset))
+        rows.append(("dataset manifest sha256", manifest.get("dataset_manifest_sha256")))
+    rows.append(("tokenizer hash", manifest.get("tokenizer_hash")))
+    rows.append(("parent", manifest.get("parent")))
+    rows.append(("run", str(path.resolve())))
+    rows.append(("lmforge / torch", f"{manifest.get('lmforge_version')} / {manifest.get('torch_version')}"))
+    rows.append(("git commit", manifest.get("git_commit")))
+    return [(k, v) for k, v in rows if v]
+
+
+def _curation(manifest: dict[str, Any]) -> str:
+    """The curation funnel, if the token dataset was built from `lmforge curate` output."""
+    dataset = manifest.get("dataset")
+    if not dataset:
+        return ""
+    for candidate in _curation_reports(Path(dataset)):
+        report = _read_json(candidate)
+        steps = report.get("steps")
+        if isinstance(steps, list) and steps:
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(fmt(s.get(k)))}</td>" for k in ("name", "docs_in", "docs_out", "bytes_in", "bytes_out")) + "</tr>"
+                for s in steps if isinstance(s, dict)
+            )
+            head = "".join(f"<th>{h}</th>" for h in ("step", "docs in", "docs out", "bytes in", "bytes out"))
+            return f"<h2>Curation funnel</h2><p>{html.escape(str(candidate))}</p><table><tr>{head}</tr>{rows}</table>"
+    return ""
+
+
+def _curation_reports(dataset: Path) -> list[Path]:
+    manifest = _read_json(dataset / "manifest.json")
+    source = manifest.get("source", {})
+    files = source.get("files", []) if isinstance(source, dict) else []
+    dirs = {Path(f.get("path", "") if isinstance(f, dict) else f).parent for f in files}
+    return [d / name for d in dirs for name in ("report.json", "curation_report.json") if (d / name).is_file()]
+
+
+def render(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write `<out>/index.html` and the PNGs (default out: RUN/report); return the HTML path."""
+    path = Path(run)
+    summary = summarize(path)
+    records = read_metrics(path)
+    if not records:
+        raise ConfigError(f"{path} has no metrics.jsonl records to report")
+    out = Path(out) if out else path / "report"
+    manifest = _read_json(path / "manifest.json")
+    images = []
+    with atomic.atomic_dir(out) as tmp:
+        for name, title, keys in CURVES:
+            png = _plot(records, keys, title)
+            if png is None:
+                continue
+            atomic.write_bytes(tmp / f"{name}.png", png)
+            images.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>{html.escape(title)}</figcaption></figure>')
+        overview = _table([
+            ("kind", summary.kind), ("status", summary.status), ("step", f"{fmt(summary.step)} / {fmt(summary.max_steps)}"),
+            ("tokens", summary.tokens), ("last train loss", summary.last_loss), ("best val loss", summary.best_val_loss),
+            ("best val bits/byte", summary.best_val_bpb), ("latest checkpoint", summary.checkpoint), ("created", summary.created_at),
+        ])
+        evals = _table(sorted(summary.evals.items())) if summary.evals else "<p>No evaluation results in eval/.</p>"
+        card = path / "model_card.md"
+        card_html = f"<h2>Model card</h2><pre>{html.escape(card.read_text(encoding='utf-8'))}</pre>" if card.is_file() else ""
+        config = json.dumps(summary.config, indent=2)
+        page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>lmforge report: {html.escape(summary.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+h1 {{ margin-bottom: 0.2em; }} table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ddd; padding: 4px 10px; text-align: left; font-size: 14px; }}
+th {{ background: #f5f5f5; }} .charts {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #666; text-align: center; }}
+pre {{ background: #f8f8f8; padding: 1em; overflow-x: auto; font-size: 12px; }}
+</style></head><body>
+<h1>{html.escape(summary.name)}</h1><p>{html.escape(str(path.resolve()))}</p>
+<h2>Overview</h2>{overview}
+<h2>Curves</h2><div class="charts" id="charts">{''.join(images)}</div>
+<h2>Evaluation</h2>{evals}
+<h2>Lineage</h2>{_table(_lineage(path, manifest))}
+{_curation(manifest)}
+{card_html}
+<h2>Config</h2><pre>{html.escape(config)}</pre>
+</body></html>
+"""
+        atomic.write_text(tmp / "index.html", page)
+    return out / "index.html"
