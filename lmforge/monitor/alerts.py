@@ -1,0 +1,126 @@
+"""Training alerts: a structured line in the log and in `alerts.jsonl`, and an optional webhook.
+
+Conditions, each checked against the run's own recent history:
+    non_finite_loss      loss is NaN or inf
+    loss_spike           loss > spike_factor x median of the last `window` losses
+    grad_norm_explosion  grad norm > grad_factor x median of the last `window` norms
+    throughput_drop      tokens/s < throughput_fraction x median of the last `window` readings
+    stalled              no step for `stall_minutes` (a watchdog thread)
+    checkpoint_failed    a checkpoint save raised
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import threading
+import time
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from lmforge.config import Section
+
+log = logging.getLogger(__name__)
+
+ALERTS_FILE = "alerts.jsonl"
+
+
+class AlertConfig(Section):
+    enabled: bool = True
+    window: int = Field(20, ge=3, description="readings in the running medians")
+    spike_factor: float = Field(2.0, gt=1)
+    grad_factor: float = Field(10.0, gt=1)
+    throughput_fraction: float = Field(0.5, gt=0, lt=1)
+    stall_minutes: float = Field(30.0, gt=0)
+    webhook: str | None = Field(None, description="URL that receives each alert as a JSON POST")
+
+
+class AlertMonitor:
+    def __init__(self, run_dir: Path, config: AlertConfig, run_name: str = ""):
+        self.path = Path(run_dir) / ALERTS_FILE
+        self.config, self.run_name = config, run_name
+        self.losses: deque[float] = deque(maxlen=config.window)
+        self.norms: deque[float] = deque(maxlen=config.window)
+        self.speeds: deque[float] = deque(maxlen=config.window)
+        self.fired: list[dict[str, Any]] = []
+        self._last_step_time = time.monotonic()
+        self._last_step = 0
+        self._stop = threading.Event()
+        self._stalled_reported = False
+        self._watchdog: threading.Thread | None = None
+
+    # -- the trainer calls these ---------------------------------------------------------
+
+    def observe(self, step: int, loss: float, grad_norm: float | None = None, tokens_per_second: float | None = None) -> list[dict]:
+        """Check one step's readings; return the alerts it fired."""
+        self._last_step_time, self._last_step, self._stalled_reported = time.monotonic(), step, False
+        if not self.config.enabled:
+            return []
+        fired = []
+        if not math.isfinite(loss):
+            fired.append(self.alert("non_finite_loss", step, f"loss is {loss}", loss=loss))
+        elif len(self.losses) >= 3 and loss > self.config.spike_factor * statistics.median(self.losses):
+            median = statistics.median(self.losses)
+            fired.append(self.alert("loss_spike", step, f"loss {loss:.4f} > {self.config.spike_factor} x median {median:.4f}", loss=loss, median=median))
+        if grad_norm is not None and math.isfinite(grad_norm):
+            if len(self.norms) >= 3 and grad_norm > self.config.grad_factor * statistics.median(self.norms):
+                median = statistics.median(self.norms)
+                fired.append(self.alert("grad_norm_explosion", step, f"grad norm {grad_norm:.3g} > {self.config.grad_factor} x median {median:.3g}", grad_norm=grad_norm, median=median))
+            self.norms.append(grad_norm)
+        if tokens_per_second is not None:
+            if len(self.speeds) >= 3 and tokens_per_second < self.config.throughput_fraction * statistics.median(self.speeds):
+                median = statistics.median(self.speeds)
+                fired.append(self.alert("throughput_drop", step, f"{tokens_per_second:,.0f} tokens/s < {self.config.throughput_fraction} x median {median:,.0f}", tokens_per_second=tokens_per_second, median=median))
+            self.speeds.append(tokens_per_second)
+        if math.isfinite(loss):
+            self.losses.append(loss)
+        return fired
+
+    def checkpoint_failed(self, step: int, error: BaseException) -> dict:
+        return self.alert("checkpoint_failed", step, f"checkpoint save failed: {error}")
+
+    def start_watchdog(self, poll_seconds: float = 10.0) -> None:
+        """A daemon thread that fires `stalled` when no step arrives for stall_minutes."""
+        if not self.config.enabled or self._watchdog is not None:
+            return
+
+        def watch() -> None:
+            while not self._stop.wait(poll_seconds):
+                idle = time.monotonic() - self._last_step_time
+                if idle > self.config.stall_minutes * 60 and not self._stalled_reported:
+                    self._stalled_reported = True
+                    self.alert("stalled", self._last_step, f"no step for {idle / 60:.1f} minutes", idle_seconds=idle)
+
+        self._watchdog = threading.Thread(target=watch, name="lmforge-alert-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # -- output ------------------------------------------------------------------------------
+
+    def alert(self, kind: str, step: int, message: str, **details: Any) -> dict[str, Any]:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": self.run_name,
+                  "alert": kind, "step": step, "message": message, **details}
+        self.fired.append(record)
+        log.warning("ALERT %s", json.dumps(record))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.config.webhook:
+            threading.Thread(target=_post, args=(self.config.webhook, record), daemon=True).start()
+        return record
+
+
+def _post(url: str, record: dict[str, Any]) -> None:
+    try:
+        request = urllib.request.Request(url, data=json.dumps(record).encode(), headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).close()
+    except OSError as err:  # an alert channel must never take the run down
+        log.warning("alert webhook %s failed: %s", url, err)
