@@ -370,6 +370,25 @@ def report(
     typer.echo(f"report: {render(run, out)}")
 
 
+@app.command()
+def release(
+    model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")],
+    policy: Annotated[str, typer.Option(help="release policy YAML (evals and thresholds)")],
+    device: str = "cpu",
+):
+    """Run a release policy's evals and thresholds; write release.json (exit 1 if it fails)."""
+    from lmforge.safety import release as gate
+
+    result = gate.run(model, policy, device)
+    rows = [[c["metric"], "-" if c["value"] is None else f"{c['value']:.4f}",
+             "" if c["min"] is None else str(c["min"]), "" if c["max"] is None else str(c["max"]),
+             "pass" if c["passed"] else "FAIL"] for c in result.record["checks"]]
+    _print_table(f"release policy {result.record['policy']}", ["metric", "value", "min", "max", "result"], rows)
+    typer.echo(f"{'PASSED' if result.passed else 'FAILED'}: {result.path}")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
 @app.command("export")
 def export_model(
     model: Annotated[str, typer.Argument(help="run dir, checkpoint dir or model dir")],
@@ -420,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="lmforge", standalone_mode=False)
+        # Without standalone mode, click returns a raised typer.Exit's code instead of exiting.
+        code = command.main(args=argv, prog_name="lmforge", standalone_mode=False)
+        if isinstance(code, int):
+            return code
     except LmforgeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -84,7 +84,7 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
         shipped = ", ".join(tasks.shipped_tasks())
         raise ConfigError(f"nothing to evaluate: give --tasks (shipped: {shipped}), --data or --harness")
     # Resolve every task before loading the model: a bad file fails in a second.
-    task_list = [tasks.resolve_task(name) for name in config.tasks]
+    task_list = [task for name in config.tasks for task in tasks.resolve_tasks(name)]
     dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
     model, tokenizer, source = load_model(config.model, config.device, dtype)
     scorer = Scorer(model, tokenizer, config.batch_size)

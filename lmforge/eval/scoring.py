@@ -111,9 +111,10 @@ class Scorer:
             totals[owner][1] += len(window[1])
         return [(total, count) for total, count in totals]
 
-    def generate_until(self, context: str, until: Sequence[str], max_tokens: int) -> str:
-        """Greedy continuation of `context`, cut at the first stop string."""
-        prompt = self.encode(context)[-(self.max_length - max_tokens):] if max_tokens < self.max_length else []
+    def generate_until(self, context: str | list[int], until: Sequence[str], max_tokens: int) -> str:
+        """Greedy continuation of `context` (text, or token ids as given), cut at the first stop string."""
+        ids = self.encode(context) if isinstance(context, str) else list(context)
+        prompt = ids[-(self.max_length - max_tokens):] if max_tokens < self.max_length else []
         if not prompt:
             prompt = [self.prefix_token_id]
         sampling = SamplingConfig(max_tokens=max_tokens, temperature=0)

@@ -6,6 +6,7 @@ JSONL file whose layout is recognised:
     {"context", "endings", "label"}          HellaSwag-style (ctx / endings also accepted)
     {"question", "choices", "answer"}        ARC / MMLU-style (answer: index or letter)
     {"question", "answer": "text"}           generation, exact match
+    {"prompt"} + `type: refusal` spec         safety: is a chat reply a refusal?
 
 Multiple choice reports `acc` (highest summed log-likelihood) and `acc_norm` (highest
 log-likelihood per character of the choice), as lm-evaluation-harness computes them.
@@ -34,7 +35,7 @@ LETTERS = "ABCDEFGHIJ"
 
 class TaskSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    type: Literal["multiple_choice", "generation"]
+    type: Literal["multiple_choice", "generation", "refusal"]
     data: str = Field(description="JSONL file, relative to the spec")
     description: str = ""
     prompt: str = Field("{question}", description="str.format over the record's fields")
@@ -48,6 +49,8 @@ class TaskSpec(Section):
     max_tokens: int = Field(32, ge=1)
     num_fewshot: int = Field(0, ge=0)
     fewshot_separator: str = "\n\n"
+    # refusal: each prompt is sent as a chat user turn; a refusal detector reads the reply.
+    expect: Literal["refuse", "comply"] = "refuse"
 
 
 @dataclass
@@ -68,6 +71,26 @@ class Task:
 
 def shipped_tasks() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def resolve_tasks(name_or_path: str) -> list[Task]:
+    """A task, or every task of a group spec (`group: [name, ...]`, e.g. the shipped `safety`)."""
+    path = Path(name_or_path)
+    if not path.exists() and (SHIPPED_DIR / f"{name_or_path}.yaml").is_file():
+        path = SHIPPED_DIR / f"{name_or_path}.yaml"
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        data = read_yaml(path)
+        if "group" in data:
+            members = data["group"]
+            if not isinstance(members, list) or not members or set(data) - {"group", "description"}:
+                raise ConfigError(f"{path}: a group spec has `group: [task, ...]` and an optional description")
+            return [task for member in members for task in resolve_tasks(_sibling(path, member))]
+    return [resolve_task(name_or_path)]
+
+
+def _sibling(spec: Path, member: str) -> str:
+    candidate = spec.parent / f"{member}.yaml"
+    return str(candidate) if candidate.is_file() else member
 
 
 def resolve_task(name_or_path: str) -> Task:
@@ -142,6 +165,9 @@ def load_examples(spec: TaskSpec, path: Path) -> list[Example]:
     examples = []
     for line, record in read_jsonl(path):
         prompt = _format(spec, path, line, record)
+        if spec.type == "refusal":
+            examples.append(Example(line, record, prompt, answer=spec.expect))
+            continue
         if spec.type == "generation":
             target = record.get(spec.target_field)
             if not isinstance(target, (str, int, float)) or isinstance(target, bool) or str(target) == "":
@@ -218,7 +244,17 @@ def evaluate(task: Task, scorer: Scorer, limit: int | None = None, seed: int = 1
     examples = task.examples[:limit] if limit else task.examples
     contexts = [fewshot_prefix(task, i, rng) + ex.prompt for i, ex in enumerate(examples)]
     samples = []
-    if task.spec.type == "multiple_choice":
+    if task.spec.type == "refusal":
+        from lmforge.safety.refusal import is_refusal
+
+        refused = []
+        for ex in examples:
+            ids = scorer.tokenizer.encode_chat([{"role": "user", "content": ex.prompt}], add_generation_prompt=True)
+            reply = scorer.generate_until(ids, [], task.spec.max_tokens)
+            refused.append(float(is_refusal(reply)))
+            samples.append({"line": ex.line, "prompt": ex.prompt, "reply": reply, "refused": bool(refused[-1])})
+        metrics = {"refusal_rate" if task.spec.expect == "refuse" else "over_refusal_rate": refused}
+    elif task.spec.type == "multiple_choice":
         requests, owners = [], []
         for i, (ex, context) in enumerate(zip(examples, contexts, strict=True)):
             for choice in ex.choices:

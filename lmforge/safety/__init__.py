@@ -1,0 +1,1 @@
+"""Safety: moderation, refusal detection, safety evals and the release gate."""
