@@ -68,12 +68,15 @@ def save(
     optimizers: list[torch.optim.Optimizer],
     trainer_state: dict[str, Any],
     keep: int,
+    trainable_only: bool = False,
 ) -> Path:
+    """`trainable_only` (LoRA): save only parameters that train, not the frozen base."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_dir_name(step)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model_state, optim_state = get_state_dict(model, optimizers)
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    model_state, optim_state = get_state_dict(model, optimizers, options=options)
     state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
     with warnings.catch_warnings():  # DCP warns that it runs without a process group
         warnings.simplefilter("ignore", UserWarning)
@@ -118,15 +121,17 @@ def load(
     path: Path,
     model: nn.Module,
     optimizers: list[torch.optim.Optimizer] | None = None,
+    trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Load model (and optimizer) state in place; return the trainer state."""
     state = read_state(path)
     check_model_shape(path, state, model.config.shape())
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
     if optimizers:
-        model_state, optim_state = get_state_dict(model, optimizers)
+        model_state, optim_state = get_state_dict(model, optimizers, options=options)
         target = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
     else:
-        target = {"model": get_state_dict(model, [], options=StateDictOptions())[0]}
+        target = {"model": get_state_dict(model, [], options=options)[0]}
     try:
         _dcp_load(target, path)
     # DCP raises many types for missing or truncated shards; its CheckpointException
@@ -136,8 +141,10 @@ def load(
         reason = lines[-1].strip() if lines else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({reason[:200]})") from None
     if optimizers:
-        set_state_dict(model, optimizers, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        set_state_dict(
+            model, optimizers, model_state_dict=target["model"], optim_state_dict=target["optim"], options=options
+        )
         torch.set_rng_state(target["rng"])
     else:
-        model.load_state_dict(target["model"])
+        model.load_state_dict(target["model"], strict=not trainable_only)
     return state

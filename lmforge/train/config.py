@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 
 from lmforge.config import Section
 from lmforge.model.config import ModelConfig
+from lmforge.monitor.alerts import AlertConfig
+from lmforge.monitor.trackers import TrackerConfig
 
 
 class RunConfig(Section):
@@ -57,6 +59,9 @@ class LoopConfig(Section):
     keep_checkpoints: int = Field(3, ge=1)
     peak_flops: float | None = Field(None, gt=0, description="for MFU; None: table (GPU) or measured (CPU)")
     progress: bool = True
+    eval_tasks: list[str] = Field(default_factory=list, description="`lmforge eval` tasks run at every eval_every")
+    eval_task_limit: int | None = Field(None, ge=1, description="first N examples of each in-training task")
+    profile: str | None = Field(None, description="steps=A:B: torch profiler trace of those steps into RUN/profile/")
 
 
 class TrainConfig(Section):
@@ -66,6 +71,8 @@ class TrainConfig(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: LoopConfig = LoopConfig()
+    alerts: AlertConfig = AlertConfig()
+    trackers: TrackerConfig = TrackerConfig()
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

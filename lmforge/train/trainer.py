@@ -1,9 +1,11 @@
-"""`lmforge train`: the pretraining loop on one device.
+"""`lmforge train`: the training loop, shared by pretraining, SFT and DPO.
 
-Order of a step: lr from the schedule -> grad_accum_steps micro-batches (forward under
-autocast, backward) -> clip the global grad norm -> optimizer step. Validation,
-logging and checkpoints happen between steps; SIGINT/SIGTERM finish the current step,
-save a checkpoint and return.
+What is trained on and how the loss is computed is an `Objective` (pretraining: token
+windows and cross-entropy, here; SFT and DPO: lmforge/align/). The loop around it is the
+same for all: order of a step is lr from the schedule -> grad_accum_steps micro-batches
+(forward under autocast, backward) -> clip the global grad norm -> optimizer step.
+Validation, in-training evals, alerts, logging and checkpoints happen between steps;
+SIGINT/SIGTERM finish the current step, save a checkpoint and return.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from lmforge import atomic
@@ -23,11 +27,13 @@ from lmforge.data.loader import TokenDataset, WindowLoader
 from lmforge.data.tokenize import MANIFEST
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.perplexity import bits_per_byte, evaluate_loss
-from lmforge.model import Transformer
+from lmforge.model import ModelConfig, Transformer
+from lmforge.monitor.alerts import AlertConfig, AlertMonitor
+from lmforge.monitor.trackers import TrackerConfig, build_trackers
 from lmforge.runs import MetricsLogger, RunDir, lineage
-from lmforge.tokenizer import load_tokenizer
+from lmforge.tokenizer import LmTokenizer, load_tokenizer
 from lmforge.train import checkpoint
-from lmforge.train.config import TrainConfig
+from lmforge.train.config import LoopConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
 from lmforge.train.mfu import peak_flops
 from lmforge.train.optim import build_optimizers
 from lmforge.train.parallel import apply_compile, autocast, resolve_device, resolve_dtype
@@ -46,6 +52,21 @@ class TrainResult:
     val_bpb: float | None
     checkpoint: Path | None
     signal: int | None = None
+    val_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """What a run trains on: batches as a pure function of the step, a loss, validation."""
+
+    kind: str
+    tokens_per_step: int  # for tokens/s and MFU
+    seq_len: int  # for the attention term of FLOPs/token
+
+    def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]: ...
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def state_dict(self, next_step: int) -> dict[str, Any]: ...
+    def check_resume(self, state: dict[str, Any]) -> int: ...
+    def validate(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, float]: ...
 
 
 class _StopFlag:
@@ -86,17 +107,64 @@ def resolve_vocab(config: TrainConfig, tokenizer_vocab: int) -> TrainConfig:
 
 
 def grad_accum_steps(config: TrainConfig, world_size: int = 1) -> int:
-    tokens_per_micro_step = config.train.micro_batch_size * config.data.seq_len * world_size
-    if config.train.global_batch_tokens % tokens_per_micro_step:
+    return accumulation(config.train, config.data.seq_len, world_size)
+
+
+def accumulation(loop: LoopConfig, seq_len: int, world_size: int = 1) -> int:
+    tokens_per_micro_step = loop.micro_batch_size * seq_len * world_size
+    if loop.global_batch_tokens % tokens_per_micro_step:
         raise ConfigError(
-            f"train.global_batch_tokens {config.train.global_batch_tokens} is not a multiple of "
-            f"train.micro_batch_size x data.seq_len x world size = {tokens_per_micro_step}"
+            f"train.global_batch_tokens {loop.global_batch_tokens} is not a multiple of "
+            f"train.micro_batch_size x seq_len x world size = {tokens_per_micro_step}"
         )
-    return config.train.global_batch_tokens // tokens_per_micro_step
+    return loop.global_batch_tokens // tokens_per_micro_step
+
+
+def unwrap(model: nn.Module) -> Transformer:
+    """The lmforge Transformer inside a peft wrapper (its LoRA layers stay active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+class PretrainObjective:
+    """Next-token prediction on windows of a token dataset; validation loss and bits per byte."""
+
+    kind = "pretrain"
+
+    def __init__(self, config: TrainConfig, train_data: TokenDataset, val_data: TokenDataset | None, accum: int):
+        self.seq_len = config.data.seq_len
+        self.tokens_per_step = config.train.global_batch_tokens
+        self.loader = WindowLoader(train_data, self.seq_len, config.train.micro_batch_size, accum, config.run.seed)
+        self.val_data = val_data
+        self.val_loader = (
+            WindowLoader(val_data, self.seq_len, config.train.micro_batch_size, shuffle=False) if val_data else None
+        )
+        self.eval_batches = config.train.eval_batches
+
+    def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
+        inputs, targets = self.loader.batch(step, micro_step)
+        return {"inputs": inputs, "targets": targets}
+
+    def loss(self, model, batch):
+        return model(batch["inputs"], batch["targets"]), {}
+
+    def state_dict(self, next_step: int) -> dict[str, Any]:
+        return self.loader.state_dict(next_step)
+
+    def check_resume(self, state: dict[str, Any]) -> int:
+        return self.loader.check_resume(state)
+
+    def validate(self, model, device, dtype) -> dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        val_loss = evaluate_loss(model, self.val_loader, self.eval_batches, device, dtype)
+        return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.val_data.bytes_per_token)}
 
 
 def run(config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train per `config`; with `resume`, continue from the run's latest complete checkpoint."""
+    """Pretrain per `config`; with `resume`, continue from the run's latest complete checkpoint."""
     config = config.model_copy(deep=True)
     train_data = TokenDataset(config.data.dataset, "train")
     has_val = train_data.manifest["splits"].get("val", {}).get("tokens", 0) > config.data.seq_len
@@ -108,145 +176,189 @@ def run(config: TrainConfig, resume: bool = False) -> TrainResult:
             "(it was tokenized with a different tokenizer)"
         )
     resolve_vocab(config, tokenizer.vocab_size)
-    accum = grad_accum_steps(config)
-    device = resolve_device(config.train.device)
-    dtype = resolve_dtype(config.train.dtype, device)
+    objective = PretrainObjective(config, train_data, val_data, grad_accum_steps(config))
 
-    run_dir = RunDir(Path(config.run.out_dir) / config.run.name)
+    def build_model() -> nn.Module:
+        generator = torch.Generator().manual_seed(config.run.seed)
+        with torch.device("meta"):
+            model = Transformer(config.model)
+        model.to_empty(device="cpu")
+        model.init_weights(generator)
+        return model
+
+    manifest = {
+        "kind": "pretrain",
+        "parent": None,
+        "dataset": str(Path(config.data.dataset).resolve()),
+        "dataset_manifest_sha256": atomic.sha256_file(Path(config.data.dataset) / MANIFEST),
+    }
+    return fit(config, config.model, build_model, tokenizer, objective, manifest, resume)
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+def fit(
+    config: Any,
+    model_config: ModelConfig,
+    build_model,
+    tokenizer: LmTokenizer,
+    objective: Objective,
+    manifest: dict[str, Any],
+    resume: bool = False,
+    trainable_only: bool = False,
+    extra_state: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train `build_model()` on `objective`. `config` has run, optim, schedule, train, alerts and
+    trackers sections; `trainable_only` checkpoints just the trainable parameters (LoRA)."""
+    run_config: RunConfig = config.run
+    optim_config: OptimConfig = config.optim
+    schedule: ScheduleConfig = config.schedule
+    loop: LoopConfig = config.train
+    alert_config: AlertConfig = getattr(config, "alerts", AlertConfig())
+    tracker_config: TrackerConfig = getattr(config, "trackers", TrackerConfig())
+    device = resolve_device(loop.device)
+    dtype = resolve_dtype(loop.dtype, device)
+
+    run_dir = RunDir(Path(run_config.out_dir) / run_config.name)
     latest = checkpoint.latest_checkpoint(run_dir.checkpoints)
     if latest is not None and not resume:
         raise ConfigError(
             f"run dir {run_dir.path} already has checkpoints: pass --resume to continue it, "
             "or choose another run.name"
         )
+    # Tasks resolve before any training: a bad task file fails in a second, not at step N.
+    from lmforge.eval.tasks import resolve_tasks
+
+    eval_tasks = [task for name in loop.eval_tasks for task in resolve_tasks(name)]
     run_dir.path.mkdir(parents=True, exist_ok=True)
 
-    generator = torch.Generator().manual_seed(config.run.seed)
-    with torch.device("meta"):
-        model = Transformer(config.model)
-    model.to_empty(device="cpu")
-    model.init_weights(generator)
-    model.to(device)
-    optimizers = build_optimizers(model, config.optim, device)
+    model = build_model().to(device)
+    optimizers = build_optimizers(model, optim_config, device)
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
 
-    loader = WindowLoader(train_data, config.data.seq_len, config.train.micro_batch_size, accum, config.run.seed)
-    val_loader = (
-        WindowLoader(val_data, config.data.seq_len, config.train.micro_batch_size, shuffle=False)
-        if val_data
-        else None
-    )
     start_step = 0
     if resume and latest is not None:
-        state = checkpoint.load(latest, model, optimizers)
-        start_step = loader.check_resume(state["loader"])
+        state = checkpoint.load(latest, model, optimizers, trainable_only=trainable_only)
+        start_step = objective.check_resume(state["loader"])
         run_dir.truncate_metrics(start_step)
         log.info("resumed from %s at step %d", latest, start_step)
-    if start_step >= config.train.max_steps:
-        log.info("run already at step %d of %d", start_step, config.train.max_steps)
-    if config.train.compile:
-        apply_compile(model)
+    if start_step >= loop.max_steps:
+        log.info("run already at step %d of %d", start_step, loop.max_steps)
+    if loop.compile:
+        apply_compile(unwrap(model))
 
     run_dir.write_config(config)
     if not (run_dir.tokenizer / "tokenizer.json").is_file():
-        tokenizer.save(run_dir.tokenizer)
-    run_dir.write_manifest(
-        lineage(
-            kind="pretrain",
-            parent=None,
-            dataset=str(Path(config.data.dataset).resolve()),
-            dataset_manifest_sha256=atomic.sha256_file(Path(config.data.dataset) / MANIFEST),
-            tokenizer_hash=tokenizer.hash(),
-            model_params=config.model.num_params(),
-            device=str(device),
-            dtype=str(dtype).removeprefix("torch."),
-        )
-    )
+        _save_tokenizer(tokenizer, run_dir, model_config.max_seq_len)
+    run_dir.write_manifest(lineage(
+        **manifest,
+        tokenizer_hash=tokenizer.hash(),
+        model_params=model_config.num_params(),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    ))
 
-    tokens_per_step = config.train.global_batch_tokens
-    flops_per_token = config.model.flops_per_token(config.data.seq_len)
-    peak = config.train.peak_flops
+    flops_per_token = model_config.flops_per_token(objective.seq_len)
+    peak = loop.peak_flops
     metrics = MetricsLogger(run_dir)
+    trackers = build_trackers(tracker_config, run_dir.path, run_config.name, config.model_dump(mode="json"))
+    alerts = AlertMonitor(run_dir.path, alert_config, run_config.name)
+    alerts.start_watchdog()
+    profiler = None
+    if loop.profile:
+        from lmforge.monitor.profiler import StepProfiler, parse_steps
+
+        first, last = parse_steps(loop.profile)
+        profiler = StepProfiler(run_dir.path / "profile", first, last, start_step, device.type == "cuda")
     losses: list[float] = []
-    val_loss = val_bpb = None
+    val: dict[str, float] = {}
     saved: Path | None = None
     step = start_step
 
+    def log_values(**values: float) -> None:
+        metrics.log(step, **values)
+        for tracker in trackers:
+            tracker.log(step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+
     def validate() -> None:
-        nonlocal val_loss, val_bpb
-        if val_loader is None:
-            return
-        val_loss = evaluate_loss(model, val_loader, config.train.eval_batches, device, dtype)
-        val_bpb = bits_per_byte(val_loss, val_data.bytes_per_token)
-        metrics.log(step, val_loss=val_loss, val_bpb=val_bpb)
-        bar.write(f"step {step}: val_loss {val_loss:.4f}  val_bpb {val_bpb:.4f}")
+        nonlocal val
+        results = objective.validate(model, device, dtype)
+        if eval_tasks:
+            results.update(_run_eval_tasks(unwrap(model), tokenizer, eval_tasks, loop.eval_task_limit, run_config.seed))
+        if results:
+            val = results
+            log_values(**results)
+            bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
     def save() -> Path:
         state = {
             "step": step,
-            "loader": loader.state_dict(step),
-            "model": config.model.model_dump(mode="json"),
-            "model_shape": config.model.shape(),
-            "val_loss": val_loss,
+            "kind": objective.kind,
+            "loader": objective.state_dict(step),
+            "model": model_config.model_dump(mode="json"),
+            "model_shape": model_config.shape(),
+            "val_loss": val.get("val_loss"),
+            **(extra_state or {}),
         }
-        return checkpoint.save(run_dir.checkpoints, step, model, optimizers, state, config.train.keep_checkpoints)
+        try:
+            return checkpoint.save(run_dir.checkpoints, step, model, optimizers, state, loop.keep_checkpoints, trainable_only)
+        except OSError as err:
+            alerts.checkpoint_failed(step, err)
+            raise
 
-    bar = tqdm(
-        total=config.train.max_steps,
-        initial=start_step,
-        desc=config.run.name,
-        disable=not config.train.progress or None,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=loop.max_steps, initial=start_step, desc=run_config.name,
+               disable=not loop.progress or None, dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
+    accum = accumulation(loop, objective.seq_len)
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     try:
         with _StopFlag() as stop:
-            while step < config.train.max_steps:
-                factor = lr_factor(step, config.train.max_steps, config.schedule)
+            while step < loop.max_steps:
+                factor = lr_factor(step, loop.max_steps, schedule)
                 for opt in optimizers:
                     for group in opt.param_groups:
                         group["lr"] = group["peak_lr"] * factor
                 loss_sum = torch.zeros((), device=device)
-                for micro_step in range(accum):
-                    inputs, targets = loader.batch(step, micro_step)
-                    inputs = inputs.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-                    with autocast(device, dtype):
-                        loss = model(inputs, targets)
-                    (loss / accum).backward()
-                    loss_sum += loss.detach()
-                max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                for opt in optimizers:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                extras: dict[str, float] = {}
+                with torch.profiler.record_function(f"lmforge/train_step_{step + 1}"):
+                    for micro_step in range(accum):
+                        batch = {k: v.to(device, non_blocking=True) for k, v in objective.batch(step, micro_step).items()}
+                        with autocast(device, dtype):
+                            loss, micro_extras = objective.loss(model, batch)
+                        (loss / accum).backward()
+                        loss_sum += loss.detach()
+                        for key, value in micro_extras.items():
+                            extras[key] = extras.get(key, 0.0) + value / accum
+                    max_norm = optim_config.grad_clip if optim_config.grad_clip > 0 else math.inf
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    for opt in optimizers:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
                 step += 1
+                if profiler is not None:
+                    profiler.step()
                 step_loss = (loss_sum / accum).item()
                 if not math.isfinite(step_loss):
                     log.warning("non-finite loss %s at step %d", step_loss, step)
                 losses.append(step_loss)
-                window_tokens += tokens_per_step
+                window_tokens += objective.tokens_per_step
                 bar.update(1)
 
-                if step % config.train.log_every == 0 or step == config.train.max_steps:
+                if step % loop.log_every == 0 or step == loop.max_steps:
                     elapsed = time.perf_counter() - window_start
                     tokens_per_second = window_tokens / elapsed
                     if peak is None:
                         peak = peak_flops(device, dtype)
                     mfu = flops_per_token * tokens_per_second / peak
-                    metrics.log(
-                        step,
-                        loss=step_loss,
-                        lr=optimizers[0].param_groups[0]["lr"],
-                        grad_norm=grad_norm.item(),
-                        tokens_per_second=tokens_per_second,
-                        mfu=mfu,
-                        tokens_seen=step * tokens_per_step,
-                    )
+                    log_values(loss=step_loss, lr=optimizers[0].param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                               tokens_per_second=tokens_per_second, mfu=mfu,
+                               tokens_seen=step * objective.tokens_per_step, **extras)
+                    alerts.observe(step, step_loss, grad_norm.item(), tokens_per_second)
                     bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}", mfu=f"{mfu:.1%}")
                     if bar.disable:
                         log.info(
@@ -255,22 +367,60 @@ def run(config: TrainConfig, resume: bool = False) -> TrainResult:
                             tokens_per_second, 100 * mfu,
                         )
                     window_start, window_tokens = time.perf_counter(), 0
-                if config.train.eval_every and step % config.train.eval_every == 0:
+                else:
+                    alerts.observe(step, step_loss, grad_norm.item())
+                if loop.eval_every and step % loop.eval_every == 0:
                     validate()
                     window_start = time.perf_counter()
                 if stop.signum is not None:
                     saved = save()
                     bar.write(f"interrupted at step {step}; checkpoint {saved}; continue with --resume")
-                    return TrainResult(run_dir.path, "interrupted", step, losses, val_loss, val_bpb, saved, stop.signum)
-                if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+                    return _result(run_dir, "interrupted", step, losses, val, saved, stop.signum)
+                if loop.checkpoint_every and step % loop.checkpoint_every == 0:
                     saved = save()
                     window_start = time.perf_counter()
-            if val_loss is None or not (config.train.eval_every and step % config.train.eval_every == 0):
+            if not val or not (loop.eval_every and step % loop.eval_every == 0):
                 validate()
             final = checkpoint.step_dir_name(step)
             saved = run_dir.checkpoints / final if saved and saved.name == final else save()
     finally:
         bar.close()
         metrics.close()
-    return TrainResult(run_dir.path, "completed", step, losses, val_loss, val_bpb, saved)
+        alerts.close()
+        if profiler is not None:
+            profiler.close()
+        for tracker in trackers:
+            tracker.close()
+    return _result(run_dir, "completed", step, losses, val, saved, None)
 
+
+def _result(run_dir, status, step, losses, val, saved, signum) -> TrainResult:
+    return TrainResult(run_dir.path, status, step, losses, val.get("val_loss"), val.get("val_bpb"), saved, signum, dict(val))
+
+
+def _save_tokenizer(tokenizer: LmTokenizer, run_dir: RunDir, max_seq_len: int) -> None:
+    """The run's tokenizer; imported ones keep their tokenizer_config (BOS/EOS, template)."""
+    if tokenizer.native:
+        tokenizer.save(run_dir.tokenizer)
+        return
+    from lmforge.interop.model_dir import tokenizer_files
+
+    for name, text in tokenizer_files(tokenizer, max_seq_len).items():
+        atomic.write_text(run_dir.tokenizer / name, text)
+
+
+def _run_eval_tasks(model: Transformer, tokenizer: LmTokenizer, tasks: list, limit: int | None, seed: int) -> dict[str, float]:
+    """In-training evals: every metric of every task as `eval/<task>/<metric>`."""
+    from lmforge.eval.scoring import Scorer
+    from lmforge.eval.tasks import evaluate
+
+    was_training = model.training
+    model.eval()
+    scorer = Scorer(model, tokenizer)
+    values = {}
+    with torch.no_grad():
+        for task in tasks:
+            result = evaluate(task, scorer, limit, seed)
+            values.update({f"eval/{task.spec.name}/{m}": v["value"] for m, v in result["metrics"].items()})
+    model.train(was_training)
+    return values
