@@ -28,6 +28,8 @@ tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and use byte-level
 app.add_typer(tokenizer_app, name="tokenizer")
 runs_app = typer.Typer(no_args_is_help=True, help="List, inspect and compare run dirs.")
 app.add_typer(runs_app, name="runs")
+lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters.")
+app.add_typer(lora_app, name="lora")
 
 ConfigArgs = Annotated[
     list[str] | None,
@@ -387,6 +389,54 @@ def release(
     typer.echo(f"{'PASSED' if result.passed else 'FAILED'}: {result.path}")
     if not result.passed:
         raise typer.Exit(1)
+
+
+def _align(kind: str, model: str, args: list[str] | None, resume: bool) -> None:
+    from lmforge.align import run as align_run
+    from lmforge.align.config import AlignConfig
+
+    config = _config(AlignConfig, args, {"model": model, "run": {"name": kind}})
+    result = (align_run.run_sft if kind == "sft" else align_run.run_dpo)(config, resume=resume)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.val_metrics.items())
+    typer.echo(f"{result.status} at step {result.step}; run dir {result.run_dir}" + (f"; {metrics}" if metrics else ""))
+    if result.signal is not None:
+        raise typer.Exit(128 + result.signal)
+
+
+@app.command()
+def sft(
+    model: Annotated[str, typer.Argument(help="model to fine-tune: model dir, run dir or checkpoint")],
+    args: ConfigArgs = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run's latest checkpoint")] = False,
+):
+    """Supervised fine-tuning on chat conversations: `lmforge sft MODEL configs/sft.yaml data.train=...`."""
+    _align("sft", model, args, resume)
+
+
+@app.command()
+def dpo(
+    model: Annotated[str, typer.Argument(help="model to align: model dir, run dir or checkpoint")],
+    args: ConfigArgs = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run's latest checkpoint")] = False,
+):
+    """Direct preference optimisation on chosen/rejected pairs: `lmforge dpo MODEL configs/dpo.yaml`."""
+    _align("dpo", model, args, resume)
+
+
+@lora_app.command("merge")
+def lora_merge(
+    source: Annotated[str, typer.Argument(help="LoRA run dir, its checkpoint, or an adapter dir")],
+    out: Annotated[str, typer.Option(help="model dir to write")],
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    overwrite: bool = False,
+):
+    """Fold LoRA adapters into their base model and write a Hugging Face model dir."""
+    from lmforge.config import build
+    from lmforge.interop import export
+
+    config = build(export.ExportConfig, {"model": source, "out": out, "dtype": dtype, "overwrite": overwrite})
+    result = export.run(config)
+    typer.echo(f"merged {result.params:,} params ({result.dtype}) -> {result.out}")
 
 
 @app.command("export")

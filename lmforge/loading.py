@@ -1,8 +1,8 @@
 """Resolve what a user names as "a model" into a model and tokenizer, for every verb that takes one.
 
 Accepted alike: a model dir in the Hugging Face layout (`config.json` + safetensors, as
-`lmforge export` writes or transformers saves), a run dir (its latest checkpoint) or a
-checkpoint dir `.../checkpoints/step-N`.
+`lmforge export` writes or transformers saves), a run dir (its latest checkpoint), a
+checkpoint dir `.../checkpoints/step-N`, or a LoRA adapter dir (merged into its base).
 """
 
 from __future__ import annotations
@@ -38,7 +38,13 @@ def resolve_model(path: str | os.PathLike) -> Path:
     """The model dir or checkpoint dir that `path` names."""
     from lmforge.interop.model_dir import is_model_dir
 
-    return Path(path) if is_model_dir(path) else resolve_checkpoint(path)
+    if is_model_dir(path) or is_adapter_dir(path):
+        return Path(path)
+    return resolve_checkpoint(path)
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
 
 
 def load_model(
@@ -55,13 +61,33 @@ def load_model(
     if is_model_dir(path):
         model, tokenizer = load_model_dir(path, device, dtype)
         return model, tokenizer, Path(path)
+    if is_adapter_dir(path):  # peft adapters over a base model, merged for inference
+        from lmforge.align.lora import load_adapter, merge
+
+        wrapped, tokenizer, _ = load_adapter(path)
+        return merge(wrapped).to(device=device, dtype=dtype).eval(), tokenizer, Path(path)
     ckpt = resolve_checkpoint(path)
     state = checkpoint.read_state(ckpt)
+    tokenizer = load_tokenizer(ckpt.parent.parent / "tokenizer")
+    if state.get("lora"):
+        return _load_lora(ckpt, state).to(device=device, dtype=dtype).eval(), tokenizer, ckpt
     config = ModelConfig.model_validate(state["model"])
     with torch.device("meta"):
         model = Transformer(config)
     model.to_empty(device="cpu")
     model.init_rope()
     checkpoint.load(ckpt, model)
-    tokenizer = load_tokenizer(ckpt.parent.parent / "tokenizer")
     return model.to(device=device, dtype=dtype).eval(), tokenizer, ckpt
+
+
+def _load_lora(ckpt: Path, state: dict) -> Transformer:
+    """A LoRA run's checkpoint holds only adapters: rebuild its base, load them, merge."""
+    from lmforge.align.lora import LoraSettings, apply_lora, merge
+
+    base_path = state.get("init_from")
+    if not base_path or not Path(base_path).exists():
+        raise CheckpointError(f"{ckpt} holds LoRA adapters for base model {base_path!r}, which is not found")
+    base, _, _ = load_model(base_path, "cpu", torch.float32)
+    wrapped = apply_lora(base, LoraSettings.model_validate(state["lora"]))
+    checkpoint.load(ckpt, wrapped, trainable_only=True)
+    return merge(wrapped)

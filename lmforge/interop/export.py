@@ -69,9 +69,16 @@ def source_lineage(source: Path) -> tuple[dict[str, Any], Path | None, int | Non
         card = source / MODEL_CARD_FILE
         parent = read_card_lineage(card) if card.is_file() else {}
         return {"parent": str(source.resolve()), "parent_lineage": parent or None}, None, None, None
-    run_dir = source.parent.parent
+    from lmforge.loading import is_adapter_dir
+
+    if is_adapter_dir(source):  # RUN/adapter of a LoRA run: lineage from the run, latest step
+        run_dir = source.parent
+        latest = run_dir / "checkpoints" / "latest"
+        state = _read_json(run_dir / "checkpoints" / latest.read_text().strip() / "trainer_state.json") if latest.is_file() else {}
+    else:
+        run_dir = source.parent.parent
+        state = _read_json(source / "trainer_state.json")
     manifest = _read_json(run_dir / "manifest.json")
-    state = _read_json(source / "trainer_state.json")
     step = state.get("step")
     keys = ("kind", "lmforge_version", "git_commit", "torch_version", "dataset", "dataset_manifest_sha256",
             "tokenizer_hash", "parent", "created_at")

@@ -125,7 +125,8 @@ def load(
 ) -> dict[str, Any]:
     """Load model (and optimizer) state in place; return the trainer state."""
     state = read_state(path)
-    check_model_shape(path, state, model.config.shape())
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
+    check_model_shape(path, state, base.config.shape())
     options = StateDictOptions(ignore_frozen_params=trainable_only)
     if optimizers:
         model_state, optim_state = get_state_dict(model, optimizers, options=options)

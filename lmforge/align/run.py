@@ -1,0 +1,118 @@
+"""`lmforge sft` and `lmforge dpo`: fine-tune a model through the shared trainer.
+
+Both start from any model (model dir, run dir or checkpoint), read chat data, build an
+objective (align/objectives.py) and hand it to `train.trainer.fit`, so they get the same
+checkpoints, exact resume, metrics, alerts and evals as pretraining. With `lora.enabled`,
+only adapters train and checkpoints hold only them; the run also writes `adapter/` in
+peft's layout for `lmforge lora merge`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from lmforge import atomic
+from lmforge.align import data as align_data
+from lmforge.align.config import AlignConfig
+from lmforge.align.lora import apply_lora, save_adapter
+from lmforge.align.objectives import DPOObjective, SFTObjective, reference_logprobs
+from lmforge.errors import ConfigError, DataError
+from lmforge.train.parallel import resolve_device, resolve_dtype
+from lmforge.train.trainer import TrainResult, accumulation, fit
+
+log = logging.getLogger(__name__)
+
+
+def _start(config: AlignConfig):
+    from lmforge.loading import load_model
+
+    base, tokenizer, source = load_model(config.model, "cpu", torch.float32)
+    if not tokenizer.native:
+        raise DataError(f"{config.model}: fine-tuning needs a tokenizer with lmforge's chat tokens")
+    if config.data.seq_len > base.config.max_seq_len:
+        raise ConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's context {base.config.max_seq_len}")
+    return base.train(), tokenizer, source
+
+
+def _split(records: list, val_path: str | None, fraction: float, seed: int, reader) -> tuple[list, list]:
+    """Train and validation records: a given val file, or a seeded share held out of train."""
+    if val_path:
+        return records, reader(val_path)
+    if fraction == 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = max(1, round(len(records) * fraction))
+    held_out = set(order[:held])
+    return [r for i, r in enumerate(records) if i not in held_out], [r for i, r in enumerate(records) if i in held_out]
+
+
+def _fit(config: AlignConfig, base, tokenizer, source: Path, objective, kind: str, resume: bool) -> TrainResult:
+    built = []
+
+    def build_model():
+        model = apply_lora(base, config.lora) if config.lora.enabled else base
+        built.append(model)
+        return model
+
+    manifest = {
+        "kind": kind,
+        "parent": str(Path(source).resolve()),
+        "dataset": str(Path(config.data.train).resolve()),
+        "dataset_sha256": atomic.sha256_file(config.data.train),
+    }
+    extra = {"init_from": str(Path(source).resolve()),
+             "lora": config.lora.model_dump(mode="json") if config.lora.enabled else None}
+    result = fit(config, base.config, build_model, tokenizer, objective, manifest, resume,
+                 trainable_only=config.lora.enabled, extra_state=extra)
+    if config.lora.enabled and built:
+        save_adapter(result.run_dir / "adapter", built[0], str(source))
+    return result
+
+
+def run_sft(config: AlignConfig, resume: bool = False) -> TrainResult:
+    config = config.model_copy(deep=True)
+    base, tokenizer, source = _start(config)
+    records = align_data.read_conversations(config.data.train)
+    train, val = _split(records, config.data.val, config.data.val_fraction, config.run.seed, align_data.read_conversations)
+
+    def rows(items):
+        sequences = [align_data.encode_conversation(tokenizer, messages, config.data.loss_on, config.data.seq_len) for _, messages in items]
+        return align_data.build_rows(sequences, config.data.seq_len, tokenizer.pad_id, config.data.pack)
+
+    accum = accumulation(config.train, config.data.seq_len)
+    objective = SFTObjective(rows(train), rows(val) if val else None, config.data.seq_len,
+                             config.train.micro_batch_size, accum, config.run.seed)
+    log.info("sft: %d conversations -> %d rows (%s), %d held out", len(train), len(objective.train_rows),
+             "packed" if config.data.pack else "padded", len(val))
+    return _fit(config, base, tokenizer, source, objective, "sft", resume)
+
+
+def run_dpo(config: AlignConfig, resume: bool = False) -> TrainResult:
+    config = config.model_copy(deep=True)
+    base, tokenizer, source = _start(config)
+    records = align_data.read_preferences(config.data.train)
+    train, val = _split(records, config.data.val, config.data.val_fraction, config.run.seed, align_data.read_preferences)
+    device = resolve_device(config.train.device)
+    dtype = resolve_dtype(config.train.dtype, device)
+
+    def rows(items):
+        pairs = [align_data.encode_preference(tokenizer, p, c, r, config.data.seq_len) for _, p, c, r in items]
+        chosen = align_data.build_rows_exact([pair.chosen for pair in pairs], config.data.seq_len, tokenizer.pad_id)
+        rejected = align_data.build_rows_exact([pair.rejected for pair in pairs], config.data.seq_len, tokenizer.pad_id)
+        # The reference is the starting model, whatever step a resumed run is at.
+        reference = reference_logprobs(base.to(device), chosen, rejected, device, dtype).to("cpu")
+        return chosen, rejected, reference
+
+    chosen, rejected, reference = rows(train)
+    base.to("cpu").train()
+    accum = accumulation(config.train, config.data.seq_len)
+    objective = DPOObjective(chosen, rejected, reference, rows(val) if val else None, config.data.seq_len,
+                             config.train.micro_batch_size, accum, config.run.seed, config.dpo.beta, config.dpo.loss)
+    base.to("cpu").train()
+    log.info("dpo: %d pairs, %d held out, beta %.3g, %s loss", len(train), len(val), config.dpo.beta, config.dpo.loss)
+    return _fit(config, base, tokenizer, source, objective, "dpo", resume)
