@@ -164,12 +164,13 @@ def tokenize(
 def train(
     args: ConfigArgs = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's latest complete checkpoint")] = False,
+    profile: Annotated[str | None, typer.Option(help="steps=A:B: torch profiler trace into RUN/profile/")] = None,
 ):
     """Pretrain a model: `lmforge train configs/pretrain-small.yaml data.dataset=DIR`."""
     from lmforge.train import trainer
     from lmforge.train.config import TrainConfig
 
-    config = _config(TrainConfig, args)
+    config = _config(TrainConfig, [*(args or []), *([f"train.profile={profile}"] if profile else [])])
     result = trainer.run(config, resume=resume)
     summary = f"{result.status} at step {result.step}; run dir {result.run_dir}"
     if result.val_loss is not None:
