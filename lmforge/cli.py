@@ -81,6 +81,16 @@ def quickstart(args: ConfigArgs = None, out: Annotated[str | None, typer.Option(
         f"val loss {train['val_loss']:.3f}, {train['val_bpb']:.3f} bits/byte"
     )
     console.print(f"[bold]sample[/] {sample['prompt']}[italic]{sample['completion']}[/]", markup=True)
+    sft = next((r for r in results if r.name == "sft"), None)
+    if sft is not None:
+        console.print(f"[bold]sft[/] {sft.details['conversations']} conversations, {sft.details['steps']} steps; "
+                      f"loss {sft.details['first_loss']:.3f} -> {sft.details['final_loss']:.3f}")
+    safety = next((r for r in results if r.name == "safety"), None)
+    if safety is not None:
+        for name, values in safety.details.items():
+            console.print(f"[bold]safety[/] {name}: refusal rate on harmful requests "
+                          f"{values.get('safety_harmful/refusal_rate', 0):.0%}, on benign ones "
+                          f"{values.get('safety_benign/over_refusal_rate', 0):.0%}")
     model_dir = next((r for r in results if r.name == "export"), None)
     if model_dir is not None:
         path = model_dir.details["model_dir"]

@@ -25,6 +25,10 @@ from lmforge.model.config import ModelConfig
 log = logging.getLogger(__name__)
 
 BUNDLED_CORPUS = Path(__file__).parent / "data" / "corpus" / "python_docs.jsonl.gz"
+BUNDLED_CHAT = [
+    Path(__file__).parent / "data" / "chat" / "python_docs_chat.jsonl.gz",
+    Path(__file__).parent / "data" / "chat" / "safety_sft.jsonl.gz",
+]
 STATE_FILE = "stages.json"
 
 
@@ -47,6 +51,12 @@ class QuickstartConfig(Section):
     prompt: str = "The Python interpreter"
     sampling: SamplingConfig = SamplingConfig(max_tokens=60, temperature=0.8, top_k=50, seed=0)
     progress: bool = True
+    # Alignment: a short SFT on the bundled chat data (Python docs Q&A + safety refusals),
+    # then the safety evals on the pretrained and the fine-tuned model side by side.
+    sft_data: list[str] = Field(default_factory=lambda: [str(p) for p in BUNDLED_CHAT if p.is_file()])
+    sft_steps: int = Field(60, ge=0, description="0 skips the SFT stage")
+    sft_lr: float = Field(1e-3, gt=0)
+    safety_eval_limit: int = Field(20, ge=1, description="prompts per safety set")
 
 
 @dataclasses.dataclass
@@ -103,6 +113,7 @@ def stages(config: QuickstartConfig, results: dict[str, StageResult]) -> list[Ca
 
     out = Path(config.out)
     tokenizer_dir, dataset_dir, runs_dir = out / "tokenizer", out / "tokens", out / "runs"
+    do_sft = bool(config.sft_steps and config.sft_data)
 
     def tokenizer_stage() -> Stage:
         tk_config = TokenizerTrainConfig(inputs=config.corpus, out=str(tokenizer_dir), vocab_size=config.vocab_size)
@@ -176,22 +187,81 @@ def stages(config: QuickstartConfig, results: dict[str, StageResult]) -> list[Ca
                        "train": results["train"].details}
         return Stage("sample", fingerprint, [out / "sample.txt"], go)
 
+    def sft_stage() -> Stage:
+        from lmforge.align.config import AlignConfig
+        from lmforge.align.run import run_sft
+
+        sft_path, data_path = runs_dir / "quickstart-sft", out / "sft_data.jsonl"
+        align_config = AlignConfig.model_validate({
+            "model": str(runs_dir / "quickstart"),
+            "run": {"name": "quickstart-sft", "out_dir": str(runs_dir), "seed": config.seed},
+            "data": {"train": str(data_path), "seq_len": config.seq_len, "val_fraction": 0.05},
+            "optim": {"lr": config.sft_lr},
+            "schedule": {"warmup_steps": min(10, config.sft_steps)},
+            "train": {"max_steps": max(1, config.sft_steps), "global_batch_tokens": config.global_batch_tokens,
+                      "micro_batch_size": config.micro_batch_size, "eval_every": 0, "checkpoint_every": 0,
+                      "device": config.device, "progress": config.progress, "log_every": 10},
+        })
+
+        def go() -> dict:
+            import gzip
+            import shutil
+
+            lines = []
+            for file in config.sft_data:
+                opener = gzip.open if file.endswith(".gz") else open
+                with opener(file, "rt", encoding="utf-8") as f:
+                    lines += [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
+            atomic.write_text(data_path, "".join(lines))
+            if sft_path.exists():
+                shutil.rmtree(sft_path)
+            result = run_sft(align_config)
+            return {"steps": result.step, "conversations": len(lines), "first_loss": result.losses[0],
+                    "final_loss": result.losses[-1], "val_loss": result.val_loss}
+
+        fingerprint = {"config": align_config.model_dump(), "data": config.sft_data, "train": results["train"].details}
+        return Stage("sft", fingerprint, [sft_path / "checkpoints" / "latest"], go)
+
+    def safety_stage() -> Stage:
+        from lmforge.eval.runner import EvalConfig
+        from lmforge.eval.runner import run as run_eval
+
+        models = {"pretrained": runs_dir / "quickstart"}
+        if do_sft:
+            models["sft"] = runs_dir / "quickstart-sft"
+
+        def go() -> dict:
+            details = {}
+            for name, path in models.items():
+                found = run_eval(EvalConfig(model=str(path), tasks=["safety"], limit=config.safety_eval_limit, seed=config.seed))
+                details[name] = {f"{task}/{m}": v["value"] for task, r in found.items() for m, v in r["metrics"].items()}
+            return details
+
+        fingerprint = {"limit": config.safety_eval_limit, "models": {k: str(v) for k, v in models.items()},
+                       "train": results["train"].details, "sft": results["sft"].details if "sft" in results else None}
+        return Stage("safety", fingerprint, [path / "eval" / "safety_harmful.json" for path in models.values()], go)
+
     def export_stage() -> Stage:
         from lmforge.interop import export
 
         model_dir = out / "model"
+        source = runs_dir / ("quickstart-sft" if do_sft else "quickstart")
         export_config = export.ExportConfig(
-            model=str(runs_dir / "quickstart"), out=str(model_dir), name="lmforge-quickstart", overwrite=True
+            model=str(source), out=str(model_dir), name="lmforge-quickstart", overwrite=True
         )
 
         def go() -> dict:
             result = export.run(export_config)
             return {"model_dir": str(result.out), "files": result.files}
 
-        fingerprint = {"config": export_config.model_dump(), "train": results["train"].details}
+        fingerprint = {"config": export_config.model_dump(), "train": results["train"].details,
+                       "sft": results["sft"].details if "sft" in results else None}
         return Stage("export", fingerprint, [model_dir / "config.json"], go)
 
-    return [tokenizer_stage, tokenize_stage, train_stage, sample_stage, export_stage]
+    stages_ = [tokenizer_stage, tokenize_stage, train_stage, sample_stage]
+    if do_sft:
+        stages_.append(sft_stage)
+    return [*stages_, safety_stage, export_stage]
 
 
 def run(config: QuickstartConfig) -> list[StageResult]:

@@ -27,12 +27,14 @@ def test_quickstart_runs_every_stage_then_skips_unchanged_ones(tmp_path):
     fast = [
         "model.preset=tiny", "model.max_seq_len=128", "seq_len=64", "vocab_size=1024",
         "max_steps=40", "global_batch_tokens=2048", "micro_batch_size=16", "eval_every=20",
-        "warmup_steps=5", "progress=false", "sampling.max_tokens=12",
+        "warmup_steps=5", "progress=false", "sampling.max_tokens=12", "sft_steps=20", "safety_eval_limit=4",
     ]
     first = lmforge("quickstart", "--out", "qs", *fast, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
-    assert {"tokenizer", "tokenize", "train", "sample", "export"} <= set(summary)
+    assert {"tokenizer", "tokenize", "train", "sample", "sft", "safety", "export"} <= set(summary)
+    assert summary["sft"]["details"]["final_loss"] < summary["sft"]["details"]["first_loss"]
+    assert set(summary["safety"]["details"]) == {"pretrained", "sft"} and "refusal rate" in first.stdout
     assert all(s["status"] == "ran" for s in summary.values())
     train = summary["train"]["details"]
     assert train["final_loss"] < train["first_loss"] - 1.0
