@@ -73,3 +73,31 @@ class StepProfiler:
 
     def close(self) -> None:
         self.profiler.__exit__(None, None, None)
+
+
+class CudaMemoryRecorder:
+    """CUDA allocator history for memory snapshots: on demand (SIGUSR1) and on out-of-memory.
+
+    Snapshots open at https://pytorch.org/memory_viz. A no-op on CPU.
+    """
+
+    def __init__(self, out_dir: Path, device: torch.device):
+        self.out_dir, self.enabled = Path(out_dir), device.type == "cuda"
+        if not self.enabled:
+            return
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
+        import signal
+
+        try:
+            signal.signal(signal.SIGUSR1, lambda *_: self.dump("memory-snapshot-sigusr1.pickle"))
+        except ValueError:  # not the main thread
+            pass
+
+    def dump(self, name: str) -> Path | None:
+        if not self.enabled:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / name
+        torch.cuda.memory._dump_snapshot(str(path))
+        log.warning("CUDA memory snapshot: %s", path)
+        return path

@@ -268,6 +268,9 @@ def fit(
     trackers = build_trackers(tracker_config, run_dir.path, run_config.name, config.model_dump(mode="json"))
     alerts = AlertMonitor(run_dir.path, alert_config, run_config.name)
     alerts.start_watchdog()
+    from lmforge.monitor.profiler import CudaMemoryRecorder
+
+    memory = CudaMemoryRecorder(run_dir.path / "profile", device)
     profiler = None
     if loop.profile:
         from lmforge.monitor.profiler import StepProfiler, parse_steps
@@ -383,6 +386,10 @@ def fit(
                 validate()
             final = checkpoint.step_dir_name(step)
             saved = run_dir.checkpoints / final if saved and saved.name == final else save()
+    except torch.OutOfMemoryError:
+        snapshot = memory.dump(f"oom-step-{step + 1}.pickle")
+        alerts.alert("out_of_memory", step + 1, f"out of memory; allocator snapshot {snapshot}")
+        raise
     finally:
         bar.close()
         metrics.close()
