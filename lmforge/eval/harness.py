@@ -58,6 +58,8 @@ if TemplateLM is not None:
             from lmforge.loading import load_model
 
             torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "")
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                device = "cpu"  # the harness CLI defaults to cuda; run where we can
             model, tokenizer, _ = load_model(pretrained, device, torch_dtype)
             batch = 16 if str(batch_size).startswith("auto") else int(batch_size)
             self.scorer = Scorer(model, tokenizer, batch, max_length and int(max_length), _as_bool(add_bos_token))

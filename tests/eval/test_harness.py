@@ -120,3 +120,18 @@ def test_lmforge_eval_harness_writes_results_like_its_own_tasks(trained_run, har
     assert saved["metrics"]["acc"]["stderr"] > 0
     direct = run_harness(str(trained_run), ["lmforge_mc"], str(harness_tasks))
     assert saved["metrics"]["acc"]["value"] == pytest.approx(direct["results"]["lmforge_mc"]["acc,none"])
+
+
+def test_the_harness_cli_runs_lmforge_models_through_python_m(trained_run, harness_tasks, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lmforge.eval.harness", "run", "--model", "lmforge", "--model_args", f"pretrained={trained_run}",
+         "--tasks", "lmforge_mc", "--include_path", str(harness_tasks), "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lmforge_mc" in done.stdout and "acc" in done.stdout
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    assert results and "lmforge_mc" in json.loads(results[0].read_text())["results"]
