@@ -8,7 +8,7 @@ as that tokenizer does), so both give the same numbers.
 The harness's CLI does not discover third-party models, so run it through this module,
 which registers the model first:
 
-    python -m lmforge.eval.harness --model lmforge --model_args pretrained=runs/small --tasks ...
+    python -m lmforge.eval.harness run --model lmforge --model_args pretrained=runs/small --tasks ...
 """
 
 from __future__ import annotations
