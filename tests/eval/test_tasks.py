@@ -203,3 +203,19 @@ def test_cli_reports_a_bad_task_file_on_one_line(trained_run, tmp_path):
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:1: field 'choices'")
+
+
+def test_every_shipped_task_loads_is_consistent_and_runs(scorer):
+    names = tasks.shipped_tasks()
+    assert {"python_mc", "stdlib_completion", "arithmetic", "safety"} <= set(names)
+    for name in names:
+        for task in tasks.resolve_tasks(name):
+            ids = [ex.record["id"] for ex in task.examples]
+            assert len(ids) == len(set(ids)), f"{task.spec.name}: duplicate ids"
+            result = tasks.evaluate(task, scorer, limit=2)
+            assert result["n"] == 2 and all(0 <= v["value"] <= 1 for v in result["metrics"].values())
+    for ex in tasks.resolve_task("arithmetic").examples:  # every answer is right
+        a, op, b = ex.record["question"].removeprefix("What is ").rstrip("?").split()
+        assert str(eval(f"{int(a)} {op} {int(b)}")) == ex.answer
+    positions = [ex.answer for ex in tasks.resolve_task("python_mc").examples]
+    assert {p: positions.count(p) for p in set(positions)} == {0: 10, 1: 10, 2: 10, 3: 10}
