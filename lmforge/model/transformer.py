@@ -210,6 +210,19 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
+    def _hidden(self, tokens, cos, sin, kv_cache, start, mask) -> torch.Tensor:
+        x = self.tok_embeddings(tokens)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, kv_cache, i, start, mask)
+        return self.norm(x)
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden states [batch, seq, dim] (features for classification heads)."""
+        seq = tokens.shape[1]
+        if seq > self.config.max_seq_len:
+            raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        return self._hidden(tokens, self.rope_cos[:seq], self.rope_sin[:seq], None, 0, None)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -233,10 +246,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         else:
             cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
-        x = self.tok_embeddings(tokens)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, kv_cache, i, start, mask)
-        hidden = self.norm(x)
+        hidden = self._hidden(tokens, cos, sin, kv_cache, start, mask)
         if targets is not None and torch.is_grad_enabled():
             # Training: head and loss fused per chunk of tokens, never holding all logits.
             return linear_cross_entropy(hidden, self.output.weight, targets)
