@@ -450,6 +450,29 @@ def lora_merge(
     typer.echo(f"merged {result.params:,} params ({result.dtype}) -> {result.out}")
 
 
+@app.command("train-classifier")
+def train_classifier(
+    model: Annotated[str, typer.Argument(help="base lmforge model: model dir, run dir or checkpoint")],
+    data: Annotated[str, typer.Option(help="labelled JSONL: text + labels / label")],
+    out: Annotated[str, typer.Option(help="classifier dir to write")],
+    epochs: int = 20,
+    lr: float = 3e-3,
+    train_base: Annotated[bool, typer.Option(help="fine-tune the whole model, not only the head")] = False,
+    threshold: float = 0.5,
+):
+    """Train a moderation classifier (a head on an lmforge model) from labelled JSONL."""
+    from lmforge.config import build
+    from lmforge.safety import classifier
+
+    config = build(classifier.ClassifierConfig, dict(
+        model=model, data=data, out=out, epochs=epochs, lr=lr, train_base=train_base, threshold=threshold,
+    ))
+    metrics = classifier.run(config)
+    for name, values in metrics.get("categories", {}).items():
+        typer.echo(f"{name}: precision {values['precision']}, recall {values['recall']} (support {values['support']})")
+    typer.echo(f"classifier -> {out}")
+
+
 @app.command("export")
 def export_model(
     model: Annotated[str, typer.Argument(help="run dir, checkpoint dir or model dir")],
