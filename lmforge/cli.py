@@ -175,17 +175,34 @@ def train(
     args: ConfigArgs = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's latest complete checkpoint")] = False,
     profile: Annotated[str | None, typer.Option(help="steps=A:B: torch profiler trace into RUN/profile/")] = None,
+    nproc: Annotated[int | None, typer.Option(help="launch this many processes with torchrun (one node)")] = None,
+    max_restarts: Annotated[int, typer.Option(help="--nproc: relaunches after a process dies")] = 0,
 ):
-    """Pretrain a model: `lmforge train configs/pretrain-small.yaml data.dataset=DIR`."""
+    """Pretrain a model: `lmforge train configs/pretrain-small.yaml data.dataset=DIR`.
+
+    Several processes: `lmforge train CONFIG parallel.strategy=fsdp --nproc 8`, or
+    `torchrun --nproc_per_node 8 -m lmforge train CONFIG parallel.strategy=fsdp`.
+    """
     from lmforge.train import trainer
     from lmforge.train.config import TrainConfig
 
     config = _config(TrainConfig, [*(args or []), *([f"train.profile={profile}"] if profile else [])])
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
+        if nproc > 1 and config.parallel.strategy == "single":
+            raise ConfigError(f"--nproc {nproc} needs parallel.strategy=ddp or fsdp (it is single)")
+        import subprocess
+
+        # --standalone: a c10d rendezvous on a free local port, which also serves relaunches.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   f"--max-restarts={max_restarts}", "-m", "lmforge", "train", *(args or []),
+                   *(["--resume"] if resume else []), *([f"--profile={profile}"] if profile else [])]
+        raise typer.Exit(subprocess.run(command).returncode)
     result = trainer.run(config, resume=resume)
     summary = f"{result.status} at step {result.step}; run dir {result.run_dir}"
     if result.val_loss is not None:
         summary += f"; val loss {result.val_loss:.4f}, {result.val_bpb:.4f} bits/byte"
-    typer.echo(summary)
+    if os.environ.get("RANK", "0") == "0":  # one summary per run
+        typer.echo(summary)
     if result.signal is not None:
         raise typer.Exit(128 + result.signal)
 
@@ -516,7 +533,8 @@ def import_model(
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
-        level=os.environ.get("LMFORGE_LOG_LEVEL", "INFO"),
+        # Under torchrun only rank 0 logs progress; the others report warnings and errors.
+        level=os.environ.get("LMFORGE_LOG_LEVEL", "INFO" if os.environ.get("RANK", "0") == "0" else "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,

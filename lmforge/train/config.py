@@ -51,17 +51,60 @@ class LoopConfig(Section):
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast where the device has fast bf16 matmul"
     )
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile each block (eager, with a warning, where unavailable)")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(200, ge=0, description="0 disables periodic validation")
     eval_batches: int = Field(20, ge=1)
     checkpoint_every: int = Field(500, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(3, ge=1)
+    async_checkpoint: bool | None = Field(
+        None, description="write checkpoints in the background (dcp.async_save); None: on GPU only"
+    )
+    resume: Literal["never", "auto", "always"] = Field(
+        "auto", description="auto: continue from the latest checkpoint when torchrun relaunches failed "
+        "workers; always: whenever one exists (requeued jobs); the --resume flag forces it"
+    )
     peak_flops: float | None = Field(None, gt=0, description="for MFU; None: table (GPU) or measured (CPU)")
     progress: bool = True
     eval_tasks: list[str] = Field(default_factory=list, description="`lmforge eval` tasks run at every eval_every")
     eval_task_limit: int | None = Field(None, ge=1, description="first N examples of each in-training task")
     profile: str | None = Field(None, description="steps=A:B: torch profiler trace of those steps into RUN/profile/")
+
+
+class ParallelConfig(Section):
+    """How the model is spread over the processes `torchrun` starts (applied by train/parallel.py)."""
+
+    strategy: Literal["single", "ddp", "fsdp"] = Field(
+        "single", description="single: one process; ddp: replicas; fsdp: FSDP2 fully_shard per block"
+    )
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free gathered weights after forward (less memory, one more all-gather)"
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="full: recompute every block in backward; selective: every k-th block"
+    )
+    activation_checkpointing_every: int = Field(2, ge=1, description="selective: checkpoint every k-th block")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
+    timeout_seconds: float = Field(600.0, gt=0, description="a collective waiting longer fails, naming rank and step")
+
+
+class FaultConfig(Section):
+    """What the loop does about bad steps: skip their update, roll back when they repeat."""
+
+    skip_non_finite: bool = Field(True, description="skip the update of a step with NaN/inf loss or grad norm")
+    grad_spike_factor: float = Field(
+        10.0, ge=0, description="skip a step whose grad norm exceeds this x its running median; 0 disables"
+    )
+    grad_spike_window: int = Field(20, ge=3, description="grad norms in the running median")
+    grad_spike_min_steps: int = Field(10, ge=1, description="grad norms seen before spikes are judged")
+    rollback_after: int = Field(
+        3, ge=0, description="skipped steps within rollback_window steps that trigger a rollback; 0: never"
+    )
+    rollback_window: int = Field(100, ge=1, description="steps over which skipped steps are counted")
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks in one run before it stops with an error")
+    debug_nan_steps: list[int] = Field(
+        default_factory=list, description="fault injection: data steps (1-based) whose loss is made NaN"
+    )
 
 
 class TrainConfig(Section):
@@ -71,6 +114,8 @@ class TrainConfig(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: LoopConfig = LoopConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    faults: FaultConfig = FaultConfig()
     alerts: AlertConfig = AlertConfig()
     trackers: TrackerConfig = TrackerConfig()
 

@@ -25,18 +25,35 @@ from tqdm import tqdm
 from lmforge import atomic
 from lmforge.data.loader import TokenDataset, WindowLoader
 from lmforge.data.tokenize import MANIFEST
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.eval.perplexity import bits_per_byte, evaluate_loss
 from lmforge.model import ModelConfig, Transformer
 from lmforge.monitor.alerts import AlertConfig, AlertMonitor
 from lmforge.monitor.trackers import TrackerConfig, build_trackers
 from lmforge.runs import MetricsLogger, RunDir, lineage
 from lmforge.tokenizer import LmTokenizer, load_tokenizer
-from lmforge.train import checkpoint
-from lmforge.train.config import LoopConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
+from lmforge.train import checkpoint, distributed
+from lmforge.train.config import (
+    FaultConfig,
+    LoopConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+from lmforge.train.faults import StepGuard, inject
 from lmforge.train.mfu import peak_flops
 from lmforge.train.optim import build_optimizers
-from lmforge.train.parallel import apply_compile, autocast, resolve_device, resolve_dtype
+from lmforge.train.parallel import (
+    autocast,
+    clip_gradients,
+    grad_norm,
+    gradient_sync,
+    inner_model,
+    parallelize,
+    resolve_dtype,
+)
 from lmforge.train.schedules import lr_factor
 
 log = logging.getLogger(__name__)
@@ -53,6 +70,10 @@ class TrainResult:
     checkpoint: Path | None
     signal: int | None = None
     val_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class TrainingError(LmforgeError):
+    """The run cannot go on: bad steps that do not recover, or a peer rank that is gone."""
 
 
 class Objective(Protocol):
@@ -121,7 +142,8 @@ def accumulation(loop: LoopConfig, seq_len: int, world_size: int = 1) -> int:
 
 
 def unwrap(model: nn.Module) -> Transformer:
-    """The lmforge Transformer inside a peft wrapper (its LoRA layers stay active)."""
+    """The lmforge Transformer inside DDP and/or a peft wrapper (its LoRA layers stay active)."""
+    model = inner_model(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -133,10 +155,15 @@ class PretrainObjective:
 
     kind = "pretrain"
 
-    def __init__(self, config: TrainConfig, train_data: TokenDataset, val_data: TokenDataset | None, accum: int):
+    sharded = True  # batches are this rank's block of each step's windows
+
+    def __init__(self, config: TrainConfig, train_data: TokenDataset, val_data: TokenDataset | None, accum: int,
+                 rank: int = 0, world_size: int = 1):
         self.seq_len = config.data.seq_len
         self.tokens_per_step = config.train.global_batch_tokens
-        self.loader = WindowLoader(train_data, self.seq_len, config.train.micro_batch_size, accum, config.run.seed)
+        self.loader = WindowLoader(
+            train_data, self.seq_len, config.train.micro_batch_size, accum, config.run.seed, rank, world_size
+        )
         self.val_data = val_data
         self.val_loader = (
             WindowLoader(val_data, self.seq_len, config.train.micro_batch_size, shuffle=False) if val_data else None
@@ -164,35 +191,71 @@ class PretrainObjective:
 
 
 def run(config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Pretrain per `config`; with `resume`, continue from the run's latest complete checkpoint."""
+    """Pretrain per `config`; with `resume`, continue from the run's latest complete checkpoint.
+
+    Under `torchrun` every process calls this; each trains on its block of every step's
+    windows (the union over ranks is the same global batch whatever the world size).
+    """
     config = config.model_copy(deep=True)
-    train_data = TokenDataset(config.data.dataset, "train")
-    has_val = train_data.manifest["splits"].get("val", {}).get("tokens", 0) > config.data.seq_len
-    val_data = TokenDataset(config.data.dataset, "val") if has_val else None
-    tokenizer = load_tokenizer(config.data.tokenizer or train_data.manifest["tokenizer"]["path"])
-    if tokenizer.hash() != train_data.tokenizer_hash:
-        raise DataError(
-            f"tokenizer {tokenizer.path} does not match dataset {config.data.dataset} "
-            "(it was tokenized with a different tokenizer)"
-        )
-    resolve_vocab(config, tokenizer.vocab_size)
-    objective = PretrainObjective(config, train_data, val_data, grad_accum_steps(config))
+    env = _init_distributed(config.train, config.parallel)
+    try:
+        train_data = TokenDataset(config.data.dataset, "train")
+        has_val = train_data.manifest["splits"].get("val", {}).get("tokens", 0) > config.data.seq_len
+        val_data = TokenDataset(config.data.dataset, "val") if has_val else None
+        tokenizer = load_tokenizer(config.data.tokenizer or train_data.manifest["tokenizer"]["path"])
+        if tokenizer.hash() != train_data.tokenizer_hash:
+            raise DataError(
+                f"tokenizer {tokenizer.path} does not match dataset {config.data.dataset} "
+                "(it was tokenized with a different tokenizer)"
+            )
+        resolve_vocab(config, tokenizer.vocab_size)
+        accum = grad_accum_steps(config, env.world_size)
+        objective = PretrainObjective(config, train_data, val_data, accum, env.rank, env.world_size)
 
-    def build_model() -> nn.Module:
-        generator = torch.Generator().manual_seed(config.run.seed)
-        with torch.device("meta"):
-            model = Transformer(config.model)
-        model.to_empty(device="cpu")
-        model.init_weights(generator)
-        return model
+        def build_model() -> nn.Module:
+            generator = torch.Generator().manual_seed(config.run.seed)
+            with torch.device("meta"):
+                model = Transformer(config.model)
+            model.to_empty(device="cpu")
+            model.init_weights(generator)
+            return model
 
-    manifest = {
-        "kind": "pretrain",
-        "parent": None,
-        "dataset": str(Path(config.data.dataset).resolve()),
-        "dataset_manifest_sha256": atomic.sha256_file(Path(config.data.dataset) / MANIFEST),
-    }
-    return fit(config, config.model, build_model, tokenizer, objective, manifest, resume)
+        manifest = {
+            "kind": "pretrain",
+            "parent": None,
+            "dataset": str(Path(config.data.dataset).resolve()),
+            "dataset_manifest_sha256": atomic.sha256_file(Path(config.data.dataset) / MANIFEST),
+        }
+        return fit(config, config.model, build_model, tokenizer, objective, manifest, resume, env=env)
+    finally:
+        distributed.shutdown(env)
+
+
+def _init_distributed(loop: LoopConfig, parallel: ParallelConfig) -> distributed.DistEnv:
+    return distributed.init(
+        loop.device, parallel.backend, parallel.timeout_seconds, need_group=parallel.strategy != "single"
+    )
+
+
+class _SilentAlerts:
+    """Alerts on ranks other than 0: one rank reports for the run."""
+
+    fired: list = []
+
+    def observe(self, *args, **kwargs) -> list:
+        return []
+
+    def alert(self, *args, **kwargs) -> dict:
+        return {}
+
+    def checkpoint_failed(self, *args) -> dict:
+        return {}
+
+    def start_watchdog(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -208,20 +271,45 @@ def fit(
     resume: bool = False,
     trainable_only: bool = False,
     extra_state: dict[str, Any] | None = None,
+    env: distributed.DistEnv | None = None,
 ) -> TrainResult:
     """Train `build_model()` on `objective`. `config` has run, optim, schedule, train, alerts and
-    trackers sections; `trainable_only` checkpoints just the trainable parameters (LoRA)."""
+    trackers sections (parallel and faults optional); `trainable_only` checkpoints just the
+    trainable parameters (LoRA). `env`: the process group `run` joined (None: join it here)."""
     run_config: RunConfig = config.run
     optim_config: OptimConfig = config.optim
     schedule: ScheduleConfig = config.schedule
     loop: LoopConfig = config.train
+    parallel: ParallelConfig = getattr(config, "parallel", ParallelConfig())
+    guard = StepGuard(getattr(config, "faults", FaultConfig()))
     alert_config: AlertConfig = getattr(config, "alerts", AlertConfig())
     tracker_config: TrackerConfig = getattr(config, "trackers", TrackerConfig())
-    device = resolve_device(loop.device)
+    own_env = env is None
+    env = _init_distributed(loop, parallel) if env is None else env
+    try:
+        return _fit(config, model_config, build_model, tokenizer, objective, manifest, resume, trainable_only,
+                    extra_state, env, run_config, optim_config, schedule, loop, parallel, guard, alert_config,
+                    tracker_config)
+    finally:
+        if own_env:
+            distributed.shutdown(env)
+
+
+def _fit(config, model_config, build_model, tokenizer, objective, manifest, resume, trainable_only, extra_state,
+         env, run_config, optim_config, schedule, loop, parallel, guard, alert_config, tracker_config) -> TrainResult:
+    device = env.device
     dtype = resolve_dtype(loop.dtype, device)
+    main = env.is_main
+    if env.world_size > 1 and not getattr(objective, "sharded", False):
+        raise ConfigError(f"{objective.kind} runs on one process for now (got {env.world_size}; use parallel.strategy=single)")
+    if parallel.strategy == "fsdp" and optim_config.name == "muon":
+        raise ConfigError("optim.name=muon needs whole weight matrices; with parallel.strategy=fsdp use adamw")
+    accum = accumulation(loop, objective.seq_len, env.world_size)
 
     run_dir = RunDir(Path(run_config.out_dir) / run_config.name)
     latest = checkpoint.latest_checkpoint(run_dir.checkpoints)
+    relaunched = distributed.restart_count() > 0
+    resume = resume or loop.resume == "always" or (loop.resume == "auto" and relaunched)
     if latest is not None and not resume:
         raise ConfigError(
             f"run dir {run_dir.path} already has checkpoints: pass --resume to continue it, "
@@ -231,42 +319,52 @@ def fit(
     from lmforge.eval.tasks import resolve_tasks
 
     eval_tasks = [task for name in loop.eval_tasks for task in resolve_tasks(name)]
-    run_dir.path.mkdir(parents=True, exist_ok=True)
+    if main:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
 
-    model = build_model().to(device)
-    optimizers = build_optimizers(model, optim_config, device)
+    model = parallelize(build_model().to(device), parallel, env, dtype, compile=loop.compile)
+    # FSDP2's mixed-precision policy casts weights itself; autocast is for single and DDP.
+    compute_dtype = torch.float32 if parallel.strategy == "fsdp" else dtype
+    optimizers = build_optimizers(inner_model(model), optim_config, device)
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
+    use_async = loop.async_checkpoint if loop.async_checkpoint is not None else device.type == "cuda"
+    checkpointer = checkpoint.Checkpointer(run_dir.checkpoints, loop.keep_checkpoints, use_async, trainable_only)
 
     start_step = 0
     if resume and latest is not None:
         state = checkpoint.load(latest, model, optimizers, trainable_only=trainable_only)
         start_step = objective.check_resume(state["loader"])
-        run_dir.truncate_metrics(start_step)
-        log.info("resumed from %s at step %d", latest, start_step)
+        guard.load_state_dict(state.get("faults", {}))
+        log.info("resumed from %s at step %d%s", latest, start_step,
+                 f" (written by {state['world_size']} processes)" if state.get("world_size", 1) != env.world_size else "")
+    if resume and main:
+        run_dir.truncate_metrics(start_step)  # records a crashed attempt logged after its last checkpoint
     if start_step >= loop.max_steps:
         log.info("run already at step %d of %d", start_step, loop.max_steps)
-    if loop.compile:
-        apply_compile(unwrap(model))
 
-    run_dir.write_config(config)
-    if not (run_dir.tokenizer / "tokenizer.json").is_file():
-        _save_tokenizer(tokenizer, run_dir, model_config.max_seq_len)
-    run_dir.write_manifest(lineage(
-        **manifest,
-        tokenizer_hash=tokenizer.hash(),
-        model_params=model_config.num_params(),
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-    ))
+    if main:
+        run_dir.write_config(config)
+        if not (run_dir.tokenizer / "tokenizer.json").is_file():
+            _save_tokenizer(tokenizer, run_dir, model_config.max_seq_len)
+        run_dir.write_manifest(lineage(
+            **manifest,
+            tokenizer_hash=tokenizer.hash(),
+            model_params=model_config.num_params(),
+            trainable_params=sum(p.numel() for p in inner_model(model).parameters() if p.requires_grad),
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            strategy=parallel.strategy,
+            world_size=env.world_size,
+        ))
+    distributed.barrier(env)
 
     flops_per_token = model_config.flops_per_token(objective.seq_len)
     peak = loop.peak_flops
-    metrics = MetricsLogger(run_dir)
-    trackers = build_trackers(tracker_config, run_dir.path, run_config.name, config.model_dump(mode="json"))
-    alerts = AlertMonitor(run_dir.path, alert_config, run_config.name)
+    metrics = MetricsLogger(run_dir) if main else None
+    trackers = build_trackers(tracker_config, run_dir.path, run_config.name, config.model_dump(mode="json")) if main else []
+    alerts = AlertMonitor(run_dir.path, alert_config, run_config.name) if main else _SilentAlerts()
     alerts.start_watchdog()
     from lmforge.monitor.profiler import CudaMemoryRecorder
 
@@ -281,21 +379,27 @@ def fit(
     val: dict[str, float] = {}
     saved: Path | None = None
     step = start_step
+    # Validation runs on every rank (FSDP needs all of them for each forward); under DDP on
+    # the bare replica, which needs no collectives.
+    eval_model = inner_model(model)
 
     def log_values(**values: float) -> None:
+        if metrics is None:
+            return
         metrics.log(step, **values)
         for tracker in trackers:
             tracker.log(step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
 
     def validate() -> None:
         nonlocal val
-        results = objective.validate(model, device, dtype)
+        results = objective.validate(eval_model, device, compute_dtype)
         if eval_tasks:
-            results.update(_run_eval_tasks(unwrap(model), tokenizer, eval_tasks, loop.eval_task_limit, run_config.seed))
+            results.update(_run_eval_tasks(unwrap(eval_model), tokenizer, eval_tasks, loop.eval_task_limit, run_config.seed))
         if results:
             val = results
             log_values(**results)
-            bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+            if main:
+                bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
     def save() -> Path:
         state = {
@@ -305,18 +409,52 @@ def fit(
             "model": model_config.model_dump(mode="json"),
             "model_shape": model_config.shape(),
             "val_loss": val.get("val_loss"),
+            "world_size": env.world_size,
+            "strategy": parallel.strategy,
+            "faults": guard.state_dict(),
             **(extra_state or {}),
         }
         try:
-            return checkpoint.save(run_dir.checkpoints, step, model, optimizers, state, loop.keep_checkpoints, trainable_only)
+            path = checkpointer.save(step, model, optimizers, state)
         except OSError as err:
             alerts.checkpoint_failed(step, err)
             raise
+        return path
+
+    def roll_back(bad_step: int) -> int:
+        """Reload the newest checkpoint from before the bad stretch; skip the stretch's data."""
+        checkpointer.wait()
+        distributed.barrier(env)
+        first_bad = guard.skipped[0]
+        target = checkpoint.checkpoint_before(run_dir.checkpoints, first_bad)
+        if target is None:
+            raise TrainingError(
+                f"{len(guard.skipped)} steps in {first_bad}..{bad_step} were skipped and there is no checkpoint "
+                f"from before step {first_bad} to roll back to: set train.checkpoint_every, or lower optim.lr"
+            )
+        if guard.rollbacks >= guard.config.max_rollbacks:
+            raise TrainingError(
+                f"steps {first_bad}..{bad_step} were skipped after {guard.rollbacks} rollbacks "
+                f"(faults.max_rollbacks): the run does not recover; lower optim.lr or inspect the data"
+            )
+        state = checkpoint.load(target, model, optimizers, trainable_only=trainable_only)
+        to_step = objective.check_resume(state["loader"])
+        checkpoint.discard_after(run_dir.checkpoints, target)
+        distributed.barrier(env)
+        skipped_data = (to_step + 1 + guard.data_offset, bad_step + guard.data_offset)
+        guard.rolled_back(bad_step, to_step, state.get("faults", {}))
+        message = (f"rolled back from step {bad_step} to checkpoint step {to_step} after skipped steps "
+                   f"{first_bad}..{bad_step}; skipping data steps {skipped_data[0]}..{skipped_data[1]}")
+        log.warning(message)
+        alerts.alert("rollback", bad_step, message, from_step=bad_step, to_step=to_step,
+                     skipped_data_steps=list(skipped_data))
+        log_values(rollback_from_step=bad_step, rollback_to_step=to_step)
+        return to_step
 
     bar = tqdm(total=loop.max_steps, initial=start_step, desc=run_config.name,
-               disable=not loop.progress or None, dynamic_ncols=True)
+               disable=not (loop.progress and main) or None, dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    accum = accumulation(loop, objective.seq_len)
+    max_norm = optim_config.grad_clip if optim_config.grad_clip > 0 else math.inf
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     try:
@@ -328,42 +466,69 @@ def fit(
                         group["lr"] = group["peak_lr"] * factor
                 loss_sum = torch.zeros((), device=device)
                 extras: dict[str, float] = {}
+                poisoned = guard.poisoned(step)
                 with torch.profiler.record_function(f"lmforge/train_step_{step + 1}"):
                     for micro_step in range(accum):
-                        batch = {k: v.to(device, non_blocking=True) for k, v in objective.batch(step, micro_step).items()}
-                        with autocast(device, dtype):
-                            loss, micro_extras = objective.loss(model, batch)
-                        (loss / accum).backward()
+                        data_step = step + guard.data_offset
+                        batch = {k: v.to(device, non_blocking=True) for k, v in objective.batch(data_step, micro_step).items()}
+                        with gradient_sync(model, micro_step == accum - 1):
+                            with autocast(device, compute_dtype):
+                                loss, micro_extras = objective.loss(model, batch)
+                            if poisoned:  # fault injection (faults.debug_nan_steps)
+                                loss = loss * torch.nan
+                            (loss / accum).backward()
                         loss_sum += loss.detach()
                         for key, value in micro_extras.items():
                             extras[key] = extras.get(key, 0.0) + value / accum
-                    max_norm = optim_config.grad_clip if optim_config.grad_clip > 0 else math.inf
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    norm = grad_norm(params)
+                    # One all-reduce per step: the loss summed over ranks, and whether any rank
+                    # was asked to stop, so that every rank decides the same.
+                    stats = torch.stack([loss_sum, torch.tensor(float(stop.signum is not None), device=device)])
+                    stats = distributed.all_reduce_sum(env, stats).tolist()
+                    step_loss, stopping = stats[0] / (accum * env.world_size), stats[1] > 0
+                    reason = guard.judge(step_loss, norm.item())
+                    if reason is None:
+                        clip_gradients(params, max_norm, norm)
+                        for opt in optimizers:
+                            opt.step()
                     for opt in optimizers:
-                        opt.step()
                         opt.zero_grad(set_to_none=True)
                 step += 1
+                inject(env.rank, step, distributed.restart_count())
                 if profiler is not None:
                     profiler.step()
-                step_loss = (loss_sum / accum).item()
                 if not math.isfinite(step_loss):
                     log.warning("non-finite loss %s at step %d", step_loss, step)
                 losses.append(step_loss)
                 window_tokens += objective.tokens_per_step
                 bar.update(1)
-
-                if step % loop.log_every == 0 or step == loop.max_steps:
+                grad_norm_value = norm.item()
+                if reason is not None:
+                    alerts.observe(step, step_loss, grad_norm_value)
+                    log.warning("step %d skipped (no optimizer update): %s", step, reason)
+                    log_values(loss=step_loss if math.isfinite(step_loss) else None,
+                               grad_norm=grad_norm_value if math.isfinite(grad_norm_value) else None,
+                               skipped=reason)
+                    alerts.alert("step_skipped", step, f"optimizer update skipped: {reason}",
+                                 reason=reason, data_step=step + guard.data_offset)
+                    if guard.record_skip(step):
+                        step = roll_back(step)
+                        bar.n = step
+                        bar.refresh()
+                        window_start, window_tokens = time.perf_counter(), 0
+                        continue
+                elif step % loop.log_every == 0 or step == loop.max_steps:
                     elapsed = time.perf_counter() - window_start
                     tokens_per_second = window_tokens / elapsed
                     if peak is None:
                         peak = peak_flops(device, dtype)
-                    mfu = flops_per_token * tokens_per_second / peak
-                    log_values(loss=step_loss, lr=optimizers[0].param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                    mfu = flops_per_token * tokens_per_second / (peak * env.world_size)
+                    log_values(loss=step_loss, lr=optimizers[0].param_groups[0]["lr"], grad_norm=grad_norm_value,
                                tokens_per_second=tokens_per_second, mfu=mfu,
                                tokens_seen=step * objective.tokens_per_step, **extras)
-                    alerts.observe(step, step_loss, grad_norm.item(), tokens_per_second)
+                    alerts.observe(step, step_loss, grad_norm_value, tokens_per_second)
                     bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}", mfu=f"{mfu:.1%}")
-                    if bar.disable:
+                    if bar.disable and main:
                         log.info(
                             "step %d loss %.4f lr %.2e tok/s %.0f mfu %.1f%%",
                             step, step_loss, factor * optimizers[0].param_groups[0]["peak_lr"],
@@ -371,14 +536,17 @@ def fit(
                         )
                     window_start, window_tokens = time.perf_counter(), 0
                 else:
-                    alerts.observe(step, step_loss, grad_norm.item())
+                    alerts.observe(step, step_loss, grad_norm_value)
                 if loop.eval_every and step % loop.eval_every == 0:
                     validate()
                     window_start = time.perf_counter()
-                if stop.signum is not None:
+                if stopping:
                     saved = save()
-                    bar.write(f"interrupted at step {step}; checkpoint {saved}; continue with --resume")
-                    return _result(run_dir, "interrupted", step, losses, val, saved, stop.signum)
+                    saved = checkpointer.close() or saved
+                    signum = stop.signum or signal.SIGTERM  # another rank's signal: same exit
+                    if main:
+                        bar.write(f"interrupted at step {step}; checkpoint {saved}; continue with --resume")
+                    return _result(run_dir, "interrupted", step, losses, val, saved, signum)
                 if loop.checkpoint_every and step % loop.checkpoint_every == 0:
                     saved = save()
                     window_start = time.perf_counter()
@@ -386,13 +554,23 @@ def fit(
                 validate()
             final = checkpoint.step_dir_name(step)
             saved = run_dir.checkpoints / final if saved and saved.name == final else save()
+            saved = checkpointer.close() or saved
     except torch.OutOfMemoryError:
         snapshot = memory.dump(f"oom-step-{step + 1}.pickle")
         alerts.alert("out_of_memory", step + 1, f"out of memory; allocator snapshot {snapshot}")
         raise
+    except Exception as err:
+        if env.world_size > 1 and distributed.is_collective_failure(err):
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            log.error("rank %d: a collective failed at step %d (timeout %.0f s): %s; a peer rank has died or "
+                      "hangs. torchrun --max-restarts relaunches resume from the last complete checkpoint",
+                      env.rank, step + 1, parallel.timeout_seconds, first_line)
+            raise TrainingError(f"rank {env.rank}: collective failed at step {step + 1}: {first_line}") from err
+        raise
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         alerts.close()
         if profiler is not None:
             profiler.close()
