@@ -276,6 +276,19 @@ def fit(
     """Train `build_model()` on `objective`. `config` has run, optim, schedule, train, alerts and
     trackers sections (parallel and faults optional); `trainable_only` checkpoints just the
     trainable parameters (LoRA). `env`: the process group `run` joined (None: join it here)."""
+    own_env = env is None
+    if env is None:
+        env = _init_distributed(config.train, getattr(config, "parallel", ParallelConfig()))
+    try:
+        return _fit(config, model_config, build_model, tokenizer, objective, manifest, resume, trainable_only,
+                    extra_state, env)
+    finally:
+        if own_env:
+            distributed.shutdown(env)
+
+
+def _fit(config, model_config, build_model, tokenizer, objective, manifest, resume, trainable_only, extra_state,
+         env: distributed.DistEnv) -> TrainResult:
     run_config: RunConfig = config.run
     optim_config: OptimConfig = config.optim
     schedule: ScheduleConfig = config.schedule
@@ -284,19 +297,6 @@ def fit(
     guard = StepGuard(getattr(config, "faults", FaultConfig()))
     alert_config: AlertConfig = getattr(config, "alerts", AlertConfig())
     tracker_config: TrackerConfig = getattr(config, "trackers", TrackerConfig())
-    own_env = env is None
-    env = _init_distributed(loop, parallel) if env is None else env
-    try:
-        return _fit(config, model_config, build_model, tokenizer, objective, manifest, resume, trainable_only,
-                    extra_state, env, run_config, optim_config, schedule, loop, parallel, guard, alert_config,
-                    tracker_config)
-    finally:
-        if own_env:
-            distributed.shutdown(env)
-
-
-def _fit(config, model_config, build_model, tokenizer, objective, manifest, resume, trainable_only, extra_state,
-         env, run_config, optim_config, schedule, loop, parallel, guard, alert_config, tracker_config) -> TrainResult:
     device = env.device
     dtype = resolve_dtype(loop.dtype, device)
     main = env.is_main

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +192,33 @@ def test_a_stuck_rank_makes_its_peer_fail_naming_rank_and_step(runs):
     assert "rank 0: collective failed at step 4" in done.stderr, done.stderr[-3000:]
     # The last complete checkpoint is intact for a relaunch.
     assert (runs.run_dir("stuck") / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+
+
+def test_sigterm_to_torchrun_makes_every_rank_save_the_same_checkpoint_before_exit(fsdp, runs):
+    # As a scheduler does at preemption: SIGTERM to the launcher, which forwards it to the
+    # ranks; they agree on the step to stop at (the flag rides the step's all-reduce).
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "lmforge", "train", str(runs.config), "run.name=preempted", "parallel.strategy=fsdp",
+               "train.max_steps=100000", "train.checkpoint_every=0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = runs.run_dir("preempted") / "metrics.jsonl"
+    try:
+        for _ in range(6000):
+            if metrics.is_file() and '"step": 3,' in metrics.read_text():
+                break
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    latest = (runs.run_dir("preempted") / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.removeprefix("step-"))
+    assert 3 <= step < 1000, stderr[-3000:]
+    assert "received SIGTERM: finishing the step and saving a checkpoint" in stderr
+    # The run continues from there (here in one process) with the reference losses.
+    resumed = runs.in_process("preempted", f"train.max_steps={step + 2}", "train.checkpoint_every=0", resume=True)
+    assert resumed.step == step + 2
+    if step + 2 <= STEPS:  # within the reference run (the usual case: it stops at step 3 or 4)
+        np.testing.assert_allclose(resumed.losses, fsdp[step:step + 2], rtol=1e-5, atol=1e-5)

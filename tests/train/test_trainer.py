@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -71,20 +72,32 @@ def test_resume_after_a_crash_truncates_metrics_and_replays_from_the_checkpoint(
     assert logged_losses(resumed.run_dir) == logged_losses(full.run_dir)
 
 
+def signal_when_logged(metrics_path, step: int, signum=signal.SIGTERM, pid=None) -> threading.Thread:
+    """Send `signum` once `metrics_path` holds a record of `step` (a run mid-way, however fast)."""
+
+    def watch():
+        for _ in range(6000):
+            if metrics_path.is_file() and f'"step": {step},' in metrics_path.read_text():
+                os.kill(pid or os.getpid(), signum)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(make_config):
-    full = trainer.run(make_config("full", train={"max_steps": 30}))
-    config = make_config("term", train={"max_steps": 30})
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        stopped = trainer.run(config)
-    finally:
-        timer.cancel()
-    if stopped.status == "completed":
-        pytest.skip("run finished before the signal arrived")
+    constant = {"name": "constant", "warmup_steps": 3}
+    full = trainer.run(make_config("full", schedule=constant, train={"max_steps": 30}))
+    # Far more steps than it will run: the signal stops it after step 3 or a little later.
+    config = make_config("term", schedule=constant, train={"max_steps": 100_000})
+    signal_when_logged(RunDir(f"{config.run.out_dir}/term").metrics_path, 3)
+    stopped = trainer.run(config)
     assert stopped.status == "interrupted" and stopped.signal == signal.SIGTERM
+    assert 3 <= stopped.step < 30
     assert stopped.checkpoint.name == f"step-{stopped.step:07d}"
-    resumed = trainer.run(config, resume=True)
+    resumed = trainer.run(make_config("term", schedule=constant, train={"max_steps": 30}), resume=True)
     assert stopped.losses + resumed.losses == full.losses
 
 
