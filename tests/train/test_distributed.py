@@ -177,9 +177,10 @@ def test_a_one_process_checkpoint_continues_on_two_ddp_processes(single, runs):
 
 
 def test_a_killed_rank_is_relaunched_and_the_run_ends_with_the_uninterrupted_losses(fsdp, runs):
-    # Rank 1 SIGKILLs itself after step 5 (checkpoints at 2 and 4); torchrun relaunches
-    # both ranks, which resume from step 4 by themselves (train.resume=auto).
-    done = runs.torchrun("killed", "parallel.strategy=fsdp", fault="kill:1:5", restarts=1)
+    # Rank 1 SIGKILLs itself after step 5 (checkpoints at 2 and 4, written in the background);
+    # torchrun relaunches both ranks, which resume from step 4 by themselves (train.resume=auto).
+    done = runs.torchrun("killed", "parallel.strategy=fsdp", "train.async_checkpoint=true",
+                         fault="kill:1:5", restarts=1)
     assert "exitcode: -9" in done.stderr and "resumed from" in done.stderr and "step-0000004" in done.stderr
     assert "rank 0: a collective failed at step 6" in done.stderr
     assert losses_of(runs.run_dir("killed")) == fsdp

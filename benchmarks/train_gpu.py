@@ -1,0 +1,225 @@
+"""Training throughput on one GPU the way `lmforge train` runs it: bf16 FSDP2 + compiled blocks.
+
+For each preset the model goes through train/parallel.py exactly as in a run
+(`parallel.strategy=fsdp` in a one-process group: bf16 gathered weights, fp32 gradient
+reduction and fp32 master weights; `train.compile=true`; optional activation
+checkpointing), with lmforge's fused AdamW and gradient clipping. One step: forward with
+loss -> backward -> clip -> optimizer step, on a fixed random batch. Reported per preset and
+variant: tokens/s, MFU (ModelConfig.flops_per_token against the GPU's dense bf16 peak from
+lmforge.train.mfu) and peak allocated memory.
+
+    .venv/bin/python benchmarks/train_gpu.py                              # 125m, 350m, llama3-1b
+    .venv/bin/python benchmarks/train_gpu.py --presets llama3-1b --batch-size 8 --ac selective
+    .venv/bin/python benchmarks/train_gpu.py --device cpu --presets tiny --steps 2 --warmup 1 \\
+        --variants eager --no-write                                       # smoke test of the code path
+
+Results go to stdout and into BENCHMARKS.md between the train_gpu markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lmforge import atomic  # noqa: E402
+from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.presets import PRESETS  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
+from lmforge.train import distributed  # noqa: E402
+from lmforge.train.config import OptimConfig, ParallelConfig  # noqa: E402
+from lmforge.train.mfu import peak_flops  # noqa: E402
+from lmforge.train.optim import build_optimizers  # noqa: E402
+from lmforge.train.parallel import clip_gradients, grad_norm, parallelize  # noqa: E402
+
+START_MARK = "<!-- train_gpu:start -->"
+END_MARK = "<!-- train_gpu:end -->"
+# Micro-batch sizes that fit an 80 GB H100 at seq 2048 with bf16 FSDP2 and no activation checkpointing.
+DEFAULT_BATCH = {"125m": 16, "350m": 12, "llama3-1b": 6}
+VARIANTS = {"fsdp+compile": ("fsdp", True), "fsdp": ("fsdp", False), "eager": ("single", False)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="125m,350m,llama3-1b", help="comma-separated preset names")
+    p.add_argument("--variants", default="fsdp+compile,fsdp", help=f"comma-separated: {', '.join(VARIANTS)}")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=None, help="micro-batch; default per preset")
+    p.add_argument("--vocab-size", type=int, default=32768, help="for presets without their own")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--ac", choices=["none", "full", "selective"], default="none", help="activation checkpointing")
+    p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument("--no-write", action="store_true")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Result:
+    preset: str
+    variant: str
+    params: int
+    batch: int
+    tokens_per_second: float = 0.0
+    mfu: float = 0.0
+    peak_memory_gib: float = 0.0
+    loss: float = float("nan")
+    compile_seconds: float = 0.0
+    error: str | None = None
+
+
+def build_model(preset: str, args, device: torch.device) -> Transformer:
+    overrides = {} if PRESETS[preset].get("vocab_size") else {"vocab_size": args.vocab_size}
+    config = ModelConfig(preset=preset, max_seq_len=max(args.seq_len, 8), **overrides)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    model.init_weights(torch.Generator(device=device).manual_seed(0) if device.type == "cuda" else None)
+    return model
+
+
+def measure(preset: str, variant: str, args, env: distributed.DistEnv) -> Result:
+    device, dtype = env.device, torch.bfloat16
+    strategy, compile = VARIANTS[variant]
+    batch = args.batch_size or DEFAULT_BATCH.get(preset, 8)
+    model = build_model(preset, args, device)
+    config = model.config
+    result = Result(preset, variant, config.num_params(), batch)
+    parallel = ParallelConfig(strategy=strategy, activation_checkpointing=args.ac)
+    model = parallelize(model, parallel, env, dtype, compile=compile)
+    optimizers = build_optimizers(model, OptimConfig(lr=3e-4), device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (batch, args.seq_len + 1), generator=g).to(device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    # FSDP's mixed-precision policy casts the weights; the eager baseline uses autocast.
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=strategy == "single")
+
+    def step() -> torch.Tensor:
+        with autocast:
+            loss = model(inputs, targets)
+        loss.backward()
+        clip_gradients(params, 1.0, grad_norm(params))
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    try:
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        sync()
+        result.compile_seconds = time.perf_counter() - start
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        sync()
+        elapsed = time.perf_counter() - start
+        result.loss = loss.item()
+        result.tokens_per_second = args.steps * batch * args.seq_len / elapsed
+        result.mfu = config.flops_per_token(args.seq_len) * result.tokens_per_second / peak_flops(device, dtype)
+        if device.type == "cuda":
+            result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    except torch.OutOfMemoryError:
+        result.error = f"out of memory at micro-batch {batch}"
+    except Exception as exc:  # noqa: BLE001 - recorded in the table, the other rows still run
+        result.error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+    return result
+
+
+def release_memory(device: torch.device) -> None:
+    """Between measurements: the last model, optimizer and compiled graphs are garbage."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def render(args, results: list[Result], device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = peak_flops(device, torch.bfloat16)
+    lines = [
+        "### Training on one GPU: bf16 FSDP2 + compiled blocks (lmforge train's code path)",
+        "",
+        f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)}`",
+        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- device: {name}; bf16 dense peak used for MFU: {peak / 1e12:.0f} TFLOP/s",
+        f"- torch {torch.__version__}, python {platform.python_version()}",
+        f"- seq {args.seq_len}; {args.steps} timed steps after {args.warmup} warm-up steps; "
+        f"activation checkpointing: {args.ac}; AdamW (fused) + clipping; random tokens",
+        "",
+        "| preset | params | variant | micro-batch | tokens/s | MFU | peak memory | warm-up (s) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.preset} | {r.params / 1e6:,.0f}M | {r.variant} | {r.batch} | failed: {r.error} | | | |")
+            continue
+        lines.append(
+            f"| {r.preset} | {r.params / 1e6:,.0f}M | {r.variant} | {r.batch} | {r.tokens_per_second:,.0f} | "
+            f"{r.mfu:.1%} | {r.peak_memory_gib:.1f} GiB | {r.compile_seconds:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the text between this benchmark's markers in `path` (or append it), atomically."""
+    block = f"{START_MARK}\n{section}{END_MARK}\n"
+    text = path.read_text() if path.exists() else "# lmforge benchmarks\n"
+    if START_MARK in text and END_MARK in text:
+        head, rest = text.split(START_MARK, 1)
+        text = head + block + rest.split(END_MARK, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    atomic.write_text(path, text)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = distributed.init(args.device, need_group=True)  # FSDP2 needs a (one-process) group
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    try:
+        for preset in args.presets.split(","):
+            for variant in args.variants.split(","):
+                print(f"{preset} / {variant} ...", flush=True)
+                r = measure(preset, variant, args, env)
+                release_memory(env.device)
+                print(f"  {r.error or f'{r.tokens_per_second:,.0f} tok/s, MFU {r.mfu:.1%}, peak {r.peak_memory_gib:.1f} GiB'}",
+                      flush=True)
+                results.append(r)
+    finally:
+        distributed.shutdown(env)
+    section = render(args, results, env.device)
+    print()
+    print(section)
+    if not args.no_write:
+        out = Path(args.out) if Path(args.out).is_absolute() else Path.cwd() / args.out
+        write_section(out, section)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
