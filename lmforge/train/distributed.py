@@ -12,6 +12,8 @@ import dataclasses
 import datetime
 import logging
 import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -112,3 +114,39 @@ def is_collective_failure(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return any(s in text for s in ("timed out", "timeout", "connection closed by peer", "connection reset", "gloo"))
+
+
+class StepWatchdog:
+    """Names the rank and step when a step outlasts the collective timeout.
+
+    gloo raises the timeout in the training thread (the loop reports it there); NCCL's own
+    watchdog aborts the process instead, with no word of the step. This thread logs the
+    rank and step first, whatever the backend.
+    """
+
+    def __init__(self, env: DistEnv, timeout_seconds: float):
+        self.env, self.timeout = env, timeout_seconds
+        self.step, self._since = 0, time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if env.world_size > 1:
+            self._thread = threading.Thread(target=self._watch, name="lmforge-step-watchdog", daemon=True)
+            self._thread.start()
+
+    def beat(self, step: int) -> None:
+        """The loop is at `step` (0-based: step + 1 is running) and making progress."""
+        self.step, self._since = step, time.monotonic()
+
+    def _watch(self) -> None:
+        reported = -1
+        while not self._stop.wait(min(5.0, self.timeout / 4)):
+            waited = time.monotonic() - self._since
+            if waited > self.timeout and reported != self.step:
+                reported = self.step
+                log.error(
+                    "rank %d: step %d has not finished after %.0f s (parallel.timeout_seconds): a collective "
+                    "is likely waiting for a rank that died or hangs", self.env.rank, self.step + 1, waited,
+                )
+
+    def close(self) -> None:
+        self._stop.set()

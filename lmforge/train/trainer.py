@@ -457,9 +457,11 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
     max_norm = optim_config.grad_clip if optim_config.grad_clip > 0 else math.inf
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
+    watchdog = distributed.StepWatchdog(env, parallel.timeout_seconds)
     try:
         with _StopFlag() as stop:
             while step < loop.max_steps:
+                watchdog.beat(step)
                 factor = lr_factor(step, loop.max_steps, schedule)
                 for opt in optimizers:
                     for group in opt.param_groups:
@@ -568,6 +570,7 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
             raise TrainingError(f"rank {env.rank}: collective failed at step {step + 1}: {first_line}") from err
         raise
     finally:
+        watchdog.close()
         bar.close()
         if metrics is not None:
             metrics.close()

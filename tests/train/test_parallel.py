@@ -125,3 +125,17 @@ def test_a_gradient_norm_spike_is_judged_against_the_running_median():
     assert guard.judge(2.0, 4.0) is None  # below the factor; joins the median
     assert guard.judge(float("inf"), 1.0) == "non-finite loss"
     assert guard.judge(2.0, float("nan")) == "non-finite gradient norm"
+
+
+def test_a_step_that_outlasts_the_collective_timeout_is_reported_with_rank_and_step(caplog):
+    import time
+
+    from lmforge.train.distributed import DistEnv, StepWatchdog
+
+    with caplog.at_level(logging.ERROR, logger="lmforge.train.distributed"):
+        watchdog = StepWatchdog(DistEnv(rank=1, world_size=2), timeout_seconds=0.2)
+        watchdog.beat(4)
+        time.sleep(0.6)
+        watchdog.close()
+    assert "rank 1: step 5 has not finished after" in caplog.text
+    assert caplog.text.count("has not finished") == 1  # once per stuck step
