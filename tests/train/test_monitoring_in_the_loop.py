@@ -47,7 +47,8 @@ def test_profiling_writes_a_chrome_trace_of_the_chosen_steps(make_config):
 
 
 def test_a_clean_run_raises_no_alert_and_a_planted_nan_does(make_config, monkeypatch):
-    clean = trainer.run(make_config("clean"))
+    # Throughput alerts depend on machine load (tested on planted readings in tests/monitor).
+    clean = trainer.run(make_config("clean", alerts={"throughput_fraction": 0.01}))
     assert not (clean.run_dir / ALERTS_FILE).exists()
     original = trainer.PretrainObjective.loss
 
