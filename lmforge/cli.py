@@ -335,6 +335,30 @@ def chat(
         typer.echo()
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")],
+    args: ConfigArgs = None,
+    host: Annotated[str | None, typer.Option(help="address to bind (server.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (server.port)")] = None,
+    api_keys_file: Annotated[str | None, typer.Option(help="lines of name:key or name:sha256:HEX")] = None,
+    device: Annotated[str | None, typer.Option(help="engine.device: auto, cpu, cuda")] = None,
+):
+    """OpenAI-compatible server: /v1/completions, /v1/chat/completions, /metrics, ... (Ctrl-C drains)."""
+    from lmforge.serve import server
+    from lmforge.serve.config import ServeConfig
+
+    base: dict[str, Any] = {"model": model}
+    server_flags = _flags(host=host, port=port)
+    if server_flags:
+        base["server"] = server_flags
+    if api_keys_file is not None:
+        base["auth"] = {"api_keys_file": api_keys_file}
+    if device is not None:
+        base["engine"] = {"device": device}
+    server.run(_config(ServeConfig, args, base))
+
+
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
     from rich.table import Table

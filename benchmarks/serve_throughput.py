@@ -1,0 +1,293 @@
+"""Serving throughput: `lmforge serve` (continuous batching) against HF transformers `generate`.
+
+One exported model dir (the `small` preset, random weights, a BPE trained on the bundled
+corpus) and the same token-id prompts for every contender. At each concurrency C, C
+clients send requests back to back (each waits for its reply before the next); every
+request asks for exactly `--max-tokens` new tokens (greedy, EOS ignored). Measured: output
+tokens per second over the whole run, and time to first token (from the moment a request
+is sent) at p50 / p99.
+
+- lmforge: `lmforge serve DIR` in a subprocess, streamed over HTTP (SSE) by asyncio clients.
+- HF sequential: one `model.generate` at a time, requests served first come first served.
+- HF static batch: the queued requests (up to C) left-padded into one `generate`; requests
+  that arrive meanwhile wait for the next batch.
+
+    .venv/bin/python benchmarks/serve_throughput.py
+    .venv/bin/python benchmarks/serve_throughput.py --concurrency 1 4 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gzip
+import json
+import os
+import platform
+import queue
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lmforge.interop.model_dir import save_model_dir  # noqa: E402
+from lmforge.model import ModelConfig, Transformer  # noqa: E402
+from lmforge.tokenizer import train_tokenizer  # noqa: E402
+
+CORPUS = ROOT / "lmforge" / "data" / "corpus" / "python_docs.jsonl.gz"
+START_MARK = "<!-- serve_throughput:start -->"
+END_MARK = "<!-- serve_throughput:end -->"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    return p.parse_args(argv)
+
+
+def build(directory: Path, preset: str, prompt_tokens: int, count: int) -> tuple[Path, list[list[int]], ModelConfig]:
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    tokenizer = train_tokenizer(iter(texts), vocab_size=8192)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(preset=preset, vocab_size=8192))
+    save_model_dir(directory / "model", model, tokenizer)
+    paragraphs = [p for t in texts for p in t.split("\n\n") if len(p) > 400]
+    prompts = [tokenizer.encode_prompt(p)[:prompt_tokens] for p in paragraphs[:count]]
+    return directory / "model", prompts, model.config
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def closed_loop(clients: int, prompts: list[list[int]], send) -> tuple[float, list[float], int]:
+    """`clients` workers take prompts in turn; -> (wall seconds, TTFTs, output tokens)."""
+    work: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        work.put_nowait(p)
+    ttfts, tokens = [], 0
+
+    async def client():
+        nonlocal tokens
+        while not work.empty():
+            ttft, n = await send(work.get_nowait())
+            ttfts.append(ttft)
+            tokens += n
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - start, ttfts, tokens
+
+
+# -- lmforge serve ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, port: int, max_num_seqs: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port),
+               f"engine.max_num_seqs={max_num_seqs}", "audit.path=null", "server.log_level=warning",
+               "server.model_name=bench", f"limits.max_tokens={4096}"]
+    server = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"lmforge serve exited: {server.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("lmforge serve did not start")
+
+
+def lmforge_run(url: str, clients: int, prompts: list[list[int]], max_tokens: int):
+    async def main():
+        limits = httpx.Limits(max_connections=clients + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+            async def send(prompt):
+                body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                sent, first, tokens = time.perf_counter(), None, 0
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        if event["choices"] and first is None:
+                            first = time.perf_counter() - sent
+                        if event.get("usage"):
+                            tokens = event["usage"]["completion_tokens"]
+                return first, tokens
+
+            await send(prompts[0])  # warm-up
+            return await closed_loop(clients, prompts, send)
+
+    return asyncio.run(main())
+
+
+# -- HF transformers ---------------------------------------------------------------------------
+
+
+class FirstTokenClock:
+    """A `generate` streamer that notes when the first new token appears (its 2nd `put`)."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def hf_run(model, clients: int, prompts: list[list[int]], max_tokens: int, batch: bool, pad_id: int):
+    """A worker thread runs `generate` (one request, or all queued up to `clients`); asyncio clients wait."""
+    jobs: queue.Queue = queue.Queue()
+
+    def worker():
+        while True:
+            first_job = jobs.get()
+            if first_job is None:
+                return
+            group = [first_job]
+            while batch and len(group) < clients and not jobs.empty():
+                group.append(jobs.get_nowait())
+            width = max(len(p) for p, _, _ in group)
+            ids = torch.full((len(group), width), pad_id)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for i, (p, _, _) in enumerate(group):  # left padding, as decoder-only batching needs
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            clock = FirstTokenClock()
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                     do_sample=False, pad_token_id=pad_id, streamer=clock)
+            for _, sent, done in group:
+                done((clock.first - sent, out.shape[1] - width))
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def send(prompt):
+            future = loop.create_future()
+            jobs.put((prompt, time.perf_counter(), lambda r: loop.call_soon_threadsafe(future.set_result, r)))
+            return await future
+
+        await send(prompts[0])  # warm-up
+        return await closed_loop(clients, prompts, send)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        jobs.put(None)
+        thread.join()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    results: dict[int, dict[str, tuple[float, list[float], int]]] = {}
+    biggest = max(args.concurrency)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, all_prompts, config = build(Path(tmp), args.preset, args.prompt_tokens,
+                                               args.requests_per_client * biggest + 1)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        pad_id = json.loads((model_dir / "generation_config.json").read_text()).get("pad_token_id") or 0
+        port = free_port()
+        server = start_server(model_dir, port, max_num_seqs=biggest)
+        try:
+            for c in args.concurrency:
+                prompts = all_prompts[: args.requests_per_client * c]
+                row = results[c] = {}
+                row["lmforge serve"] = lmforge_run(f"http://127.0.0.1:{port}", c, prompts, args.max_tokens)
+                row["HF sequential"] = hf_run(hf, c, prompts, args.max_tokens, batch=False, pad_id=pad_id)
+                row["HF static batch"] = hf_run(hf, c, prompts, args.max_tokens, batch=True, pad_id=pad_id)
+                for name, (wall, ttfts, tokens) in row.items():
+                    print(f"concurrency {c:>2} {name:<16} {tokens / wall:8.1f} tok/s  TTFT p50 "
+                          f"{percentile(ttfts, 0.5) * 1000:7.1f} ms  p99 {percentile(ttfts, 0.99) * 1000:7.1f} ms  "
+                          f"({len(ttfts)} requests, {tokens} tokens, {wall:.1f} s)", flush=True)
+        finally:
+            server.terminate()
+            server.wait(60)
+    total = time.perf_counter() - started
+
+    command = ".venv/bin/python benchmarks/serve_throughput.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    lines = [
+        START_MARK,
+        f"### Serving throughput: `lmforge serve` vs HF transformers `generate` ({args.preset}, fp32, CPU)",
+        "",
+        f"C clients send requests back to back ({args.requests_per_client} each); {args.prompt_tokens}-token prompts, "
+        f"exactly {args.max_tokens} new tokens each (greedy, EOS ignored). lmforge is measured over HTTP (SSE",
+        "streaming from a `lmforge serve` subprocess); HF runs `generate` in-process (no HTTP), one request at a",
+        "time (sequential) or the queued requests left-padded into one batch (static batch). TTFT counts from",
+        "the moment a request is sent, so it includes queueing.",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+        f"- CPU threads: {torch.get_num_threads()}; model: {config.num_params():,} parameters, vocab 8192, context {config.max_seq_len}",
+        f"- total wall time {total:.0f} s",
+        "",
+        "| concurrency | implementation | output tokens/s | vs HF sequential | TTFT p50 (ms) | TTFT p99 (ms) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for c, row in results.items():
+        base = row["HF sequential"][2] / row["HF sequential"][0]
+        for name, (wall, ttfts, tokens) in row.items():
+            lines.append(f"| {c} | {name} | {tokens / wall:,.0f} | {tokens / wall / base:.2f}x | "
+                         f"{percentile(ttfts, 0.5) * 1000:,.0f} | {percentile(ttfts, 0.99) * 1000:,.0f} |")
+    lines.append(END_MARK)
+    block = "\n".join(lines)
+    print(block)
+    if not args.no_write:
+        path = ROOT / "BENCHMARKS.md"
+        text = path.read_text() if path.is_file() else "# lmforge benchmarks\n"
+        if START_MARK in text:
+            text = re.sub(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), lambda _: block, text, flags=re.S)
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+        path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""`ServeConfig`: the engine, the HTTP gateway, its limits, API keys, audit log and moderation hook."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lmforge.config import Section
+
+
+class EngineConfig(Section):
+    max_num_seqs: int = Field(16, ge=1, description="sequences decoded together (KV-cache slots)")
+    max_model_len: int | None = Field(None, ge=2, description="tokens per sequence; None: the model's context")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens computed per step, over all prefills")
+    device: str = Field("auto", description="auto: cuda if available, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_name: str | None = Field(None, description="the id clients send as `model`; None: the model dir's name")
+    graceful_shutdown_s: float = Field(30.0, ge=0, description="time running requests get to finish on shutdown")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+
+class LimitsConfig(Section):
+    max_prompt_tokens: int | None = Field(None, ge=1, description="None: the model's context")
+    max_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="chat completions without max_tokens")
+    max_n: int = Field(8, ge=1, description="largest n (choices per request)")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_queue: int = Field(128, ge=0, description="waiting requests before 503")
+    request_timeout_s: float | None = Field(300.0, gt=0, description="a generation running longer is stopped")
+
+
+class AuthConfig(Section):
+    api_keys_file: str | None = Field(None, description="lines of `name:key` or `name:sha256:HEX`")
+    api_keys_env: str = Field("LMFORGE_API_KEYS", description="env var with comma-separated `name:key` or keys")
+    requests_per_minute: int | None = Field(None, ge=1, description="per key; None: unlimited")
+    tokens_per_minute: int | None = Field(None, ge=1, description="prompt + max_tokens per key; None: unlimited")
+
+
+class AuditConfig(Section):
+    path: str | None = Field("serve_audit.sqlite", description="SQLite file; None: no audit log")
+
+
+class ModerationConfig(Section):
+    hook: str | None = Field(None, description="`module:factory` returning a Moderator; None: allow all")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+
+
+class ServeConfig(Section):
+    model: str = Field("", description="model dir, run dir or checkpoint")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    moderation: ModerationConfig = Field(default_factory=ModerationConfig)

@@ -1,0 +1,452 @@
+"""The inference engine: a slot KV cache, continuous batching, chunked prefill, per-request sampling.
+
+A background thread runs steps. Each step
+1. drops cancelled and timed-out requests and admits waiting ones into free cache slots,
+2. decodes one token for every running sequence in one batched forward (each row at its
+   own position, attending to its own cache),
+3. computes up to `prefill_chunk_tokens` prompt tokens of admitted sequences, so a long
+   prompt is spread over several steps instead of stalling the running streams.
+Requests join and leave the batch between steps. Results stream back through a
+`RequestHandle` (a sync or an async iterator of `RequestOutput` deltas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+from lmforge.serve.config import EngineConfig
+from lmforge.serve.kv_cache import SlotKVCache, forward_rows
+from lmforge.serve.sampling import (
+    Sampler,
+    SamplingParams,
+    TextTracker,
+    TokenLogprob,
+    token_logprobs,
+)
+from lmforge.tokenizer import LmTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(LmforgeError):
+    """A request the engine cannot run (empty prompt, longer than the context, bad token ids)."""
+
+
+@dataclass
+class RequestOutput:
+    """What a request produced since its previous output (the last one has `finished`)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None  # stop | length | cancelled | timeout | error
+    num_prompt_tokens: int
+    num_output_tokens: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+@dataclass
+class Completion:
+    """A whole request's result, gathered from its outputs."""
+
+    request_id: str
+    prompt_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_cache_usage: float  # fraction of cache positions held by running sequences
+
+
+class RequestHandle:
+    """The receiving end of one request: iterate (sync or async) over its outputs, or cancel it."""
+
+    def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int], loop=None):
+        self.engine, self.request_id, self.prompt_ids = engine, request_id, prompt_ids
+        self._loop = loop
+        self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
+        self.finished = False
+
+    def _put(self, output: RequestOutput) -> None:  # called on the engine thread
+        if self._loop is None:
+            self._queue.put(output)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+        except RuntimeError:  # the event loop is gone: nobody is listening
+            pass
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.engine.cancel(self.request_id)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while not self.finished:
+            output = self._queue.get()
+            self.finished = output.finished
+            yield output
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                output = await self._queue.get()
+                self.finished = output.finished
+                yield output
+        finally:  # the consumer stopped early (client gone): free the slot
+            self.cancel()
+
+    def result(self) -> Completion:
+        return gather(self.request_id, self.prompt_ids, list(self))
+
+    async def aresult(self) -> Completion:
+        return gather(self.request_id, self.prompt_ids, [out async for out in self])
+
+
+def gather(request_id: str, prompt_ids: list[int], outputs: Sequence[RequestOutput]) -> Completion:
+    logprobs = None
+    if any(o.logprobs is not None for o in outputs):
+        logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
+    return Completion(
+        request_id=request_id,
+        prompt_ids=prompt_ids,
+        text="".join(o.text for o in outputs),
+        token_ids=[t for o in outputs for t in o.token_ids],
+        finish_reason=outputs[-1].finish_reason if outputs else None,
+        logprobs=logprobs,
+        prompt_logprobs=next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None),
+    )
+
+
+@dataclass(eq=False)
+class _Sequence:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    tracker: TextTracker
+    handle: RequestHandle
+    deadline: float | None
+    slot: int | None = None
+    computed: int = 0  # tokens whose keys/values are in the cache
+    next_token: int | None = None  # sampled, not yet fed
+    output_ids: list[int] = field(default_factory=list)
+    new_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def output_budget(self) -> int:
+        return self.params.max_tokens
+
+
+class Engine:
+    """Continuous-batching generation over one model. Thread-safe: `submit` from anywhere."""
+
+    def __init__(self, model: Transformer, tokenizer: LmTokenizer, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.model, self.tokenizer = model.eval(), tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_len = min(self.config.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.vocab_size = model.config.vocab_size
+        self.cache = SlotKVCache(model.config, self.config.max_num_seqs, self.max_len, self.device, self.dtype)
+        self._free_slots = list(range(self.config.max_num_seqs))
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._incoming: deque[_Sequence] = deque()
+        self._cancels: set[str] = set()
+        self._cond = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._drain = True
+        self.steps = 0
+
+    @classmethod
+    def from_path(cls, path: str, config: EngineConfig | None = None) -> Engine:
+        """Load a model dir, run dir or checkpoint onto the configured device (bf16 on CUDA by default)."""
+        from lmforge.loading import load_model
+
+        config = config or EngineConfig()
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        model, tokenizer, _ = load_model(path, device, dtype)
+        return cls(model, tokenizer, config)
+
+    # -- the public API ------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the step loop; with `drain`, running and waiting requests finish first."""
+        with self._cond:
+            self._stopping, self._drain = True, drain
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive() and drain:  # drain took too long: cancel what is left
+                self.shutdown(drain=False, timeout=10)
+            self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown(drain=False)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Text is a document: BOS + text, as in training. Token ids are taken as they are."""
+        return self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty (it needs at least one token)")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        room = self.max_len if max_tokens == 0 else self.max_len - 1
+        if len(prompt_ids) > room:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_len}"
+                + (" with at least one kept for the reply" if max_tokens else "")
+            )
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> RequestHandle:
+        """Queue a request. Pass the running event loop (or use `stream`) to iterate asynchronously."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode(prompt)
+        self.check_prompt(prompt_ids, params.max_tokens)
+        request_id = request_id or f"req-{next(self._ids)}"
+        handle = RequestHandle(self, request_id, prompt_ids, loop)
+        stop = list(params.stop)
+        deadline = time.monotonic() + params.timeout_s if params.timeout_s else None
+        seq = _Sequence(
+            request_id, prompt_ids, params, Sampler(params, self.vocab_size, self.device),
+            TextTracker(self.tokenizer, prompt_ids, stop), handle, deadline,
+        )
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # the first token has nothing to be predicted from
+        with self._cond:
+            if self._stopping:
+                raise RequestError("the engine is shutting down")
+            self._incoming.append(seq)
+            self._cond.notify()
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        with self._cond:
+            self._cancels.add(request_id)
+            self._cond.notify()
+
+    def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        """Run every prompt (batched together) and wait for all of them."""
+        self.start()
+        handles = [self.submit(p, params) for p in prompts]
+        return [h.result() for h in handles]
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they are produced; leaving the loop early cancels it."""
+        self.start()
+        handle = self.submit(prompt, params, loop=asyncio.get_running_loop())
+        async for output in handle:
+            yield output
+
+    def stats(self) -> EngineStats:
+        running = list(self._running)
+        used = sum(s.computed for s in running)
+        return EngineStats(
+            running=len(running),
+            waiting=len(self._waiting) + len(self._incoming),
+            kv_cache_usage=used / (self.config.max_num_seqs * self.max_len),
+        )
+
+    # -- the step loop (engine thread only) ------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._incoming or self._running or self._waiting or self._stopping):
+                    self._cond.wait()
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                cancels, self._cancels = self._cancels, set()
+                if self._stopping and not self._drain:
+                    cancels |= {s.id for s in (*self._running, *self._waiting)}
+                idle = not (self._running or self._waiting)
+                if self._stopping and idle:
+                    return
+            try:
+                self._step(cancels)
+            except Exception:  # a bug or out-of-memory: fail what is running, keep serving
+                log.exception("engine step failed; failing the running requests")
+                for seq in list(self._running):
+                    self._finish(seq, "error")
+
+    @torch.inference_mode()
+    def _step(self, cancels: set[str]) -> None:
+        now = time.monotonic()
+        for seq in [*self._running, *self._waiting]:
+            if seq.id in cancels:
+                self._finish(seq, "cancelled")
+            elif seq.deadline is not None and now > seq.deadline:
+                self._finish(seq, "timeout")
+        while self._waiting and self._free_slots:
+            seq = self._waiting.popleft()
+            seq.slot = self._free_slots.pop(0)
+            self._running.append(seq)
+        decoding = sorted((s for s in self._running if s.next_token is not None), key=lambda s: s.slot)
+        prefilling = [s for s in self._running if s.computed < len(s.prompt_ids)]
+        if decoding:
+            self._decode(decoding)
+        if prefilling:
+            self._prefill(prefilling)
+        self.steps += 1
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        tokens = torch.tensor([[s.next_token] for s in seqs], device=self.device)
+        positions = torch.tensor([[s.computed] for s in seqs], device=self.device)
+        slots = [s.slot for s in seqs]
+        hidden = forward_rows(self.model, self.cache, tokens, positions, slots, positions.new_tensor(slots)[:, None])
+        logits = self.model.output(hidden[:, -1]).float()
+        for s in seqs:
+            s.computed += 1
+            s.next_token = None
+        self._sample(seqs, logits)
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        budget = self.config.prefill_chunk_tokens
+        rows: list[tuple[_Sequence, int, int]] = []
+        for s in seqs:
+            if budget <= 0:
+                break
+            n = min(len(s.prompt_ids) - s.computed, budget)
+            rows.append((s, s.computed, n))
+            budget -= n
+        width = max(n for _, _, n in rows)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        write = torch.full((len(rows), width), self.cache.scratch, dtype=torch.long)
+        for b, (s, start, n) in enumerate(rows):
+            tokens[b, :n] = torch.tensor(s.prompt_ids[start : start + n])
+            positions[b, :n] = torch.arange(start, start + n)
+            write[b, :n] = s.slot
+        hidden = forward_rows(
+            self.model, self.cache, tokens.to(self.device), positions.to(self.device),
+            [s.slot for s, _, _ in rows], write.to(self.device),
+        )
+        done, last = [], []
+        for b, (s, start, n) in enumerate(rows):
+            s.computed += n
+            if s.prompt_logprobs is not None:
+                # Position i predicts prompt token i + 1; the prompt's last position predicts the reply.
+                scored = min(n, len(s.prompt_ids) - 1 - start)
+                if scored > 0:
+                    targets = torch.tensor(s.prompt_ids[start + 1 : start + 1 + scored], device=self.device)
+                    logits = self.model.output(hidden[b, :scored]).float()
+                    s.prompt_logprobs.extend(token_logprobs(logits, targets, s.params.prompt_logprobs))
+            if s.computed == len(s.prompt_ids):
+                if s.params.max_tokens == 0:
+                    self._finish(s, "length")
+                else:
+                    done.append(s)
+                    last.append(hidden[b, n - 1])
+        if done:
+            self._sample(done, self.model.output(torch.stack(last)).float())
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """logits [len(seqs), vocab] (fp32): pick each row's token, record log-probs, emit."""
+        plain = [i for i, s in enumerate(seqs) if s.sampler.greedy_plain]
+        greedy = dict(zip(plain, logits[plain].argmax(-1).tolist(), strict=True)) if plain else {}
+        chosen = [greedy[i] if i in greedy else s.sampler.sample(logits[i]) for i, s in enumerate(seqs)]
+        wants = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        logprobs: dict[int, TokenLogprob] = {}
+        if wants:
+            top = max(seqs[i].params.logprobs for i in wants)
+            rows = token_logprobs(logits[wants], torch.tensor([chosen[i] for i in wants], device=logits.device), top)
+            for i, row in zip(wants, rows, strict=True):
+                row.top = row.top[: seqs[i].params.logprobs]
+                logprobs[i] = row
+        for i, (s, token) in enumerate(zip(seqs, chosen, strict=True)):
+            self._append(s, token, logprobs.get(i))
+
+    def _append(self, s: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        if token in self.tokenizer.stop_ids and not s.params.ignore_eos:
+            self._finish(s, "stop")
+            return
+        s.output_ids.append(token)
+        s.new_ids.append(token)
+        if logprob is not None:
+            s.new_logprobs.append(logprob)
+        s.sampler.observe(token)
+        s.tracker.add(token)
+        if s.tracker.stopped:
+            self._finish(s, "stop")
+        elif len(s.output_ids) >= min(s.params.max_tokens, self.max_len - len(s.prompt_ids)):
+            self._finish(s, "length")
+        else:
+            s.next_token = token
+            self._emit(s, finished=False, reason=None)
+
+    def _emit(self, s: _Sequence, finished: bool, reason: str | None) -> None:
+        prompt_logprobs = None
+        if s.prompt_logprobs is not None and not s.prompt_logprobs_sent:
+            prompt_logprobs, s.prompt_logprobs_sent = s.prompt_logprobs, True
+        s.handle._put(RequestOutput(
+            request_id=s.id,
+            token_ids=s.new_ids,
+            text=s.tracker.flush(final=finished),
+            logprobs=s.new_logprobs if s.params.logprobs is not None else None,
+            finished=finished,
+            finish_reason=reason,
+            num_prompt_tokens=len(s.prompt_ids),
+            num_output_tokens=len(s.output_ids),
+            prompt_logprobs=prompt_logprobs,
+        ))
+        s.new_ids, s.new_logprobs = [], []
+
+    def _finish(self, s: _Sequence, reason: str) -> None:
+        if s.slot is not None:
+            self._running.remove(s)
+            self._free_slots.append(s.slot)
+            self._free_slots.sort()  # lowest slots first: running rows stay contiguous more often
+            s.slot = None
+        elif s in self._waiting:
+            self._waiting.remove(s)
+        s.next_token = None
+        self._emit(s, finished=True, reason=reason)

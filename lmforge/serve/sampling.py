@@ -1,0 +1,147 @@
+"""Per-request sampling: parameters, penalties, log-probs, and text that stops at stop strings.
+
+Each request samples from its own row of the batch's logits with its own
+`torch.Generator`, through the same `lmforge.generate.sample_next` that `lmforge generate`
+uses: a seeded request draws the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.generate import SamplingConfig, sample_next
+from lmforge.tokenizer import LmTokenizer
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks for (OpenAI's names; `top_k`, `ignore_eos` as in vLLM)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token (completions `echo`)
+    timeout_s: float | None = None
+
+    def __post_init__(self):
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Sampler:
+    """One request's sampling state: its generator, token counts for penalties, its config."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device):
+        self.params = params
+        # sample_next's own config; max_tokens is not used there (echo requests may have 0).
+        self.config = SamplingConfig(
+            max_tokens=1, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed
+        )
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+        self.counts = None
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, device=device)
+
+    @property
+    def greedy_plain(self) -> bool:
+        """Greedy with nothing per-row to apply: can share one batched argmax."""
+        return self.config.temperature == 0 and self.counts is None
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """logits [vocab] (fp32) -> token id."""
+        if self.counts is not None:
+            # OpenAI's penalties: subtract count * frequency + (count > 0) * presence, over output tokens.
+            p = self.params
+            logits = logits - self.counts * p.frequency_penalty - (self.counts > 0).float() * p.presence_penalty
+        return int(sample_next(logits[None], self.config, self.generator)[0])
+
+    def observe(self, token: int) -> None:
+        if self.counts is not None:
+            self.counts[token] += 1
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Raw model log-probs (before temperature and penalties, as vLLM reports them) of `tokens`
+    under `logits` [n, vocab], with the `top` most likely alternatives of each."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+    if top > 0:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens.tolist(), chosen, tops, strict=True)]
+
+
+class TextTracker:
+    """Incremental detokenization with stop strings.
+
+    Text is decoded over a small window of earlier tokens (as vLLM does) so tokenizers whose
+    decoders depend on context (leading spaces) and multi-token UTF-8 characters come out
+    right; text that could still become a stop string is held back until it cannot.
+    """
+
+    def __init__(self, tokenizer: LmTokenizer, prompt_ids: list[int], stop: list[str]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-4:])
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""  # all output text so far (cut at a stop string once one is seen)
+        self.sent = 0  # characters of `text` already handed out
+        self.stopped = False
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            before = len(self.text)
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            if self.stop:
+                self._check_stop(max(0, before - self.hold))
+
+    def _check_stop(self, search_from: int) -> None:
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def flush(self, final: bool) -> str:
+        """Text not yet handed out; unless `final`, minus a tail that might start a stop string."""
+        if final and not self.stopped and self.read_offset < len(self.ids):
+            # An incomplete character at the end stays as U+FFFD, as a full decode gives it.
+            prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+            self.text += self.tokenizer.decode(self.ids[self.prefix_offset :])[len(prefix):]
+            self.read_offset = len(self.ids)
+            if self.stop:
+                self._check_stop(max(0, self.sent - self.hold))
+        end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self.hold)
+        delta = self.text[self.sent : end]
+        self.sent = end
+        return delta

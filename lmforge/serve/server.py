@@ -1,0 +1,604 @@
+"""`lmforge serve`: an OpenAI-compatible HTTP gateway (FastAPI + uvicorn) in front of the engine.
+
+Routes: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming), /tokenize,
+/detokenize, /tokenizer_info (what lm-evaluation-harness and vLLM clients call), /health,
+/metrics. Every request passes, in order: body size, API key, JSON and schema, limits,
+input moderation, rate limit, queue depth; then it runs in the engine, and is counted in
+/metrics and written to the audit log. Errors are OpenAI-style
+`{"error": {"message", "type", "param", "code"}}` bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+
+from lmforge.serve.audit import AuditLog
+from lmforge.serve.auth import KeyStore, RateLimiter, retry_after_header
+from lmforge.serve.config import ServeConfig
+from lmforge.serve.engine import Engine, RequestError, RequestHandle, RequestOutput
+from lmforge.serve.hooks import AllowAll, Moderator, load_moderator
+from lmforge.serve.metrics import ServeMetrics
+from lmforge.serve.middleware import BodyLimitMiddleware, RequestCountMiddleware
+from lmforge.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from lmforge.serve.responses import chat_logprobs, completion_logprobs
+from lmforge.serve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _validation_error(err: ValidationError) -> OpenAIError:
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    else:
+        message = f"Invalid value for '{param}': {first['msg']}"
+    return OpenAIError(422, message, param=param or None, code="invalid_value")
+
+
+class Gateway:
+    """What the routes share: the engine, limits, keys, metrics, audit log and moderator."""
+
+    def __init__(self, engine: Engine, config: ServeConfig, moderator: Moderator | None = None,
+                 model_name: str | None = None):
+        self.engine, self.config, self.tokenizer = engine, config, engine.tokenizer
+        self.model_name = model_name or config.server.model_name or Path(config.model or "lmforge").name
+        self.keys = KeyStore.load(config.auth.api_keys_file, config.auth.api_keys_env)
+        if not self.keys.enabled:
+            log.warning("no API keys configured: the server accepts every request")
+        self.limiter = RateLimiter(config.auth.requests_per_minute, config.auth.tokens_per_minute)
+        self.metrics = ServeMetrics(engine)
+        self.audit = AuditLog(config.audit.path) if config.audit.path else None
+        self.moderator = moderator or load_moderator(config.moderation.hook, config.moderation.options)
+        self.limits = config.limits
+        self.max_prompt_tokens = min(self.limits.max_prompt_tokens or engine.max_len, engine.max_len)
+        self.created = int(time.time())
+        self.draining = False
+
+    # -- checks shared by the routes --------------------------------------------------------
+
+    def authenticate(self, request: Request) -> str:
+        if not self.keys.enabled:
+            return "anonymous"
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise OpenAIError(401, "Missing API key: send 'Authorization: Bearer KEY'.", code="invalid_api_key")
+        key_id = self.keys.identify(token.strip())
+        if key_id is None:
+            raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return key_id
+
+    async def parse(self, request: Request, model: type[BaseModel]) -> Any:
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise OpenAIError(400, f"The request body is not valid JSON: {err}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            raise _validation_error(err) from None
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise OpenAIError(404, f"The model '{name}' does not exist (this server has '{self.model_name}').",
+                              param="model", code="model_not_found")
+
+    def check_prompt(self, ids: list[int], max_tokens: int) -> None:
+        if len(ids) > self.max_prompt_tokens:
+            raise OpenAIError(400, f"The prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}.",
+                              param="prompt", code="context_length_exceeded")
+        try:
+            self.engine.check_prompt(ids, max_tokens)
+        except RequestError as err:
+            raise OpenAIError(400, str(err), param="prompt", code="context_length_exceeded") from None
+
+    def max_tokens(self, asked: int | None, default: int) -> int:
+        value = default if asked is None else asked
+        if value > self.limits.max_tokens:
+            raise OpenAIError(400, f"max_tokens is {value}; this server allows at most {self.limits.max_tokens}.",
+                              param="max_tokens", code="invalid_value")
+        return value
+
+    def check_sampling(self, body) -> None:
+        if body.n > self.limits.max_n:
+            raise OpenAIError(400, f"n is {body.n}; this server allows at most {self.limits.max_n}.", param="n",
+                              code="invalid_value")
+        if body.logit_bias:
+            raise OpenAIError(400, "logit_bias is not supported.", param="logit_bias", code="unsupported")
+        if len(body.stop_list()) > 8:
+            raise OpenAIError(400, "At most 8 stop sequences are allowed.", param="stop", code="invalid_value")
+
+    async def moderate_input(self, texts: list[str]) -> None:
+        decision = await self._call(self.moderator.check_input, texts)
+        if not decision.allowed:
+            self.metrics.moderation_blocked.labels("input").inc()
+            raise OpenAIError(400, f"The input was refused by moderation: {decision.reason or 'policy'}.",
+                              code="content_filter", param="input")
+
+    async def moderate_output(self, text: str):
+        return await self._call(self.moderator.check_output, text)
+
+    async def _call(self, fn, arg):
+        if isinstance(self.moderator, AllowAll):
+            return fn(arg)
+        return await asyncio.to_thread(fn, arg)  # a classifier must not block the event loop
+
+    def admit(self, key_id: str, tokens: int, sequences: int):
+        ok, wait, ticket = self.limiter.acquire(key_id, tokens)
+        if not ok:
+            which = "tokens" if self.limiter.tpm is not None and tokens > 0 else "requests"
+            self.metrics.rate_limited.labels(which).inc()
+            raise OpenAIError(429, f"Rate limit reached for key '{key_id}'; retry in {wait:.1f}s.",
+                              type="rate_limit_exceeded", code="rate_limit_exceeded",
+                              headers={"Retry-After": retry_after_header(wait)})
+        stats = self.engine.stats()
+        capacity = self.engine.config.max_num_seqs + self.limits.max_queue
+        if self.draining or stats.running + stats.waiting + sequences > capacity:
+            self.limiter.settle(ticket, 0)
+            raise OpenAIError(503, "The server is at capacity; retry shortly.", type="server_error",
+                              code="overloaded", headers={"Retry-After": "1"})
+        return ticket
+
+    def sampling(self, body, max_tokens: int, seed_offset: int, logprobs: int | None,
+                 prompt_logprobs: int | None) -> SamplingParams:
+        seed = None if body.seed is None else body.seed + seed_offset  # n choices must differ
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+            top_k=None if body.top_k in (None, -1, 0) else body.top_k, seed=seed, stop=body.stop_list(),
+            ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            timeout_s=self.limits.request_timeout_s,
+        )
+
+    def record(self, **fields) -> None:
+        if self.audit is not None:
+            self.audit.record(model=self.model_name, **fields)
+
+
+def create_app(engine: Engine, config: ServeConfig, moderator: Moderator | None = None,
+               model_name: str | None = None) -> FastAPI:
+    gateway = Gateway(engine, config, moderator, model_name)
+
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        gateway.draining = True  # uvicorn has let open requests finish; stop the engine after them
+        await asyncio.to_thread(engine.shutdown, True, config.server.graceful_shutdown_s)
+        if gateway.audit is not None:
+            gateway.audit.close()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.state.gateway = gateway
+    # The last added is the outermost: count every response, the 413s of the body limit included.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
+    app.add_middleware(RequestCountMiddleware, metrics=gateway.metrics)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, err: OpenAIError):
+        return err.response()
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, err):
+        return OpenAIError(404, f"Unknown route {request.url.path}", code="not_found").response()
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, err):
+        return OpenAIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed").response()
+
+    @app.get("/health")
+    async def health():
+        if gateway.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        stats = engine.stats()
+        return {"status": "ok", "running": stats.running, "waiting": stats.waiting}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card() -> dict:
+        return {"id": gateway.model_name, "object": "model", "created": gateway.created, "owned_by": "lmforge",
+                "max_model_len": engine.max_len}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        gateway.authenticate(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        gateway.authenticate(request)
+        gateway.check_model(name)
+        return model_card()
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        gateway.authenticate(request)
+        t = gateway.tokenizer
+        return {"eos_token": t.eos_token, "bos_token": t.bos_token, "pad_token": getattr(t, "pad_token", None),
+                "chat_template": t.chat_template, "model_max_length": engine.max_len}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        gateway.authenticate(request)
+        body: TokenizeRequest = await gateway.parse(request, TokenizeRequest)
+        gateway.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError(400, "Send exactly one of 'prompt' or 'messages'.", code="invalid_value")
+        if body.messages is not None:
+            tokens = gateway.tokenizer.encode_chat(chat_messages(body.messages), body.add_generation_prompt)
+        elif body.add_special_tokens:
+            tokens = gateway.tokenizer.encode_prompt(body.prompt)
+        else:
+            tokens = gateway.tokenizer.encode(body.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        gateway.authenticate(request)
+        body: DetokenizeRequest = await gateway.parse(request, DetokenizeRequest)
+        gateway.check_model(body.model)
+        if any(not 0 <= t < engine.vocab_size for t in body.tokens):
+            raise OpenAIError(400, f"token ids must be in 0..{engine.vocab_size - 1}", param="tokens", code="invalid_value")
+        return {"prompt": gateway.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle_generation(gateway, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle_generation(gateway, request, chat=True)
+
+    return app
+
+
+def chat_messages(messages) -> list[dict[str, str]]:
+    # "developer" is OpenAI's newer name for the system role.
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+class _Job:
+    """One generation request in flight: its prompts, handles and bookkeeping for metrics/audit."""
+
+    def __init__(self, gateway: Gateway, request: Request, chat: bool):
+        self.gateway, self.request, self.chat = gateway, request, chat
+        self.arrival = time.monotonic()
+        self.route = "/v1/chat/completions" if chat else "/v1/completions"
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.key_id: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.moderation = "allowed"
+        self.finish_reasons: list[str] = []
+        self.ticket = None
+        self.first_token_at: float | None = None
+
+    def audit(self, status: int, error: str | None = None) -> None:
+        g = self.gateway
+        g.limiter.settle(self.ticket, self.prompt_tokens + self.completion_tokens)
+        g.record(request_id=self.id, key_id=self.key_id, route=self.route, prompt_tokens=self.prompt_tokens,
+                 completion_tokens=self.completion_tokens, latency_ms=(time.monotonic() - self.arrival) * 1000,
+                 status=status, finish_reason=",".join(sorted(set(self.finish_reasons))) or None,
+                 moderation=self.moderation, error=error)
+
+    def observe(self, output: RequestOutput, last_at: dict[int, float], index: int) -> None:
+        now = time.monotonic()
+        m = self.gateway.metrics
+        if output.token_ids:
+            if self.first_token_at is None:
+                self.first_token_at = now
+                m.ttft.observe(now - self.arrival)
+            elif index in last_at:
+                m.itl.observe((now - last_at[index]) / len(output.token_ids))
+            last_at[index] = now
+            self.completion_tokens += len(output.token_ids)
+            m.generation_tokens.inc(len(output.token_ids))
+        if output.finished and output.finish_reason:
+            self.finish_reasons.append(output.finish_reason)
+            m.finished.labels(output.finish_reason).inc()
+
+
+async def handle_generation(gateway: Gateway, request: Request, chat: bool):
+    job = _Job(gateway, request, chat)
+    try:
+        job.key_id = gateway.authenticate(request)
+        body = await gateway.parse(request, ChatCompletionRequest if chat else CompletionRequest)
+        gateway.check_model(body.model)
+        gateway.check_sampling(body)
+        if chat:
+            messages = chat_messages(body.messages)
+            prompts = [gateway.tokenizer.encode_chat(messages, add_generation_prompt=True)]
+            texts = [m["content"] for m in messages]
+            limit = gateway.max_tokens(body.max_completion_tokens or body.max_tokens, gateway.limits.default_max_tokens)
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            prompt_logprobs = None
+        else:
+            if body.suffix:
+                raise OpenAIError(400, "suffix is not supported.", param="suffix", code="unsupported")
+            if body.best_of not in (None, body.n):
+                raise OpenAIError(400, "best_of other than n is not supported.", param="best_of", code="unsupported")
+            raw = body.prompt
+            if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+                raw = [raw]
+            if not raw:
+                raise OpenAIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
+            prompts = [gateway.engine.encode(p) for p in raw]
+            texts = [p if isinstance(p, str) else gateway.tokenizer.decode(p) for p in raw]
+            limit = gateway.max_tokens(body.max_tokens, 16)
+            logprobs = body.logprobs
+            prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        for ids in prompts:
+            gateway.check_prompt(ids, limit)
+        job.prompt_tokens = sum(len(p) for p in prompts)
+        try:
+            await gateway.moderate_input(texts)
+        except OpenAIError as err:
+            job.moderation = f"input_blocked: {err.message}"
+            raise
+        job.ticket = gateway.admit(job.key_id, job.prompt_tokens + limit * body.n * len(prompts),
+                                   body.n * len(prompts))
+        loop = asyncio.get_running_loop()
+        handles: list[RequestHandle] = []
+        try:
+            for ids in prompts:
+                for j in range(body.n):
+                    params = gateway.sampling(body, limit, j, logprobs, prompt_logprobs)
+                    handles.append(gateway.engine.submit(ids, params, f"{job.id}-{len(handles)}", loop=loop))
+        except RequestError as err:
+            for h in handles:
+                h.cancel()
+            raise OpenAIError(503, str(err), type="server_error", code="overloaded") from None
+        gateway.metrics.prompt_tokens.inc(job.prompt_tokens)
+        if body.stream:
+            stream = stream_chat(job, body, handles) if chat else stream_completion(job, body, handles, texts)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results = await collect(job, handles)
+        response = await (chat_response(job, body, results) if chat else completion_response(job, body, results, texts, prompts))
+        job.audit(200)
+        return response
+    except OpenAIError as err:
+        job.audit(err.status, err.message)
+        raise
+
+
+async def collect(job: _Job, handles: list[RequestHandle]) -> list[list[RequestOutput]]:
+    """Every handle's outputs; a client that disconnects meanwhile cancels them all."""
+    outputs: list[list[RequestOutput]] = [[] for _ in handles]
+    last_at: dict[int, float] = {}
+
+    async def drain(i: int, handle: RequestHandle):
+        async for out in handle:
+            job.observe(out, last_at, i)
+            outputs[i].append(out)
+
+    task = asyncio.gather(*(drain(i, h) for i, h in enumerate(handles)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                task.result()
+                break
+            if await job.request.is_disconnected():
+                raise asyncio.CancelledError
+    finally:
+        if not task.done():
+            task.cancel()
+            for h in handles:
+                h.cancel()
+    job.gateway.metrics.e2e.observe(time.monotonic() - job.arrival)
+    reasons = {outs[-1].finish_reason for outs in outputs if outs}
+    if "timeout" in reasons:
+        raise OpenAIError(504, "The request took longer than the server's timeout.", type="server_error", code="timeout")
+    if "error" in reasons:
+        raise OpenAIError(500, "The engine failed while generating; see the server log.", type="server_error",
+                          code="engine_error")
+    return outputs
+
+
+def _usage(job: _Job) -> dict:
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens}
+
+
+async def _moderated(job: _Job, text: str, reason: str | None) -> tuple[str, str | None]:
+    decision = await job.gateway.moderate_output(text)
+    if decision.allowed:
+        return text, reason
+    job.moderation = f"output_blocked: {decision.reason or 'policy'}"
+    job.gateway.metrics.moderation_blocked.labels("output").inc()
+    return "", "content_filter"
+
+
+async def completion_response(job, body, results, texts, prompts) -> dict:
+    g = job.gateway
+    choices = []
+    for index, outs in enumerate(results):
+        p = index // body.n
+        text = "".join(o.text for o in outs)
+        text, reason = await _moderated(job, text, outs[-1].finish_reason)
+        logprobs = None
+        if body.logprobs is not None:
+            prompt_lp = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
+            logprobs = completion_logprobs(
+                g.tokenizer, [lp for o in outs for lp in (o.logprobs or [])],
+                prompts[p] if body.echo else None, prompt_lp,
+            )
+        if body.echo:
+            text = texts[p] + text
+        choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
+    return {"id": job.id, "object": "text_completion", "created": job.created, "model": g.model_name,
+            "choices": choices, "usage": _usage(job)}
+
+
+async def chat_response(job, body, results) -> dict:
+    g = job.gateway
+    choices = []
+    for index, outs in enumerate(results):
+        text, reason = await _moderated(job, "".join(o.text for o in outs), outs[-1].finish_reason)
+        logprobs = None
+        if body.logprobs:
+            logprobs = {"content": chat_logprobs(g.tokenizer, [lp for o in outs for lp in (o.logprobs or [])])}
+        choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                        "logprobs": logprobs, "finish_reason": reason})
+    return {"id": job.id, "object": "chat.completion", "created": job.created, "model": g.model_name,
+            "choices": choices, "usage": _usage(job)}
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from every handle as they come."""
+    if len(handles) == 1:
+        async for out in handles[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, handle):
+        async for out in handle:
+            await queue.put((i, out))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        remaining = len(handles)
+        while remaining:
+            i, out = await queue.get()
+            remaining -= out.finished
+            yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _stream(job: _Job, body, handles: list[RequestHandle], chunk) -> AsyncIterator[str]:
+    """SSE events: `chunk(index, text, output, finish_reason)` builds each; usage and [DONE] last."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    status, error = 200, None
+    last_at: dict[int, float] = {}
+    sent = {i: "" for i in range(len(handles))}
+    blocked: set[int] = set()
+    checks = not isinstance(job.gateway.moderator, AllowAll)
+    try:
+        async for index, out in _merged(handles):
+            job.observe(out, last_at, index)
+            if index in blocked:
+                continue
+            reason = out.finish_reason if out.finished else None
+            if reason in ("timeout", "error"):
+                status, error = (504, "timeout") if reason == "timeout" else (500, "engine error")
+                yield _sse({"error": {"message": f"generation stopped: {error}", "type": "server_error",
+                                      "param": None, "code": reason}})
+                continue
+            text = out.text
+            if checks and text:
+                decision = await job.gateway.moderate_output(sent[index] + text)
+                if not decision.allowed:
+                    job.moderation = f"output_blocked: {decision.reason or 'policy'}"
+                    job.gateway.metrics.moderation_blocked.labels("output").inc()
+                    blocked.add(index)
+                    handles[index].cancel()
+                    text, reason = "", "content_filter"
+            sent[index] += text
+            if text or reason or out.logprobs:
+                event = chunk(index, text, out, reason)
+                if include_usage:
+                    event["usage"] = None
+                yield _sse(event)
+        job.gateway.metrics.e2e.observe(time.monotonic() - job.arrival)
+        if include_usage:
+            yield _sse({"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+                        "created": job.created, "model": job.gateway.model_name, "choices": [], "usage": _usage(job)})
+        yield _sse("[DONE]")
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away: free the slots
+        status, error = 499, "client disconnected"
+        raise
+    finally:
+        for h in handles:
+            h.cancel()
+        job.audit(status, error)
+
+
+def stream_chat(job: _Job, body, handles: list[RequestHandle]) -> AsyncIterator[str]:
+    g = job.gateway
+    started: set[int] = set()
+
+    def chunk(index, text, out, reason):
+        delta: dict[str, Any] = {}
+        if index not in started:
+            started.add(index)
+            delta["role"] = "assistant"
+        if text or not reason:
+            delta["content"] = text
+        logprobs = {"content": chat_logprobs(g.tokenizer, out.logprobs)} if body.logprobs and out.logprobs else None
+        return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": g.model_name,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+
+    return _stream(job, body, handles, chunk)
+
+
+def stream_completion(job: _Job, body, handles: list[RequestHandle], texts: list[str]) -> AsyncIterator[str]:
+    g = job.gateway
+    echoed: set[int] = set()
+
+    def chunk(index, text, out, reason):
+        logprobs = None
+        if body.logprobs is not None:
+            prompt_ids = handles[index].prompt_ids if body.echo and out.prompt_logprobs is not None else None
+            logprobs = completion_logprobs(g.tokenizer, out.logprobs or [], prompt_ids, out.prompt_logprobs)
+        if body.echo and index not in echoed:
+            echoed.add(index)
+            text = texts[index // body.n] + text
+        return {"id": job.id, "object": "text_completion", "created": job.created, "model": g.model_name,
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
+
+    return _stream(job, body, handles, chunk)
+
+
+def run(config: ServeConfig) -> None:
+    """Load the model, start the engine and serve until SIGINT/SIGTERM (which drain first)."""
+    import uvicorn
+
+    engine = Engine.from_path(config.model, config.engine)
+    app = create_app(engine, config)
+    gateway: Gateway = app.state.gateway
+    log.info("serving %s as %r on http://%s:%d (device %s, %s)", config.model, gateway.model_name,
+             config.server.host, config.server.port, engine.device, str(engine.dtype).removeprefix("torch."))
+    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
+                timeout_graceful_shutdown=int(config.server.graceful_shutdown_s) or None)

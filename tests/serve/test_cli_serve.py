@@ -1,0 +1,62 @@
+"""`lmforge serve` as users start it: a subprocess that serves, then stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+
+def test_lmforge_serve_answers_the_openai_client_and_stops_on_sigterm(trained_run, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    audit = tmp_path / "audit.sqlite"
+    env = {**os.environ, "LMFORGE_API_KEYS": "ci:sk-ci-key"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "serve", str(trained_run), "--port", str(port),
+         f"audit.path={audit}", "server.model_name=tiny", "server.log_level=warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, server.stderr.read()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "lmforge serve did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-ci-key", max_retries=0)
+        out = client.completions.create(model="tiny", prompt="The list type", max_tokens=8, temperature=0)
+        assert out.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-other", max_retries=0).models.list()
+        server.send_signal(signal.SIGTERM)
+        # uvicorn drains, shuts the app down (engine, audit log), then re-raises the signal.
+        assert server.wait(30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    with sqlite3.connect(audit) as db:
+        rows = db.execute("SELECT key_id, status FROM requests").fetchall()
+    assert ("ci", 200) in rows
+
+
+def test_lmforge_serve_refuses_a_bad_config_before_loading(trained_run):
+    from lmforge.cli import main
+
+    assert main(["serve", str(trained_run), "engine.max_num_seqs=0"]) == 2
+    assert main(["serve", str(trained_run), "server.bogus=1"]) == 2

@@ -1,0 +1,127 @@
+"""The engine: continuous batching gives each request what it would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from lmforge.generate import SamplingConfig, generate_tokens
+from lmforge.serve.config import EngineConfig
+from lmforge.serve.engine import Engine, RequestError
+from lmforge.serve.sampling import SamplingParams
+
+PROMPTS = [
+    "The list type",
+    "Dictionaries are",
+    "import os\n",
+    "An exception is raised when",
+    "The for statement in Python differs a bit from what you may be used to in C or Pascal.",
+    "Strings",
+]
+
+
+def reference(model, tokenizer, prompt: str, **sampling) -> list[int]:
+    config = SamplingConfig(**sampling)
+    return list(generate_tokens(model, tokenizer.encode_prompt(prompt), config, stop_ids=tokenizer.stop_ids))
+
+
+@pytest.fixture(scope="module")
+def engine(serve_model):
+    model, tokenizer = serve_model
+    # A small prefill chunk, so prompts are spread over steps while other rows decode.
+    with Engine(model, tokenizer, EngineConfig(max_num_seqs=4, prefill_chunk_tokens=5)) as engine:
+        yield engine
+
+
+def test_batched_greedy_and_seeded_sampling_equal_lmforge_generate(engine, serve_model):
+    model, tokenizer = serve_model
+    greedy = engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))
+    seeded = engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, top_k=50, seed=7))
+    assert engine.steps > 0
+    for prompt, g, s in zip(PROMPTS, greedy, seeded, strict=True):
+        assert g.token_ids == reference(model, tokenizer, prompt, max_tokens=24, temperature=0)
+        assert s.token_ids == reference(model, tokenizer, prompt, max_tokens=24, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+        assert g.text == tokenizer.decode(g.token_ids) and s.text == tokenizer.decode(s.token_ids)
+        assert g.finish_reason in ("stop", "length")
+
+
+def test_prompt_logprobs_equal_a_full_forward(engine, serve_model):
+    model, tokenizer = serve_model
+    ids = tokenizer.encode_prompt(PROMPTS[4])
+    out = engine.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=2))[0]
+    assert out.token_ids == [] and out.finish_reason == "length"
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for i, entry in enumerate(out.prompt_logprobs[1:]):
+        assert entry.token_id == ids[i + 1]
+        assert entry.logprob == pytest.approx(logprobs[i, ids[i + 1]].item(), abs=1e-4)
+        assert entry.top[0][0] == int(logprobs[i].argmax()) and len(entry.top) == 2
+
+
+def test_stop_strings_cut_the_text_and_penalties_change_the_choice(engine):
+    free = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    assert len(free.token_ids) == 30 and free.finish_reason == "length"
+    stop = free.text.strip()[3:6]
+    cut = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0, stop=[stop], ignore_eos=True))[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.index(stop)]
+    penalised = engine.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0, frequency_penalty=2.0, presence_penalty=2.0, ignore_eos=True)
+    )[0]
+    assert penalised.token_ids != free.token_ids
+    # A frequency penalty of 2 makes repeats rarer than in the free run.
+    assert len(set(penalised.token_ids)) >= len(set(free.token_ids))
+
+
+def test_cancel_and_timeout_free_their_slots(engine):
+    long = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    handle = engine.submit(PROMPTS[1], long)
+    first = next(iter(handle))
+    assert not first.finished
+    handle.cancel()
+    last = list(handle)[-1]
+    assert last.finished and last.finish_reason == "cancelled"
+    timed = engine.submit(PROMPTS[1], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True, timeout_s=1e-6))
+    assert timed.result().finish_reason == "timeout"
+    deadline = time.monotonic() + 5
+    while engine.stats().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().running == 0 and engine.stats().kv_cache_usage == 0
+
+
+def test_async_stream_yields_deltas_that_add_up(engine):
+    async def main():
+        deltas = [out async for out in engine.stream(PROMPTS[2], SamplingParams(max_tokens=12, temperature=0))]
+        return deltas
+
+    deltas = asyncio.run(main())
+    whole = engine.generate([PROMPTS[2]], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert deltas[-1].finished and sum(len(d.token_ids) for d in deltas) == len(whole.token_ids)
+    assert "".join(d.text for d in deltas) == whole.text
+
+
+def test_bad_prompts_are_refused_before_they_run(engine):
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(RequestError, match="context"):
+        engine.submit([1] * engine.max_len, SamplingParams(max_tokens=1))
+    with pytest.raises(RequestError, match="vocabulary"):
+        engine.submit([10**6], SamplingParams())
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=-1)
+
+
+def test_shutdown_drains_what_is_running_and_refuses_new_work(serve_model):
+    model, tokenizer = serve_model
+    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=2)).start()
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    handles = [engine.submit(p, params) for p in PROMPTS[:3]]  # one waits for a slot
+    engine.shutdown(drain=True)
+    for handle in handles:
+        result = handle.result()
+        assert result.finish_reason == "length" and len(result.token_ids) == 20
+    with pytest.raises(RequestError, match="shutting down"):
+        engine.submit(PROMPTS[0], params)
