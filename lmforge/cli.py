@@ -73,6 +73,11 @@ def quickstart(args: ConfigArgs = None, out: Annotated[str | None, typer.Option(
         table.add_row(r.name, r.status, f"{r.seconds:.1f}", "\n".join(r.outputs))
     console = Console()
     console.print(table)
+    curated = next((r for r in results if r.name == "curate"), None)
+    if curated is not None:
+        removed = ", ".join(f"{k} {v}" for k, v in curated.details["removed"].items()) or "nothing"
+        console.print(f"[bold]curate[/] {curated.details['records']:,} records -> {curated.details['docs']:,} "
+                      f"documents; removed: {removed} (report: {Path(config.out) / 'curated' / 'report.md'})")
     train = next(r for r in results if r.name == "train").details
     sample = next(r for r in results if r.name == "sample").details
     console.print(
@@ -168,6 +173,32 @@ def tokenize(
     manifest = tok.run(config)
     splits = ", ".join(f"{s}: {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in manifest["splits"].items())
     typer.echo(f"{config.out}: {splits}")
+
+
+@app.command()
+def curate(
+    args: ConfigArgs = None,
+    inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="file, dir or fsspec URL (repeatable)")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="output dir (shards + report)")] = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes (executor.workers)")] = None,
+):
+    """Curate raw text with datatrove: filters, PII scrubbing, dedup, decontamination, and a report."""
+    from lmforge.data import curate as cur
+
+    base: dict[str, Any] = {}
+    if inputs:
+        base["input"] = {"paths": inputs}
+    if output:
+        base["output"] = {"dir": output}
+    if workers:
+        base["executor"] = {"workers": workers}
+    result = cur.run(_config(cur.CurateConfig, args, base))
+    report = result.report
+    for warning in report["warnings"]:
+        typer.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
+    typer.echo(f"{report['input']['records']:,} records -> {report['output']['docs']:,} documents "
+               f"({report['removed_share']:.1%} removed) in {report['seconds']:.1f}s -> {result.out}")
+    typer.echo(f"report: {result.out / 'report.md'}, {result.out / 'funnel.png'}")
 
 
 @app.command()

@@ -8,6 +8,7 @@ issue's stage (curation, SFT, export, serving) is one more `Stage` in `stages()`
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import logging
 import time
@@ -35,6 +36,10 @@ STATE_FILE = "stages.json"
 class QuickstartConfig(Section):
     out: str = "quickstart"
     corpus: list[str] = Field(default_factory=lambda: [str(BUNDLED_CORPUS)])
+    # Curation first: the corpus plus a few planted exact and near duplicates through
+    # `lmforge curate`; the tokenizer and the token dataset then read the curated shards.
+    curate: bool = Field(True, description="run the curation stage (false: tokenize the corpus as is)")
+    planted_duplicates: int = Field(3, ge=0, description="exact copies and as many near copies planted")
     vocab_size: int = Field(4096, ge=512)
     val_fraction: float = Field(0.05, gt=0, lt=1)
     num_workers: int = Field(2, ge=1)
@@ -113,22 +118,41 @@ def stages(config: QuickstartConfig, results: dict[str, StageResult]) -> list[Ca
 
     out = Path(config.out)
     tokenizer_dir, dataset_dir, runs_dir = out / "tokenizer", out / "tokens", out / "runs"
+    curated_dir = out / "curated"
+    corpus = [str(curated_dir)] if config.curate else config.corpus
     do_sft = bool(config.sft_steps and config.sft_data)
 
+    def curate_stage() -> Stage:
+        from lmforge.data import curate
+
+        planted = out / "curate_input.jsonl.gz"
+        curate_config = curate_recipe(config, planted, curated_dir)
+
+        def go() -> dict:
+            plant_duplicates(config.corpus, planted, config.planted_duplicates)
+            report = curate.run(curate_config).report
+            removed = {f"{s['step']}/{r}": v["docs"] for s in report["steps"] for r, v in s["removed"].items()}
+            return {"records": report["input"]["records"], "docs": report["output"]["docs"], "removed": removed,
+                    "warnings": report["warnings"]}
+
+        source = tokenize.source_fingerprint(tokenize.expand_inputs(config.corpus))["hash"]
+        return Stage("curate", {"config": curate_config.model_dump(mode="json"), "source": source,
+                                "planted": config.planted_duplicates}, [curated_dir / "report.json"], go)
+
     def tokenizer_stage() -> Stage:
-        tk_config = TokenizerTrainConfig(inputs=config.corpus, out=str(tokenizer_dir), vocab_size=config.vocab_size)
+        tk_config = TokenizerTrainConfig(inputs=corpus, out=str(tokenizer_dir), vocab_size=config.vocab_size)
 
         def go() -> dict:
             tokenizer = run_train(tk_config)
             return {"vocab_size": tokenizer.vocab_size, "hash": tokenizer.hash()}
 
-        source = tokenize.source_fingerprint(tokenize.expand_inputs(config.corpus))["hash"]
+        source = tokenize.source_fingerprint(tokenize.expand_inputs(corpus))["hash"]
         return Stage("tokenizer", {"config": tk_config.model_dump(), "source": source},
                      [tokenizer_dir / "tokenizer.json"], go)
 
     def tokenize_stage() -> Stage:
         tok_config = tokenize.TokenizeConfig(
-            inputs=config.corpus, tokenizer=str(tokenizer_dir), out=str(dataset_dir),
+            inputs=corpus, tokenizer=str(tokenizer_dir), out=str(dataset_dir),
             val_fraction=config.val_fraction, num_workers=config.num_workers, seed=config.seed,
         )
 
@@ -258,10 +282,43 @@ def stages(config: QuickstartConfig, results: dict[str, StageResult]) -> list[Ca
                        "sft": results["sft"].details if "sft" in results else None}
         return Stage("export", fingerprint, [model_dir / "config.json"], go)
 
-    stages_ = [tokenizer_stage, tokenize_stage, train_stage, sample_stage]
+    stages_ = [*([curate_stage] if config.curate else []), tokenizer_stage, tokenize_stage, train_stage, sample_stage]
     if do_sft:
         stages_.append(sft_stage)
     return [*stages_, safety_stage, export_stage]
+
+
+def plant_duplicates(corpus: list[str], path: Path, count: int) -> None:
+    """The corpus plus `count` exact copies and `count` copies with one word changed (for dedup to find)."""
+    from lmforge.data.readers import expand_inputs, read_documents
+
+    texts = list(read_documents(expand_inputs(corpus)))
+    lines = [{"id": f"doc-{i:05d}", "text": t} for i, t in enumerate(texts)]
+    for i in range(min(count, len(texts) // 2)):
+        lines.append({"id": f"planted-exact-{i}", "text": texts[i]})
+        words = texts[-1 - i].split(" ")
+        middle = len(words) // 2
+        words[middle] = "banana" if words[middle] != "banana" else "cherry"
+        lines.append({"id": f"planted-near-{i}", "text": " ".join(words)})
+    atomic.write_bytes(path, gzip.compress("".join(json.dumps(r) + "\n" for r in lines).encode("utf-8"), mtime=0))
+
+
+def curate_recipe(config: QuickstartConfig, source: Path, out: Path):
+    """The default recipe for the bundled docs, minus the web-page heuristics.
+
+    Gopher quality, C4 and FineWeb are tuned for web pages: on the Python docs (prose with
+    code) they remove 40-70% of the documents (alpha-word ratio, curly brackets, duplicated
+    characters), so the quickstart leaves them off; `lmforge curate` runs them by default.
+    """
+    from lmforge.data.curate import CurateConfig
+
+    off = {"enabled": False}
+    return CurateConfig.model_validate({
+        "input": {"paths": [str(source)]},
+        "output": {"dir": str(out)},
+        "gopher_repetition": off, "gopher_quality": off, "c4": off, "fineweb": off,
+        "executor": {"workers": config.num_workers},
+    })
 
 
 def run(config: QuickstartConfig) -> list[StageResult]:
