@@ -146,6 +146,15 @@ def test_curated_shards_feed_the_tokenizer_reader_directly(planted):
     assert len(texts) == planted["result"].report["output"]["docs"]
 
 
+def test_parquet_shards_feed_the_tokenizer_reader_too(corpus_texts, tmp_path):
+    source = _write_jsonl(tmp_path / "raw.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(corpus_texts[:4])])
+    result = run(_config([source], tmp_path / "out", **FAST, output={"dir": str(tmp_path / "out"), "format": "parquet"},
+                         minhash={"enabled": False}))
+    assert sorted(p.suffix for p in (tmp_path / "out").glob("0*")) == [".parquet"]
+    texts = list(read_documents(expand_inputs([str(tmp_path / "out")])))
+    assert len(texts) == result.report["output"]["docs"] == 4
+
+
 FAST = {"gopher_repetition": {"enabled": False}, "gopher_quality": {"enabled": False}, "c4": {"enabled": False},
         "fineweb": {"enabled": False}, "toxicity": {"enabled": False}, "decontaminate": {"enabled": False}}
 
@@ -232,3 +241,17 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main(["curate", "-i", str(tmp_path / "doc.txt"), "-o", str(elsewhere)]) == 2
     assert "not a curation output" in capsys.readouterr().err
     assert (elsewhere / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_local_runtime_gives_the_local_result(planted, tmp_path):
+    ray = pytest.importorskip("ray")
+    source = _write_jsonl(tmp_path / "raw.jsonl", planted["records"])
+    sections = {**FAST, "minhash": {"enabled": False}}
+    local = run(_config([source], tmp_path / "local", **sections, executor={"workers": 1, "tasks": 2}))
+    try:
+        on_ray = run(_config([source], tmp_path / "ray", **sections, executor={"kind": "ray", "workers": 2, "tasks": 2}))
+    finally:
+        ray.shutdown()
+    assert _read_output(tmp_path / "ray") == _read_output(tmp_path / "local")
+    assert on_ray.report["output"] == local.report["output"]
