@@ -63,14 +63,15 @@ class AuditLog:
                 rows.append(more)
             db.executemany(insert, rows)
             db.commit()
+            for _ in rows:
+                self._queue.task_done()
         db.close()
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every recorded row is written."""
         deadline = time.monotonic() + timeout
-        while not self._queue.empty() and time.monotonic() < deadline:
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(0.02)
 
     def close(self) -> None:
         self._queue.put(None)

@@ -394,6 +394,9 @@ async def handle_generation(gateway: Gateway, request: Request, chat: bool):
     except OpenAIError as err:
         job.audit(err.status, err.message)
         raise
+    except asyncio.CancelledError:  # the client disconnected before a non-streamed reply
+        job.audit(499, "client disconnected")
+        raise
 
 
 async def collect(job: _Job, handles: list[RequestHandle]) -> list[list[RequestOutput]]:

@@ -125,3 +125,18 @@ def test_shutdown_drains_what_is_running_and_refuses_new_work(serve_model):
         assert result.finish_reason == "length" and len(result.token_ids) == 20
     with pytest.raises(RequestError, match="shutting down"):
         engine.submit(PROMPTS[0], params)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_engine_on_cuda_batches_and_is_repeatable(serve_model):
+    model, tokenizer = serve_model
+    cuda = type(model)(model.config).to("cuda", torch.bfloat16)
+    cuda.load_state_dict(model.state_dict())
+    with Engine(cuda, tokenizer, EngineConfig(max_num_seqs=8)) as engine:
+        assert engine.cache.k.dtype == torch.bfloat16 and engine.cache.k.is_cuda
+        params = SamplingParams(max_tokens=16, temperature=0.8, seed=11, ignore_eos=True)
+        first = engine.generate(PROMPTS, params)
+        again = engine.generate(PROMPTS, params)
+        assert all(len(c.token_ids) == 16 for c in first)
+        assert [c.token_ids for c in first] == [c.token_ids for c in again]  # seeded: the same batch, the same tokens
