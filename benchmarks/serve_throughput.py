@@ -112,7 +112,7 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, port: int, max_num_seqs: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port),
+    command = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port), "--allow-unreleased",
                f"engine.max_num_seqs={max_num_seqs}", "audit.path=null", "server.log_level=warning",
                "server.model_name=bench", f"limits.max_tokens={4096}"]
     server = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)

@@ -374,8 +374,13 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (server.port)")] = None,
     api_keys_file: Annotated[str | None, typer.Option(help="lines of name:key or name:sha256:HEX")] = None,
     device: Annotated[str | None, typer.Option(help="engine.device: auto, cpu, cuda")] = None,
+    allow_unreleased: Annotated[bool, typer.Option(
+        "--allow-unreleased", help="serve without a passing `lmforge release` record (allow_unreleased)")] = False,
 ):
-    """OpenAI-compatible server: /v1/completions, /v1/chat/completions, /metrics, ... (Ctrl-C drains)."""
+    """OpenAI-compatible server: /v1/completions, /v1/chat/completions, /metrics, ... (Ctrl-C drains).
+
+    The model needs a passing release record for its weights (`lmforge release MODEL --policy ...`)
+    unless --allow-unreleased is given."""
     from lmforge.serve import server
     from lmforge.serve.config import ServeConfig
 
@@ -387,6 +392,8 @@ def serve(
         base["auth"] = {"api_keys_file": api_keys_file}
     if device is not None:
         base["engine"] = {"device": device}
+    if allow_unreleased:
+        base["allow_unreleased"] = True
     server.run(_config(ServeConfig, args, base))
 
 

@@ -47,8 +47,15 @@ class AuditConfig(Section):
 
 
 class ModerationConfig(Section):
-    hook: str | None = Field(None, description="`module:factory` returning a Moderator; None: allow all")
-    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    policy: str | dict[str, Any] | None = Field(
+        None, description="moderation policy YAML (configs/moderation.yaml) or its keys inline; None: no policy")
+    hook: str | None = Field(None, description="`module:factory` returning your own moderator (instead of a policy)")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the hook's factory")
+    on_block: Literal["error", "refusal"] = Field(
+        "error", description="a blocked input: error -> HTTP 400 (code content_filter); refusal -> a 200 reply saying no")
+    refusal_message: str = "I can't help with that request."
+    stream_window_chars: int = Field(
+        64, ge=1, description="streamed output is checked (and released) every this many characters")
 
 
 class ServeConfig(Section):
@@ -59,3 +66,5 @@ class ServeConfig(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
+    allow_unreleased: bool = Field(
+        False, description="serve a model without a passing `lmforge release` record (for development)")

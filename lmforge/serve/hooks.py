@@ -1,31 +1,25 @@
-"""The moderation hook point of the gateway: inputs are checked before generation, outputs after.
+"""The moderation hook point of the gateway: inputs are checked before generation, outputs as they stream.
 
 A moderator is any object with `check_input(texts) -> Decision` and
-`check_output(text) -> Decision`. The default allows everything; `moderation.hook:
-"package.module:factory"` in the serve config names a factory that returns another one
-(called with `moderation.options` as keyword arguments). Decisions are recorded in the
-audit log; a blocked input is refused with HTTP 400, a blocked output ends its choice with
-`finish_reason: "content_filter"`.
+`check_output(text) -> Decision` (`lmforge.safety.moderation.Decision`: allowed, reason,
+categories, per-category actions, redacted texts). The default allows everything;
+`moderation.policy` (a YAML file or inline keys, `lmforge.safety.policy`) gives the policy
+moderator, and `moderation.hook: "package.module:factory"` names your own (called with
+`moderation.options` as keyword arguments). Decisions are recorded in the audit log and in
+Prometheus counters; a blocked input gets a refusal or a 400 (`moderation.on_block`), a
+blocked output ends its choice with `finish_reason: "content_filter"`.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from lmforge.errors import ConfigError
+from lmforge.safety.moderation import ALLOW, Decision
 
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool = True
-    reason: str = ""
-    categories: list[str] = field(default_factory=list)
-
-
-ALLOW = Decision()
+__all__ = ["ALLOW", "AllowAll", "Decision", "Moderator", "load_moderator"]
 
 
 @runtime_checkable
@@ -47,8 +41,15 @@ class AllowAll:
         return ALLOW
 
 
-def load_moderator(hook: str | None, options: dict[str, Any] | None = None) -> Moderator:
-    """`module:factory` -> factory(**options); None -> AllowAll."""
+def load_moderator(hook: str | None, options: dict[str, Any] | None = None,
+                   policy: str | dict[str, Any] | None = None) -> Moderator:
+    """A policy (file or inline) -> PolicyModerator; `module:factory` -> factory(**options); neither -> AllowAll."""
+    if policy is not None and hook:
+        raise ConfigError("give moderation.policy or moderation.hook, not both")
+    if policy is not None:
+        from lmforge.safety.policy import PolicyModerator
+
+        return PolicyModerator.from_source(policy)
     if not hook:
         return AllowAll()
     module_name, sep, attr = hook.partition(":")

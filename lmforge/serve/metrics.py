@@ -19,7 +19,8 @@ class ServeMetrics:
         self.prompt_tokens = Counter("lmforge_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("lmforge_generation_tokens", "generated tokens", registry=r)
         self.rate_limited = Counter("lmforge_rate_limited", "requests refused by a rate limit", ["limit"], registry=r)
-        self.moderation_blocked = Counter("lmforge_moderation_blocked", "moderation refusals", ["stage"], registry=r)
+        self.moderation = Counter("lmforge_moderation_decisions", "moderation actions (flag, redact, block) by direction and category",
+                                  ["direction", "category", "action"], registry=r)
         self.finished = Counter("lmforge_finished_requests", "generations by finish reason", ["finish_reason"], registry=r)
         self.running = Gauge("lmforge_requests_running", "sequences in the running batch", registry=r)
         self.waiting = Gauge("lmforge_requests_waiting", "requests waiting for a slot", registry=r)

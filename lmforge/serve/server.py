@@ -11,6 +11,7 @@ input moderation, rate limit, queue depth; then it runs in the engine, and is co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from lmforge.serve.audit import AuditLog
 from lmforge.serve.auth import KeyStore, RateLimiter, retry_after_header
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.engine import Engine, RequestError, RequestHandle, RequestOutput
-from lmforge.serve.hooks import AllowAll, Moderator, load_moderator
+from lmforge.serve.hooks import AllowAll, Decision, Moderator, load_moderator
 from lmforge.serve.metrics import ServeMetrics
 from lmforge.serve.middleware import BodyLimitMiddleware, RequestCountMiddleware
 from lmforge.serve.protocol import (
@@ -41,6 +42,8 @@ from lmforge.serve.responses import chat_logprobs, completion_logprobs
 from lmforge.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+STREAM_HOLDBACK_CHARS = 48  # held back in moderated streams that may redact: longer than most e-mail addresses
 
 
 class OpenAIError(Exception):
@@ -78,7 +81,8 @@ class Gateway:
         self.limiter = RateLimiter(config.auth.requests_per_minute, config.auth.tokens_per_minute)
         self.metrics = ServeMetrics(engine)
         self.audit = AuditLog(config.audit.path) if config.audit.path else None
-        self.moderator = moderator or load_moderator(config.moderation.hook, config.moderation.options)
+        m = config.moderation
+        self.moderator = moderator or load_moderator(m.hook, m.options, m.policy)
         self.limits = config.limits
         self.max_prompt_tokens = min(self.limits.max_prompt_tokens or engine.max_len, engine.max_len)
         self.created = int(time.time())
@@ -140,18 +144,31 @@ class Gateway:
         if len(body.stop_list()) > 8:
             raise OpenAIError(400, "At most 8 stop sequences are allowed.", param="stop", code="invalid_value")
 
-    async def moderate_input(self, texts: list[str]) -> None:
-        decision = await self._call(self.moderator.check_input, texts)
-        if not decision.allowed:
-            self.metrics.moderation_blocked.labels("input").inc()
-            raise OpenAIError(400, f"The input was refused by moderation: {decision.reason or 'policy'}.",
-                              code="content_filter", param="input")
+    @property
+    def moderates(self) -> bool:
+        return not isinstance(self.moderator, AllowAll)
 
-    async def moderate_output(self, text: str):
-        return await self._call(self.moderator.check_output, text)
+    async def moderate(self, job: _Job, direction: str, texts: list[str], final: bool = True) -> Decision:
+        """The moderator's decision on a request's input texts or one choice's output so far.
+
+        Counted (Prometheus, audit) when `final` or blocking: a stream is checked at every
+        window, but only its last check or its block is a decision about the reply."""
+        if direction == "input":
+            decision = await self._call(self.moderator.check_input, texts)
+        else:
+            decision = await self._call(self.moderator.check_output, texts[0])
+        if final or not decision.allowed:
+            for category, action in decision.actions.items():
+                self.metrics.moderation.labels(direction, category, action).inc()
+            if not decision.allowed and not decision.actions:  # a hook that gives no categories
+                for category in decision.categories or ["unspecified"]:
+                    self.metrics.moderation.labels(direction, category, "block").inc()
+            if decision.action != "allow":
+                job.moderation.append(f"{direction} {decision.action}: {decision.reason or ', '.join(decision.categories)}")
+        return decision
 
     async def _call(self, fn, arg):
-        if isinstance(self.moderator, AllowAll):
+        if not self.moderates:
             return fn(arg)
         return await asyncio.to_thread(fn, arg)  # a classifier must not block the event loop
 
@@ -302,7 +319,7 @@ class _Job:
         self.key_id: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.moderation = "allowed"
+        self.moderation: list[str] = []  # what moderation did, for the audit log
         self.finish_reasons: list[str] = []
         self.ticket = None
         self.first_token_at: float | None = None
@@ -313,7 +330,7 @@ class _Job:
         g.record(request_id=self.id, key_id=self.key_id, route=self.route, prompt_tokens=self.prompt_tokens,
                  completion_tokens=self.completion_tokens, latency_ms=(time.monotonic() - self.arrival) * 1000,
                  status=status, finish_reason=",".join(sorted(set(self.finish_reasons))) or None,
-                 moderation=self.moderation, error=error)
+                 moderation="; ".join(self.moderation) or "allowed", error=error)
 
     def observe(self, output: RequestOutput, last_at: dict[int, float], index: int) -> None:
         now = time.monotonic()
@@ -328,8 +345,11 @@ class _Job:
             self.completion_tokens += len(output.token_ids)
             m.generation_tokens.inc(len(output.token_ids))
         if output.finished and output.finish_reason:
-            self.finish_reasons.append(output.finish_reason)
-            m.finished.labels(output.finish_reason).inc()
+            self.finish(output.finish_reason)
+
+    def finish(self, reason: str) -> None:
+        self.finish_reasons.append(reason)
+        self.gateway.metrics.finished.labels(reason).inc()
 
 
 async def handle_generation(gateway: Gateway, request: Request, chat: bool):
@@ -341,8 +361,12 @@ async def handle_generation(gateway: Gateway, request: Request, chat: bool):
         gateway.check_sampling(body)
         if chat:
             messages = chat_messages(body.messages)
-            prompts = [gateway.tokenizer.encode_chat(messages, add_generation_prompt=True)]
             texts = [m["content"] for m in messages]
+
+            def encode(texts: list[str]) -> list[list[int]]:
+                turns = [dict(m, content=t) for m, t in zip(messages, texts, strict=True)]
+                return [gateway.tokenizer.encode_chat(turns, add_generation_prompt=True)]
+
             limit = gateway.max_tokens(body.max_completion_tokens or body.max_tokens, gateway.limits.default_max_tokens)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             prompt_logprobs = None
@@ -356,19 +380,32 @@ async def handle_generation(gateway: Gateway, request: Request, chat: bool):
                 raw = [raw]
             if not raw:
                 raise OpenAIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
-            prompts = [gateway.engine.encode(p) for p in raw]
             texts = [p if isinstance(p, str) else gateway.tokenizer.decode(p) for p in raw]
+
+            def encode(texts: list[str]) -> list[list[int]]:  # token-id prompts stay ids unless redacted
+                return [gateway.engine.encode(p if t == original else t)
+                        for p, t, original in zip(raw, texts, originals, strict=True)]
+
+            originals = list(texts)
             limit = gateway.max_tokens(body.max_tokens, 16)
             logprobs = body.logprobs
             prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        prompts = encode(texts)
         for ids in prompts:
             gateway.check_prompt(ids, limit)
         job.prompt_tokens = sum(len(p) for p in prompts)
-        try:
-            await gateway.moderate_input(texts)
-        except OpenAIError as err:
-            job.moderation = f"input_blocked: {err.message}"
-            raise
+        if gateway.moderates:
+            decision = await gateway.moderate(job, "input", texts)
+            if not decision.allowed:
+                if gateway.config.moderation.on_block == "refusal":
+                    return refusal(job, body, len(prompts) * body.n)
+                raise OpenAIError(400, f"The input was refused by moderation: {decision.reason or 'policy'}.",
+                                  code="content_filter", param="input")
+            if decision.redacted is not None and decision.redacted != texts:
+                texts, prompts = decision.redacted, encode(decision.redacted)
+                for ids in prompts:
+                    gateway.check_prompt(ids, limit)
+                job.prompt_tokens = sum(len(p) for p in prompts)
         job.ticket = gateway.admit(job.key_id, job.prompt_tokens + limit * body.n * len(prompts),
                                    body.n * len(prompts))
         loop = asyncio.get_running_loop()
@@ -439,12 +476,47 @@ def _usage(job: _Job) -> dict:
 
 
 async def _moderated(job: _Job, text: str, reason: str | None) -> tuple[str, str | None]:
-    decision = await job.gateway.moderate_output(text)
-    if decision.allowed:
+    if not job.gateway.moderates:
         return text, reason
-    job.moderation = f"output_blocked: {decision.reason or 'policy'}"
-    job.gateway.metrics.moderation_blocked.labels("output").inc()
-    return "", "content_filter"
+    decision = await job.gateway.moderate(job, "output", [text])
+    if not decision.allowed:
+        if reason in job.finish_reasons:
+            job.finish_reasons.remove(reason)
+        job.finish("content_filter")
+        return "", "content_filter"
+    return (decision.redacted[0] if decision.redacted else text), reason
+
+
+def refusal(job: _Job, body, choices: int):
+    """A blocked input answered as a reply (`moderation.on_block: refusal`): the engine never runs."""
+    g = job.gateway
+    message = g.config.moderation.refusal_message
+    job.finish_reasons = ["content_filter"] * choices
+    g.metrics.finished.labels("content_filter").inc(choices)
+    head = {"id": job.id, "created": job.created, "model": g.model_name}
+    if job.chat:
+        whole = [{"index": i, "message": {"role": "assistant", "content": message}, "logprobs": None,
+                  "finish_reason": "content_filter"} for i in range(choices)]
+        parts = [{"index": i, "delta": {"role": "assistant", "content": message}, "logprobs": None,
+                  "finish_reason": "content_filter"} for i in range(choices)]
+    else:
+        whole = parts = [{"index": i, "text": message, "logprobs": None, "finish_reason": "content_filter"}
+                         for i in range(choices)]
+    job.audit(200)
+    if not body.stream:
+        return {**head, "object": "chat.completion" if job.chat else "text_completion", "choices": whole,
+                "usage": _usage(job)}
+    kind = "chat.completion.chunk" if job.chat else "text_completion"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        for part in parts:
+            yield _sse({**head, "object": kind, "choices": [part], **({"usage": None} if include_usage else {})})
+        if include_usage:
+            yield _sse({**head, "object": kind, "choices": [], "usage": _usage(job)})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def completion_response(job, body, results, texts, prompts) -> dict:
@@ -515,30 +587,54 @@ async def _stream(job: _Job, body, handles: list[RequestHandle], chunk) -> Async
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     status, error = 200, None
     last_at: dict[int, float] = {}
-    sent = {i: "" for i in range(len(handles))}
     blocked: set[int] = set()
-    checks = not isinstance(job.gateway.moderator, AllowAll)
+    checks = job.gateway.moderates
+    window = job.gateway.config.moderation.stream_window_chars
+    # A moderator that may redact output keeps the tail back: a value split across windows is
+    # then still unsent when the check that sees all of it replaces it.
+    holdback = STREAM_HOLDBACK_CHARS if getattr(job.gateway.moderator, "redacts_output", False) else 0
+    raw = {i: "" for i in range(len(handles))}       # generated text (moderated streams only)
+    released = {i: "" for i in range(len(handles))}  # what the client has been sent of it
+    checked = dict.fromkeys(range(len(handles)), 0)
+    held: dict[int, list[RequestOutput]] = {i: [] for i in range(len(handles))}
     try:
         async for index, out in _merged(handles):
-            job.observe(out, last_at, index)
+            # Moderated choices record their finish reason when they end here: a blocked one
+            # ends as content_filter, not as the cancellation that follows.
+            job.observe(dataclasses.replace(out, finish_reason=None) if checks else out, last_at, index)
             if index in blocked:
                 continue
             reason = out.finish_reason if out.finished else None
+            if checks and reason in ("timeout", "error"):
+                job.finish(reason)
             if reason in ("timeout", "error"):
                 status, error = (504, "timeout") if reason == "timeout" else (500, "engine error")
                 yield _sse({"error": {"message": f"generation stopped: {error}", "type": "server_error",
                                       "param": None, "code": reason}})
                 continue
             text = out.text
-            if checks and text:
-                decision = await job.gateway.moderate_output(sent[index] + text)
+            if checks:
+                # Moderated in windows: text is held until a check of everything so far passes it
+                # (the tail stays held, so a redaction can still reach it), and a check that
+                # blocks ends the choice before the bad window is sent.
+                raw[index] += text
+                held[index].append(out)
+                if not reason and len(raw[index]) - checked[index] < window:
+                    continue
+                checked[index] = len(raw[index])
+                decision = await job.gateway.moderate(job, "output", [raw[index]], final=reason is not None)
                 if not decision.allowed:
-                    job.moderation = f"output_blocked: {decision.reason or 'policy'}"
-                    job.gateway.metrics.moderation_blocked.labels("output").inc()
                     blocked.add(index)
                     handles[index].cancel()
                     text, reason = "", "content_filter"
-            sent[index] += text
+                else:
+                    visible = decision.redacted[0] if decision.redacted else raw[index]
+                    upto = len(visible) if reason else max(len(released[index]), len(visible) - holdback)
+                    text, released[index] = visible[len(released[index]):upto], visible[:upto]
+                out = _joined(held[index])
+                held[index] = []
+                if reason:
+                    job.finish(reason)
             if text or reason or out.logprobs:
                 event = chunk(index, text, out, reason)
                 if include_usage:
@@ -556,6 +652,15 @@ async def _stream(job: _Job, body, handles: list[RequestHandle], chunk) -> Async
         for h in handles:
             h.cancel()
         job.audit(status, error)
+
+
+def _joined(outputs: list[RequestOutput]) -> RequestOutput:
+    """Outputs held back by moderation as one: their log-probs together, the last one's state."""
+    last = outputs[-1]
+    logprobs = [lp for o in outputs for lp in (o.logprobs or [])] if any(o.logprobs is not None for o in outputs) else None
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return dataclasses.replace(last, token_ids=[t for o in outputs for t in o.token_ids], text="".join(o.text for o in outputs),
+                               logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 def stream_chat(job: _Job, body, handles: list[RequestHandle]) -> AsyncIterator[str]:
@@ -594,10 +699,27 @@ def stream_completion(job: _Job, body, handles: list[RequestHandle], texts: list
     return _stream(job, body, handles, chunk)
 
 
+def release_gate(model: str) -> dict:
+    """The model's passing release record, made for these very weights; CheckpointError otherwise."""
+    from lmforge.eval.runner import model_hash
+    from lmforge.loading import load_model
+    from lmforge.safety.release import check_released
+
+    check_released(model)  # cheap checks first: a record exists and it passed
+    weights, _, _ = load_model(model, "cpu")  # the stored dtype, as `lmforge release` hashed it
+    record = check_released(model, model_hash(weights))
+    log.info("release record: policy %r passed on %s", record.get("policy"), record.get("created_at"))
+    return record
+
+
 def run(config: ServeConfig) -> None:
     """Load the model, start the engine and serve until SIGINT/SIGTERM (which drain first)."""
     import uvicorn
 
+    if config.allow_unreleased:
+        log.warning("serving %s without checking its release record (--allow-unreleased)", config.model)
+    else:
+        release_gate(config.model)
     engine = Engine.from_path(config.model, config.engine)
     app = create_app(engine, config)
     gateway: Gateway = app.state.gateway

@@ -22,7 +22,7 @@ def test_lmforge_serve_answers_the_openai_client_and_stops_on_sigterm(trained_ru
     audit = tmp_path / "audit.sqlite"
     env = {**os.environ, "LMFORGE_API_KEYS": "ci:sk-ci-key"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "lmforge", "serve", str(trained_run), "--port", str(port),
+        [sys.executable, "-m", "lmforge", "serve", str(trained_run), "--port", str(port), "--allow-unreleased",
          f"audit.path={audit}", "server.model_name=tiny", "server.log_level=warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -60,3 +60,11 @@ def test_lmforge_serve_refuses_a_bad_config_before_loading(trained_run):
 
     assert main(["serve", str(trained_run), "engine.max_num_seqs=0"]) == 2
     assert main(["serve", str(trained_run), "server.bogus=1"]) == 2
+
+
+def test_lmforge_serve_refuses_an_unreleased_model_in_one_line(trained_run):
+    done = subprocess.run([sys.executable, "-m", "lmforge", "serve", str(trained_run), "--port", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no release record" in done.stderr and "--allow-unreleased" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -23,9 +23,9 @@ from pathlib import Path
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
-from datatrove.pipeline.formatters.pii import public_ip_validator
 
 from lmforge.errors import ConfigError, DataError
+from lmforge.safety import rules
 from lmforge.safety.moderation import chunks, flagged, load_moderator
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -67,33 +67,6 @@ class LanguageFilter(BaseFilter):
         return True
 
 
-# datatrove's e-mail pattern (RFC 5322-ish) and IPv4 pattern.
-_EMAIL = re.compile(
-    r"\b[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@(?:(?:[A-Za-z0-9](?:["
-    r"A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?|\[(?:(?:25[0-5]|2[0-4][0-9]|["
-    r"01]?[0-9][0-9]?)\.){3}(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?|[A-Za-z0-9-]*[A-Za-z0-9]:)])"
-)
-_IPV4 = re.compile(r"(?<![\w.=-])(?:(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\.){3}(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)(?!\.?\d)")
-# North-American (555) 123-4567 / 555-123-4567 / 555.123.4567 / +1 555 123 4567, and
-# international numbers written with a leading +. Plain space-separated digit groups are
-# not phones (they are number sequences far more often), and neither are dates or versions.
-_PHONE = re.compile(
-    r"(?<![\w+.-])(?:\(\d{3}\)[ ]?\d{3}[-.]\d{4}|\d{3}([-.])\d{3}\1\d{4}"
-    r"|\+1[ .-]?\d{3}[ .-]\d{3}[ .-]\d{4}|\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5})(?![\w-])"
-)
-
-
-def _is_phone(text: str) -> bool:
-    return 9 <= sum(c.isdigit() for c in text) <= 15
-
-
-def _is_personal_ip(text: str, only_public: bool = True) -> bool:
-    # Dotted quads of single digits (1.5.0.9) are version numbers far more often than hosts.
-    if all(len(octet) == 1 for octet in text.split(".")):
-        return False
-    return public_ip_validator(text, public_only=only_public)
-
-
 class PIIScrubber(BaseFormatter):
     """Replaces PII with placeholders; `counters` counts replacements per kind (read by the ledger)."""
 
@@ -105,11 +78,11 @@ class PIIScrubber(BaseFormatter):
         super().__init__()
         self.rules = []
         if emails:
-            self.rules.append(("email", _EMAIL, None, email_placeholder))
+            self.rules.append(("email", rules.EMAIL, None, email_placeholder))
         if ips:
-            self.rules.append(("ip", _IPV4, partial(_is_personal_ip, only_public=only_public_ips), ip_placeholder))
+            self.rules.append(("ip", rules.IPV4, partial(rules.is_personal_ip, only_public=only_public_ips), ip_placeholder))
         if phones:
-            self.rules.append(("phone", _PHONE, _is_phone, phone_placeholder))
+            self.rules.append(("phone", rules.PHONE, rules.is_phone, phone_placeholder))
         self.counters: dict[str, int] = defaultdict(int)
 
     def scrub(self, text: str, counts: dict[str, int] | None = None) -> str:
