@@ -218,16 +218,8 @@ def train(
     from lmforge.train.config import TrainConfig
 
     config = _config(TrainConfig, [*(args or []), *([f"train.profile={profile}"] if profile else [])])
-    if nproc is not None and "WORLD_SIZE" not in os.environ:
-        if nproc > 1 and config.parallel.strategy == "single":
-            raise ConfigError(f"--nproc {nproc} needs parallel.strategy=ddp or fsdp (it is single)")
-        import subprocess
-
-        # --standalone: a c10d rendezvous on a free local port, which also serves relaunches.
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   f"--max-restarts={max_restarts}", "-m", "lmforge", "train", *(args or []),
-                   *(["--resume"] if resume else []), *([f"--profile={profile}"] if profile else [])]
-        raise typer.Exit(subprocess.run(command).returncode)
+    _torchrun(nproc, max_restarts, config.parallel.strategy,
+              ["train", *(args or []), *(["--resume"] if resume else []), *([f"--profile={profile}"] if profile else [])])
     result = trainer.run(config, resume=resume)
     summary = f"{result.status} at step {result.step}; run dir {result.run_dir}"
     if result.val_loss is not None:
@@ -481,14 +473,30 @@ def release(
         raise typer.Exit(1)
 
 
-def _align(kind: str, model: str, args: list[str] | None, resume: bool) -> None:
+def _torchrun(nproc: int | None, max_restarts: int, strategy: str, command: list[str]) -> None:
+    """`--nproc N` outside torchrun: relaunch this command under torchrun on N local processes."""
+    if nproc is None or "WORLD_SIZE" in os.environ:
+        return
+    if nproc > 1 and strategy == "single":
+        raise ConfigError(f"--nproc {nproc} needs parallel.strategy=ddp or fsdp (it is single)")
+    import subprocess
+
+    # --standalone: a c10d rendezvous on a free local port, which also serves relaunches.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                f"--max-restarts={max_restarts}", "-m", "lmforge"]
+    raise typer.Exit(subprocess.run([*launcher, *command]).returncode)
+
+
+def _align(kind: str, model: str, args: list[str] | None, resume: bool, nproc: int | None) -> None:
     from lmforge.align import run as align_run
     from lmforge.align.config import AlignConfig
 
     config = _config(AlignConfig, args, {"model": model, "run": {"name": kind}})
+    _torchrun(nproc, 0, config.parallel.strategy, [kind, model, *(args or []), *(["--resume"] if resume else [])])
     result = (align_run.run_sft if kind == "sft" else align_run.run_dpo)(config, resume=resume)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.val_metrics.items())
-    typer.echo(f"{result.status} at step {result.step}; run dir {result.run_dir}" + (f"; {metrics}" if metrics else ""))
+    if os.environ.get("RANK", "0") == "0":  # one summary per run
+        typer.echo(f"{result.status} at step {result.step}; run dir {result.run_dir}" + (f"; {metrics}" if metrics else ""))
     if result.signal is not None:
         raise typer.Exit(128 + result.signal)
 
@@ -498,9 +506,10 @@ def sft(
     model: Annotated[str, typer.Argument(help="model to fine-tune: model dir, run dir or checkpoint")],
     args: ConfigArgs = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's latest checkpoint")] = False,
+    nproc: Annotated[int | None, typer.Option(help="launch this many processes with torchrun (parallel.strategy=ddp|fsdp)")] = None,
 ):
     """Supervised fine-tuning on chat conversations: `lmforge sft MODEL configs/sft.yaml data.train=...`."""
-    _align("sft", model, args, resume)
+    _align("sft", model, args, resume, nproc)
 
 
 @app.command()
@@ -508,9 +517,10 @@ def dpo(
     model: Annotated[str, typer.Argument(help="model to align: model dir, run dir or checkpoint")],
     args: ConfigArgs = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's latest checkpoint")] = False,
+    nproc: Annotated[int | None, typer.Option(help="launch this many processes with torchrun (parallel.strategy=ddp|fsdp)")] = None,
 ):
     """Direct preference optimisation on chosen/rejected pairs: `lmforge dpo MODEL configs/dpo.yaml`."""
-    _align("dpo", model, args, resume)
+    _align("dpo", model, args, resume, nproc)
 
 
 @lora_app.command("merge")

@@ -10,7 +10,14 @@ from lmforge.align.lora import LoraSettings
 from lmforge.config import Section
 from lmforge.monitor.alerts import AlertConfig
 from lmforge.monitor.trackers import TrackerConfig
-from lmforge.train.config import LoopConfig, OptimConfig, RunConfig, ScheduleConfig
+from lmforge.train.config import (
+    FaultConfig,
+    LoopConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    ScheduleConfig,
+)
 
 
 class AlignDataConfig(Section):
@@ -38,6 +45,8 @@ class AlignConfig(Section):
     dpo: DPOSettings = DPOSettings()
     alerts: AlertConfig = AlertConfig()
     trackers: TrackerConfig = TrackerConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    faults: FaultConfig = FaultConfig()
 
     @model_validator(mode="after")
     def _check(self) -> AlignConfig:

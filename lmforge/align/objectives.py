@@ -18,20 +18,27 @@ from lmforge.train.parallel import autocast
 
 
 class RowLoader:
-    """Row indices for (step, micro_step): sample k is row perm(seed, epoch)[k % num_rows]."""
+    """Row indices for (step, micro_step): sample k is row perm(seed, epoch)[k % num_rows].
 
-    def __init__(self, num_rows: int, micro_batch_size: int, grad_accum_steps: int, seed: int):
+    A step's samples are split into one contiguous block per rank (micro batches in order),
+    so the union over ranks is the same set of rows whatever the world size, as in pretraining.
+    """
+
+    def __init__(self, num_rows: int, micro_batch_size: int, grad_accum_steps: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
         if num_rows < 1:
             raise DataError("no training rows")
         self.num_rows, self.micro_batch_size, self.grad_accum_steps, self.seed = num_rows, micro_batch_size, grad_accum_steps, seed
+        self.rank, self.world_size = rank, world_size
         self._epoch, self._perm = -1, np.arange(0)
 
     @property
     def samples_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps
+        """Over all ranks."""
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
 
     def rows(self, step: int, micro_step: int) -> list[int]:
-        first = step * self.samples_per_step + micro_step * self.micro_batch_size
+        first = step * self.samples_per_step + (self.rank * self.grad_accum_steps + micro_step) * self.micro_batch_size
         out = []
         for sample in range(first, first + self.micro_batch_size):
             epoch, within = divmod(sample, self.num_rows)
@@ -57,10 +64,12 @@ class SFTObjective:
     """Cross-entropy on the trained (assistant) tokens of packed or padded conversations."""
 
     kind = "sft"
+    sharded = True  # batches are this rank's block of each step's rows
 
-    def __init__(self, train: Rows, val: Rows | None, seq_len: int, micro_batch_size: int, accum: int, seed: int):
+    def __init__(self, train: Rows, val: Rows | None, seq_len: int, micro_batch_size: int, accum: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
         self.train_rows, self.val_rows, self.seq_len = train, val, seq_len
-        self.loader = RowLoader(len(train), micro_batch_size, accum, seed)
+        self.loader = RowLoader(len(train), micro_batch_size, accum, seed, rank, world_size)
         self.tokens_per_step = self.loader.samples_per_step * seq_len
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
@@ -102,12 +111,14 @@ class DPOObjective:
     """Direct preference optimisation against reference log-probs computed once, up front."""
 
     kind = "dpo"
+    sharded = True
 
     def __init__(self, chosen: Rows, rejected: Rows, reference: torch.Tensor, val: tuple[Rows, Rows, torch.Tensor] | None,
-                 seq_len: int, micro_batch_size: int, accum: int, seed: int, beta: float, loss_kind: str):
+                 seq_len: int, micro_batch_size: int, accum: int, seed: int, beta: float, loss_kind: str,
+                 rank: int = 0, world_size: int = 1):
         self.chosen, self.rejected, self.reference, self.val = chosen, rejected, reference, val
         self.seq_len, self.beta, self.loss_kind = seq_len, beta, loss_kind
-        self.loader = RowLoader(len(chosen), micro_batch_size, accum, seed)
+        self.loader = RowLoader(len(chosen), micro_batch_size, accum, seed, rank, world_size)
         self.tokens_per_step = 2 * self.loader.samples_per_step * seq_len
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:

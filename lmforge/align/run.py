@@ -21,8 +21,9 @@ from lmforge.align.config import AlignConfig
 from lmforge.align.lora import apply_lora, save_adapter
 from lmforge.align.objectives import DPOObjective, SFTObjective, reference_logprobs
 from lmforge.errors import ConfigError, DataError
-from lmforge.train.parallel import resolve_device, resolve_dtype
-from lmforge.train.trainer import TrainResult, accumulation, fit
+from lmforge.train import distributed
+from lmforge.train.parallel import resolve_dtype
+from lmforge.train.trainer import TrainResult, accumulation, fit, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def _split(records: list, val_path: str | None, fraction: float, seed: int, read
     return [r for i, r in enumerate(records) if i not in held_out], [r for i, r in enumerate(records) if i in held_out]
 
 
-def _fit(config: AlignConfig, base, tokenizer, source: Path, objective, kind: str, resume: bool) -> TrainResult:
+def _fit(config: AlignConfig, base, tokenizer, source: Path, objective, kind: str, resume: bool,
+         env: distributed.DistEnv) -> TrainResult:
     built = []
 
     def build_model():
@@ -68,14 +70,23 @@ def _fit(config: AlignConfig, base, tokenizer, source: Path, objective, kind: st
     extra = {"init_from": str(Path(source).resolve()),
              "lora": config.lora.model_dump(mode="json") if config.lora.enabled else None}
     result = fit(config, base.config, build_model, tokenizer, objective, manifest, resume,
-                 trainable_only=config.lora.enabled, extra_state=extra)
-    if config.lora.enabled and built:
+                 trainable_only=config.lora.enabled, extra_state=extra, env=env)
+    if config.lora.enabled and built and env.is_main:
         save_adapter(result.run_dir / "adapter", built[0], str(source))
     return result
 
 
 def run_sft(config: AlignConfig, resume: bool = False) -> TrainResult:
+    """Under `torchrun` every process calls this and trains on its block of each step's rows."""
     config = config.model_copy(deep=True)
+    env = init_distributed(config.train, config.parallel)
+    try:
+        return _sft(config, resume, env)
+    finally:
+        distributed.shutdown(env)
+
+
+def _sft(config: AlignConfig, resume: bool, env: distributed.DistEnv) -> TrainResult:
     base, tokenizer, source = _start(config)
     records = align_data.read_conversations(config.data.train)
     train, val = _split(records, config.data.val, config.data.val_fraction, config.run.seed, align_data.read_conversations)
@@ -84,20 +95,29 @@ def run_sft(config: AlignConfig, resume: bool = False) -> TrainResult:
         sequences = [align_data.encode_conversation(tokenizer, messages, config.data.loss_on, config.data.seq_len) for _, messages in items]
         return align_data.build_rows(sequences, config.data.seq_len, tokenizer.pad_id, config.data.pack)
 
-    accum = accumulation(config.train, config.data.seq_len)
+    accum = accumulation(config.train, config.data.seq_len, env.world_size)
     objective = SFTObjective(rows(train), rows(val) if val else None, config.data.seq_len,
-                             config.train.micro_batch_size, accum, config.run.seed)
+                             config.train.micro_batch_size, accum, config.run.seed, env.rank, env.world_size)
     log.info("sft: %d conversations -> %d rows (%s), %d held out", len(train), len(objective.train_rows),
              "packed" if config.data.pack else "padded", len(val))
-    return _fit(config, base, tokenizer, source, objective, "sft", resume)
+    return _fit(config, base, tokenizer, source, objective, "sft", resume, env)
 
 
 def run_dpo(config: AlignConfig, resume: bool = False) -> TrainResult:
+    """Under `torchrun` every process computes the reference log-probs and trains on its block of pairs."""
     config = config.model_copy(deep=True)
+    env = init_distributed(config.train, config.parallel)
+    try:
+        return _dpo(config, resume, env)
+    finally:
+        distributed.shutdown(env)
+
+
+def _dpo(config: AlignConfig, resume: bool, env: distributed.DistEnv) -> TrainResult:
     base, tokenizer, source = _start(config)
     records = align_data.read_preferences(config.data.train)
     train, val = _split(records, config.data.val, config.data.val_fraction, config.run.seed, align_data.read_preferences)
-    device = resolve_device(config.train.device)
+    device = env.device
     dtype = resolve_dtype(config.train.dtype, device)
 
     def rows(items):
@@ -110,9 +130,10 @@ def run_dpo(config: AlignConfig, resume: bool = False) -> TrainResult:
 
     chosen, rejected, reference = rows(train)
     base.to("cpu").train()
-    accum = accumulation(config.train, config.data.seq_len)
+    accum = accumulation(config.train, config.data.seq_len, env.world_size)
     objective = DPOObjective(chosen, rejected, reference, rows(val) if val else None, config.data.seq_len,
-                             config.train.micro_batch_size, accum, config.run.seed, config.dpo.beta, config.dpo.loss)
+                             config.train.micro_batch_size, accum, config.run.seed, config.dpo.beta, config.dpo.loss,
+                             env.rank, env.world_size)
     base.to("cpu").train()
     log.info("dpo: %d pairs, %d held out, beta %.3g, %s loss", len(train), len(val), config.dpo.beta, config.dpo.loss)
-    return _fit(config, base, tokenizer, source, objective, "dpo", resume)
+    return _fit(config, base, tokenizer, source, objective, "dpo", resume, env)

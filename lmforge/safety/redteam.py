@@ -260,6 +260,12 @@ def garak_config(model_url: str, model_name: str, work_dir: Path, probes: list[s
     run: dict[str, Any] = {"seed": seed, "generations": generations, "spec": {"include": [f"probes.{p}" for p in probes]}}
     if prompt_cap is not None:
         run["soft_probe_prompt_cap"] = prompt_cap  # probes with more prompts sample this many (seeded)
+    generator: dict[str, Any] = {"uri": model_url, "max_tokens": max_tokens}
+    if generations > 1:
+        # garak asks once per generation (n=1), each time with the run's seed: a server that honours
+        # the seed, as lmforge's does, would answer the same text every time.
+        generator["suppressed_params"] = ["seed"]
+    generator.update(generator_options or {})
     return {
         "system": {"narrow_output": True, "lite": True,
                    "parallel_attempts": parallel_attempts if parallel_attempts > 1 else False},
@@ -270,9 +276,7 @@ def garak_config(model_url: str, model_name: str, work_dir: Path, probes: list[s
             # garak's core config turns extended detectors on; some of them call the Perspective API
             # or download classifiers. The primary detector of each probe is a string/regex match.
             "extended_detectors": False,
-            "generators": {"openai": {"OpenAICompatible": {
-                "uri": model_url, "max_tokens": max_tokens, **(generator_options or {}),
-            }}},
+            "generators": {"openai": {"OpenAICompatible": generator}},
         },
         "reporting": {"report_dir": str(work_dir), "report_prefix": REPORT_PREFIX},
     }

@@ -197,7 +197,7 @@ def run(config: TrainConfig, resume: bool = False) -> TrainResult:
     windows (the union over ranks is the same global batch whatever the world size).
     """
     config = config.model_copy(deep=True)
-    env = _init_distributed(config.train, config.parallel)
+    env = init_distributed(config.train, config.parallel)
     try:
         train_data = TokenDataset(config.data.dataset, "train")
         has_val = train_data.manifest["splits"].get("val", {}).get("tokens", 0) > config.data.seq_len
@@ -231,7 +231,7 @@ def run(config: TrainConfig, resume: bool = False) -> TrainResult:
         distributed.shutdown(env)
 
 
-def _init_distributed(loop: LoopConfig, parallel: ParallelConfig) -> distributed.DistEnv:
+def init_distributed(loop: LoopConfig, parallel: ParallelConfig) -> distributed.DistEnv:
     return distributed.init(
         loop.device, parallel.backend, parallel.timeout_seconds, need_group=parallel.strategy != "single"
     )
@@ -278,7 +278,7 @@ def fit(
     trainable parameters (LoRA). `env`: the process group `run` joined (None: join it here)."""
     own_env = env is None
     if env is None:
-        env = _init_distributed(config.train, getattr(config, "parallel", ParallelConfig()))
+        env = init_distributed(config.train, getattr(config, "parallel", ParallelConfig()))
     try:
         return _fit(config, model_config, build_model, tokenizer, objective, manifest, resume, trainable_only,
                     extra_state, env)
@@ -483,11 +483,15 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
                         for key, value in micro_extras.items():
                             extras[key] = extras.get(key, 0.0) + value / accum
                     norm = grad_norm(params)
-                    # One all-reduce per step: the loss summed over ranks, and whether any rank
-                    # was asked to stop, so that every rank decides the same.
-                    stats = torch.stack([loss_sum, torch.tensor(float(stop.signum is not None), device=device)])
+                    # One all-reduce per step: the loss summed over ranks, whether any rank was
+                    # asked to stop (so that every rank decides the same), and the objective's
+                    # extra metrics (averaged over ranks like the loss).
+                    names = sorted(extras)
+                    stats = torch.tensor([0.0, float(stop.signum is not None), *(extras[k] for k in names)], device=device)
+                    stats[0] = loss_sum
                     stats = distributed.all_reduce_sum(env, stats).tolist()
                     step_loss, stopping = stats[0] / (accum * env.world_size), stats[1] > 0
+                    extras = {k: v / env.world_size for k, v in zip(names, stats[2:], strict=True)}
                     reason = guard.judge(step_loss, norm.item())
                     if reason is None:
                         clip_gradients(params, max_norm, norm)
