@@ -43,6 +43,10 @@ def test_quickstart_runs_every_stage_then_skips_unchanged_ones(tmp_path):
     assert (tmp_path / "qs" / "runs" / "quickstart" / "metrics.jsonl").is_file()
     assert (tmp_path / "qs" / "model" / "model.safetensors").is_file()
     assert "AutoModelForCausalLM.from_pretrained" in first.stdout
+    # The run's report shows where its data came from: the curation funnel of the quickstart's first stage.
+    assert lmforge("report", "qs/runs/quickstart", cwd=tmp_path).returncode == 0
+    page = (tmp_path / "qs" / "runs" / "quickstart" / "report" / "index.html").read_text()
+    assert "Curation funnel" in page and "exact_dedup" in page and "curation funnel" in page
 
     again = lmforge("quickstart", "--out", "qs", *fast, cwd=tmp_path)
     assert again.returncode == 0, again.stderr

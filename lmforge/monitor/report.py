@@ -89,13 +89,25 @@ def _curation(manifest: dict[str, Any]) -> str:
     for candidate in _curation_reports(Path(dataset)):
         report = _read_json(candidate)
         steps = report.get("steps")
-        if isinstance(steps, list) and steps:
-            rows = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(fmt(s.get(k)))}</td>" for k in ("name", "docs_in", "docs_out", "bytes_in", "bytes_out")) + "</tr>"
-                for s in steps if isinstance(s, dict)
-            )
-            head = "".join(f"<th>{h}</th>" for h in ("step", "docs in", "docs out", "bytes in", "bytes out"))
-            return f"<h2>Curation funnel</h2><p>{html.escape(str(candidate))}</p><table><tr>{head}</tr>{rows}</table>"
+        if not isinstance(steps, list) or not steps:
+            continue
+        rows = []
+        for s in steps:
+            if not isinstance(s, dict):
+                continue
+            removed = s.get("removed") if isinstance(s.get("removed"), dict) else {}
+            reasons = ", ".join(f"{r} {fmt(v.get('docs') if isinstance(v, dict) else v)}" for r, v in removed.items())
+            cells = [s.get("step", s.get("name")), s.get("docs_in"), s.get("docs_out"), s.get("bytes_in"), s.get("bytes_out")]
+            rows.append("<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in cells)
+                        + f"<td>{html.escape(reasons or '-')}</td></tr>")
+        head = "".join(f"<th>{h}</th>" for h in ("step", "docs in", "docs out", "bytes in", "bytes out", "removed by reason"))
+        chart = ""
+        funnel = candidate.parent / "funnel.png"
+        if funnel.is_file():
+            chart = (f'<figure><img alt="curation funnel" src="data:image/png;base64,{base64.b64encode(funnel.read_bytes()).decode()}">'
+                     "<figcaption>curation funnel</figcaption></figure>")
+        return (f"<h2>Curation funnel</h2><p>{html.escape(str(candidate))}: {fmt(report.get('removed_share'))} of the "
+                f"input removed</p><table><tr>{head}</tr>{''.join(rows)}</table>{chart}")
     return ""
 
 
