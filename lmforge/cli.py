@@ -230,6 +230,20 @@ def train(
         raise typer.Exit(128 + result.signal)
 
 
+def _engine_and_params(model: str, device: str, compile: bool, **sampling):
+    """The inference engine (one sequence) on MODEL and validated sampling parameters."""
+    from lmforge.serve.config import EngineConfig
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(**sampling)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    engine = Engine.from_path(model, EngineConfig(max_num_seqs=1, device=device, compile=compile))
+    return engine, params
+
+
 @app.command()
 def generate(
     model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")],
@@ -239,26 +253,22 @@ def generate(
     top_k: int | None = None,
     top_p: float = 1.0,
     seed: int | None = None,
-    device: str = "cpu",
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "cpu",
+    compile: Annotated[bool, typer.Option(help="torch.compile the decode step")] = False,
 ):
-    """Sample a continuation of PROMPT with a KV cache."""
-    from lmforge.config import build
-    from lmforge.generate import SamplingConfig, generate_tokens
-    from lmforge.loading import load_model
-
-    sampling = build(SamplingConfig, _flags(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-    loaded, tokenizer, _ = load_model(model, device)
-    prompt_ids = tokenizer.encode_prompt(prompt)
-    typer.echo(prompt, nl=False)
-    new: list[int] = []
-    shown = ""
-    for token in generate_tokens(loaded, prompt_ids, sampling, stop_ids=tokenizer.stop_ids):
-        new.append(token)
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-            typer.echo(text[len(shown):], nl=False)
-            shown = text
-    typer.echo(tokenizer.decode(new)[len(shown):])
+    """Sample a continuation of PROMPT with the inference engine (KV cache, streaming)."""
+    engine, params = _engine_and_params(model, device, compile, max_tokens=max_tokens, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, seed=seed, stop=stop or [],
+                                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+    with engine:
+        handle = engine.submit(prompt, params)
+        typer.echo(prompt, nl=False)
+        for output in handle:
+            typer.echo(output.text, nl=False)
+        typer.echo()
 
 
 def _split_list(values: list[str] | None) -> list[str]:
@@ -328,17 +338,15 @@ def chat(
     top_k: int | None = None,
     top_p: float = 0.95,
     seed: int | None = None,
-    device: str = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "cpu",
+    compile: Annotated[bool, typer.Option(help="torch.compile the decode step")] = False,
 ):
     """Chat in the terminal (or over a pipe: one user turn per line). /reset clears, /exit quits."""
     from lmforge.chat import ChatSession
-    from lmforge.config import build
-    from lmforge.generate import SamplingConfig
-    from lmforge.loading import load_model
 
-    sampling = build(SamplingConfig, _flags(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-    loaded, tokenizer, _ = load_model(model, device)
-    session = ChatSession(loaded, tokenizer, sampling, system)
+    engine, params = _engine_and_params(model, device, compile, max_tokens=max_tokens, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, seed=seed)
+    session = ChatSession(engine, params, system)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -356,6 +364,7 @@ def chat(
         for piece in session.send(text):
             typer.echo(piece, nl=False)
         typer.echo()
+    engine.shutdown(drain=False)
 
 
 @app.command()
@@ -537,6 +546,35 @@ def lora_merge(
     config = build(export.ExportConfig, {"model": source, "out": out, "dtype": dtype, "overwrite": overwrite})
     result = export.run(config)
     typer.echo(f"merged {result.params:,} params ({result.dtype}) -> {result.out}")
+
+
+@app.command()
+def redteam(
+    url: Annotated[str, typer.Argument(help="the server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")],
+    out: Annotated[str, typer.Option(help="dir for redteam.json/.md and garak's files")],
+    model_name: Annotated[str, typer.Option(help="the model id the server serves")] = "lmforge",
+    probes: Annotated[str, typer.Option(help="default, smoke, or comma-separated garak probes")] = "default",
+    garak: Annotated[str | None, typer.Option(help="python of garak's venv (default: $LMFORGE_GARAK_PYTHON or .venv-garak/bin/python)")] = None,
+    api_key_env: Annotated[str, typer.Option(help="env var holding the server's API key")] = "LMFORGE_REDTEAM_KEY",
+    generations: int = 1,
+    prompt_cap: Annotated[int | None, typer.Option(help="at most this many prompts per probe")] = None,
+    max_tokens: int = 150,
+    report: Annotated[str | None, typer.Option(help="summarize this garak report.jsonl instead of running garak")] = None,
+):
+    """Red-team a running `lmforge serve` with garak's offline probes; summarize its report (docs/redteam.md)."""
+    from pathlib import Path
+
+    from lmforge.safety import redteam as rt
+
+    if report is not None:
+        summary = rt.summarize(Path(report))
+        rt.write_summary(summary, Path(out))
+    else:
+        chosen = {"default": rt.DEFAULT_PROBES, "smoke": rt.SMOKE_PROBES}.get(probes) or _split_list([probes])
+        python = garak or os.environ.get("LMFORGE_GARAK_PYTHON") or ".venv-garak/bin/python"
+        summary = rt.run_garak(url, model_name, Path(out), chosen, python, generations, os.environ.get(api_key_env),
+                               prompt_cap=prompt_cap, max_tokens=max_tokens)
+    typer.echo(rt.summary_markdown(summary))
 
 
 @app.command("train-classifier")

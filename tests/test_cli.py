@@ -116,3 +116,16 @@ def test_malformed_yaml_and_bad_corpus_are_reported_with_their_location(tmp_path
     Path("empty.txt").write_text("")
     assert main(["tokenizer", "train", "-i", "empty.txt", "--out", "tok"]) == 2
     assert "no non-empty documents" in capsys.readouterr().err
+
+
+def test_generate_and_chat_run_on_the_inference_engine(trained_run, tmp_path):
+    stopped = lmforge("generate", str(trained_run), "--prompt", "The list", "--max-tokens", "40", "--seed", "3",
+                      "--stop", " ", cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    assert " " not in stopped.stdout.removeprefix("The list").strip("\n")  # cut at the first space, which is not shown
+    piped = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(trained_run), "--max-tokens", "6", "--seed", "1"],
+                           input="What is a list?\n/reset\nAnd a tuple?\n/exit\n", cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert piped.returncode == 0 and piped.stdout.count("assistant> ") == 2, piped.stderr
+    bad = lmforge("generate", str(trained_run), "--top-p", "2", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: top_p must be in (0, 1], got 2.0"

@@ -15,6 +15,7 @@ class EngineConfig(Section):
     prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens computed per step, over all prefills")
     device: str = Field("auto", description="auto: cuda if available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the blocks for decoding (falls back with a warning)")
 
 
 class ServerConfig(Section):

@@ -183,6 +183,18 @@ class Engine:
         self._stopping = False
         self._drain = True
         self.steps = 0
+        self.blocks = self._compiled_blocks() if self.config.compile else None
+
+    def _compiled_blocks(self):
+        """The blocks wrapped by torch.compile (dynamic shapes: batch and cache length vary), or
+        None with a warning where compile cannot run; the model itself is left as it is."""
+        from lmforge.train.parallel import compile_unavailable
+
+        reason = compile_unavailable(self.device)
+        if reason is not None:
+            log.warning("engine.compile: torch.compile is unavailable here (%s); decoding uncompiled", reason)
+            return None
+        return [torch.compile(block, dynamic=True) for block in self.model.layers]
 
     @classmethod
     def from_path(cls, path: str, config: EngineConfig | None = None) -> Engine:
@@ -342,7 +354,7 @@ class Engine:
         tokens = torch.tensor([[s.next_token] for s in seqs], device=self.device)
         positions = torch.tensor([[s.computed] for s in seqs], device=self.device)
         slots = [s.slot for s in seqs]
-        hidden = forward_rows(self.model, self.cache, tokens, positions, slots, positions.new_tensor(slots)[:, None])
+        hidden = forward_rows(self.model, self.cache, tokens, positions, slots, positions.new_tensor(slots)[:, None], self.blocks)
         logits = self.model.output(hidden[:, -1]).float()
         for s in seqs:
             s.computed += 1

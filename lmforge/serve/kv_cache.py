@@ -57,12 +57,14 @@ def forward_rows(
     positions: torch.Tensor,
     read_slots: list[int],
     write_slots: torch.Tensor,
+    blocks=None,
 ) -> torch.Tensor:
     """Final hidden states [batch, seq, dim] of `tokens` [batch, seq] at `positions` [batch, seq].
 
     Row b reads slot `read_slots[b]`; token (b, s) attends to keys at positions <= positions[b, s]
     of that slot (its cached prefix and the chunk's earlier tokens) and is written at
     (write_slots[b, s], positions[b, s]). Padding tokens use position 0 and the scratch slot.
+    `blocks`: the model's blocks as they should run (compiled ones, for the engine's `compile`).
     """
     kv_len = int(positions.max()) + 1
     cos = model.rope_cos[positions][:, None]  # [batch, 1, seq, head_dim]: RoPE per row
@@ -71,6 +73,6 @@ def forward_rows(
     mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [batch, 1, seq, kv_len]
     cache.bind(read_slots, write_slots, positions, kv_len)
     x = model.tok_embeddings(tokens)
-    for layer, block in enumerate(model.layers):
+    for layer, block in enumerate(blocks if blocks is not None else model.layers):
         x = block(x, cos, sin, cache, layer, 0, mask)
     return model.norm(x)

@@ -13,9 +13,11 @@ from lmforge.align.lora import LoraSettings, apply_lora, load_adapter, merge, sa
 from lmforge.align.losses import preference_loss, sequence_logprobs
 from lmforge.chat import ChatSession
 from lmforge.errors import DataError
-from lmforge.generate import SamplingConfig
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.losses import IGNORE_INDEX
+from lmforge.serve.config import EngineConfig
+from lmforge.serve.engine import Engine
+from lmforge.serve.sampling import SamplingParams
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the bisect module for?"},
@@ -173,7 +175,8 @@ def test_lora_merged_and_unmerged_give_the_same_logits_and_the_base_is_untouched
 
 
 def test_chat_session_keeps_the_conversation_and_trims_the_oldest_turns(trained_tokenizer, model):
-    session = ChatSession(model, trained_tokenizer, SamplingConfig(max_tokens=8, temperature=0), system="Be brief.")
+    engine = Engine(model, trained_tokenizer, EngineConfig(max_num_seqs=1))
+    session = ChatSession(engine, SamplingParams(max_tokens=8, temperature=0), system="Be brief.")
     reply = "".join(session.send("What is a list?"))
     assert session.messages[-1] == {"role": "assistant", "content": reply}
     for _ in range(12):
@@ -182,3 +185,4 @@ def test_chat_session_keeps_the_conversation_and_trims_the_oldest_turns(trained_
     assert len(trained_tokenizer.encode_chat(session.messages[:-1], True)) <= 128 - 8
     session.reset()
     assert session.messages == [{"role": "system", "content": "Be brief."}]
+    engine.shutdown()

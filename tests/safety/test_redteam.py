@@ -169,3 +169,16 @@ def test_garak_scans_lmforge_serve_with_the_offline_probes_and_the_summary_adds_
     assert rows and {key for key, _, _ in rows} == {"alice"}
     refused = [(status, error) for _, status, error in rows if status != 200]
     assert all(status == 400 and "tokens" in error for status, error in refused), refused
+
+
+def test_the_cli_summarizes_a_report_and_refuses_an_unreachable_server(tmp_path):
+    from lmforge.cli import main
+
+    assert main(["redteam", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "s"), "--report", str(REPORT)]) == 0
+    summary = json.loads((tmp_path / "s" / "redteam.json").read_text())
+    assert summary == redteam.summarize(REPORT) and (tmp_path / "s" / "redteam.md").is_file()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    assert main(["redteam", f"http://127.0.0.1:{port}/v1", "--out", str(tmp_path / "x"), "--probes", "smoke",
+                 "--garak", sys.executable]) == 2

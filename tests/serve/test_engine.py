@@ -140,3 +140,21 @@ def test_bf16_engine_on_cuda_batches_and_is_repeatable(serve_model):
         again = engine.generate(PROMPTS, params)
         assert all(len(c.token_ids) == 16 for c in first)
         assert [c.token_ids for c in first] == [c.token_ids for c in again]  # seeded: the same batch, the same tokens
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_tokens(serve_model, caplog):
+    from lmforge.train.parallel import compile_unavailable
+
+    model, tokenizer = serve_model
+    if compile_unavailable(torch.device("cpu")):
+        with Engine(model, tokenizer, EngineConfig(max_num_seqs=4, compile=True)) as engine:
+            assert engine.blocks is None and "decoding uncompiled" in caplog.text
+        return
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    with Engine(model, tokenizer, EngineConfig(max_num_seqs=4)) as eager:
+        expected = [c.token_ids for c in eager.generate(PROMPTS[:3], params)]
+    with Engine(model, tokenizer, EngineConfig(max_num_seqs=4, compile=True)) as compiled:
+        assert compiled.blocks is not None
+        assert [c.token_ids for c in compiled.generate(PROMPTS[:3], params)] == expected
+    assert all(not hasattr(block, "_orig_mod") for block in model.layers)  # the model itself is untouched
