@@ -16,6 +16,8 @@ class EngineConfig(Section):
     device: str = Field("auto", description="auto: cuda if available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the blocks for decoding (falls back with a warning)")
+    backend: Literal["lmforge", "vllm"] = Field("lmforge", description="vllm: serve an exported model dir with vLLM (GPU)")
+    vllm_args: dict[str, Any] = Field(default_factory=dict, description="backend vllm: extra vllm.AsyncEngineArgs keywords")
 
 
 class ServerConfig(Section):

@@ -82,7 +82,7 @@ class EngineStats:
 class RequestHandle:
     """The receiving end of one request: iterate (sync or async) over its outputs, or cancel it."""
 
-    def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int], loop=None):
+    def __init__(self, engine: BaseEngine, request_id: str, prompt_ids: list[int], loop=None):
         self.engine, self.request_id, self.prompt_ids = engine, request_id, prompt_ids
         self._loop = loop
         self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
@@ -161,7 +161,72 @@ class _Sequence:
         return self.params.max_tokens
 
 
-class Engine:
+class BaseEngine:
+    """What every backend shares: prompt checks, and `generate` / `stream` on top of `submit`.
+
+    A backend sets `config`, `tokenizer`, `max_len`, `vocab_size`, `device`, `dtype` and
+    implements `submit`, `cancel`, `stats`, `start` and `shutdown`.
+    """
+
+    config: EngineConfig
+    tokenizer: LmTokenizer
+    max_len: int
+    vocab_size: int
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        raise NotImplementedError
+
+    def cancel(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> EngineStats:
+        raise NotImplementedError
+
+    def start(self) -> BaseEngine:
+        return self
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        pass
+
+    def __enter__(self) -> BaseEngine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown(drain=False)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Text is a document: BOS + text, as in training. Token ids are taken as they are."""
+        return self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty (it needs at least one token)")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        room = self.max_len if max_tokens == 0 else self.max_len - 1
+        if len(prompt_ids) > room:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_len}"
+                + (" with at least one kept for the reply" if max_tokens else "")
+            )
+
+    def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        """Run every prompt (batched together) and wait for all of them."""
+        self.start()
+        handles = [self.submit(p, params) for p in prompts]
+        return [h.result() for h in handles]
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they are produced; leaving the loop early cancels it."""
+        self.start()
+        handle = self.submit(prompt, params, loop=asyncio.get_running_loop())
+        async for output in handle:
+            yield output
+
+
+class Engine(BaseEngine):
     """Continuous-batching generation over one model. Thread-safe: `submit` from anywhere."""
 
     def __init__(self, model: Transformer, tokenizer: LmTokenizer, config: EngineConfig | None = None):
@@ -197,11 +262,17 @@ class Engine:
         return [torch.compile(block, dynamic=True) for block in self.model.layers]
 
     @classmethod
-    def from_path(cls, path: str, config: EngineConfig | None = None) -> Engine:
-        """Load a model dir, run dir or checkpoint onto the configured device (bf16 on CUDA by default)."""
+    def from_path(cls, path: str, config: EngineConfig | None = None) -> BaseEngine:
+        """Load a model dir, run dir or checkpoint onto the configured device (bf16 on CUDA by default).
+
+        With `backend: vllm`, the model dir is served by vLLM instead (`lmforge.serve.vllm_engine`)."""
         from lmforge.loading import load_model
 
         config = config or EngineConfig()
+        if config.backend == "vllm":
+            from lmforge.serve.vllm_engine import VllmEngine
+
+            return VllmEngine.from_path(path, config)
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -229,29 +300,6 @@ class Engine:
             if self._thread.is_alive() and drain:  # drain took too long: cancel what is left
                 self.shutdown(drain=False, timeout=10)
             self._thread = None
-
-    def __enter__(self) -> Engine:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown(drain=False)
-
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        """Text is a document: BOS + text, as in training. Token ids are taken as they are."""
-        return self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
-
-    def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
-        if not prompt_ids:
-            raise RequestError("the prompt is empty (it needs at least one token)")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        room = self.max_len if max_tokens == 0 else self.max_len - 1
-        if len(prompt_ids) > room:
-            raise RequestError(
-                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_len}"
-                + (" with at least one kept for the reply" if max_tokens else "")
-            )
 
     def submit(
         self,
@@ -285,19 +333,6 @@ class Engine:
         with self._cond:
             self._cancels.add(request_id)
             self._cond.notify()
-
-    def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None) -> list[Completion]:
-        """Run every prompt (batched together) and wait for all of them."""
-        self.start()
-        handles = [self.submit(p, params) for p in prompts]
-        return [h.result() for h in handles]
-
-    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they are produced; leaving the loop early cancels it."""
-        self.start()
-        handle = self.submit(prompt, params, loop=asyncio.get_running_loop())
-        async for output in handle:
-            yield output
 
     def stats(self) -> EngineStats:
         running = list(self._running)
