@@ -38,6 +38,12 @@ def test_classifier_trained_on_refusal_data_flags_unseen_harmful_requests(traine
     precision = sum(bool(f) for f in harmful) / max(1, sum(bool(f) for f in harmful) + sum(bool(f) for f in benign))
     assert recall >= 0.75 and false_positive <= 0.5 and precision >= 0.65, (recall, false_positive, precision)
     assert set(classifier.scores(["How do I sort a list?"])[0]) == {"harmful"}
+    # The trained classifier is a moderation backend, composed with the rules at its own thresholds.
+    from lmforge.safety.moderation import build
+
+    moderation = build(["rules", {"name": "classifier", "path": str(tmp_path / "clf")}])
+    results = moderation.moderate([*prompts("safety_harmful")[:8], "Mail me at a.b@example-corp.com"])
+    assert sum("harmful" in r.flagged for r in results[:8]) >= 6 and "pii/email" in results[-1].flagged
 
 
 def test_bad_labelled_data_names_the_line(tmp_path):
