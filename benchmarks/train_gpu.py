@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lmforge import atomic  # noqa: E402
+from benchmarks.sections import write_section  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.presets import PRESETS  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
@@ -44,8 +44,6 @@ from lmforge.train.mfu import peak_flops  # noqa: E402
 from lmforge.train.optim import build_optimizers  # noqa: E402
 from lmforge.train.parallel import clip_gradients, grad_norm, parallelize  # noqa: E402
 
-START_MARK = "<!-- train_gpu:start -->"
-END_MARK = "<!-- train_gpu:end -->"
 # Micro-batch sizes that fit an 80 GB H100 at seq 2048 with bf16 FSDP2 and no activation checkpointing.
 DEFAULT_BATCH = {"125m": 16, "350m": 12, "llama3-1b": 6}
 VARIANTS = {"fsdp+compile": ("fsdp", True), "fsdp": ("fsdp", False), "eager": ("single", False)}
@@ -182,18 +180,6 @@ def render(args, results: list[Result], device: torch.device) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between this benchmark's markers in `path` (or append it), atomically."""
-    block = f"{START_MARK}\n{section}{END_MARK}\n"
-    text = path.read_text() if path.exists() else "# lmforge benchmarks\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        text = head + block + rest.split(END_MARK, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic.write_text(path, text)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = distributed.init(args.device, need_group=True)  # FSDP2 needs a (one-process) group
@@ -216,7 +202,7 @@ def main(argv=None) -> int:
     print(section)
     if not args.no_write:
         out = Path(args.out) if Path(args.out).is_absolute() else Path.cwd() / args.out
-        write_section(out, section)
+        write_section("train_gpu", section, out)
         print(f"wrote {out}")
     return 0
 

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.sections import write_section  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.presets import PRESETS  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
@@ -40,8 +40,6 @@ from lmforge.train.mfu import measured_matmul_peak  # noqa: E402
 from lmforge.train.optim import build_optimizers  # noqa: E402
 from lmforge.train.parallel import apply_compile, autocast  # noqa: E402
 
-START_MARK = "<!-- train_throughput:start -->"
-END_MARK = "<!-- train_throughput:end -->"
 DEVICE = torch.device("cpu")
 
 
@@ -330,27 +328,6 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    block = f"{START_MARK}\n{section}{END_MARK}\n"
-    if path.exists():
-        text = path.read_text()
-        pattern = re.compile(
-            re.escape(START_MARK) + r".*?" + re.escape(END_MARK) + r"\n?", re.DOTALL
-        )
-        if pattern.search(text):
-            text = pattern.sub(lambda _: block, text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# lmforge benchmarks\n\n" + block
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -462,7 +439,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if not out.is_absolute():
             out = Path.cwd() / out
-        write_section(out, section)
+        write_section("train_throughput", section, out)
         print(f"wrote {out}")
     return 0
 

@@ -76,14 +76,19 @@ def _fit(config: AlignConfig, base, tokenizer, source: Path, objective, kind: st
     return result
 
 
-def run_sft(config: AlignConfig, resume: bool = False) -> TrainResult:
-    """Under `torchrun` every process calls this and trains on its block of each step's rows."""
+def _on_this_rank(work, config: AlignConfig, resume: bool) -> TrainResult:
+    """Join the process group (one process: none), run `work`, leave it."""
     config = config.model_copy(deep=True)
     env = init_distributed(config.train, config.parallel)
     try:
-        return _sft(config, resume, env)
+        return work(config, resume, env)
     finally:
         distributed.shutdown(env)
+
+
+def run_sft(config: AlignConfig, resume: bool = False) -> TrainResult:
+    """Under `torchrun` every process calls this and trains on its block of each step's rows."""
+    return _on_this_rank(_sft, config, resume)
 
 
 def _sft(config: AlignConfig, resume: bool, env: distributed.DistEnv) -> TrainResult:
@@ -105,12 +110,7 @@ def _sft(config: AlignConfig, resume: bool, env: distributed.DistEnv) -> TrainRe
 
 def run_dpo(config: AlignConfig, resume: bool = False) -> TrainResult:
     """Under `torchrun` every process computes the reference log-probs and trains on its block of pairs."""
-    config = config.model_copy(deep=True)
-    env = init_distributed(config.train, config.parallel)
-    try:
-        return _dpo(config, resume, env)
-    finally:
-        distributed.shutdown(env)
+    return _on_this_rank(_dpo, config, resume)
 
 
 def _dpo(config: AlignConfig, resume: bool, env: distributed.DistEnv) -> TrainResult:
