@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best throughput counts")
+    p.add_argument("--no-moderation", action="store_true",
+                   help="skip the contender with configs/moderation.yaml (rules + profanity, output checked in windows)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     return p.parse_args(argv)
 
@@ -111,10 +113,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, max_num_seqs: int) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, max_num_seqs: int, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port), "--allow-unreleased",
                f"engine.max_num_seqs={max_num_seqs}", "audit.path=null", "server.log_level=warning",
-               "server.model_name=bench", f"limits.max_tokens={4096}"]
+               "server.model_name=bench", f"limits.max_tokens={4096}", *extra]
     server = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -236,6 +238,10 @@ def main(argv=None) -> None:
         pad_id = json.loads((model_dir / "generation_config.json").read_text()).get("pad_token_id") or 0
         port = free_port()
         server = start_server(model_dir, port, max_num_seqs=biggest)
+        moderated_port, moderated = None, None
+        if not args.no_moderation:
+            moderated_port = free_port()
+            moderated = start_server(model_dir, moderated_port, biggest, f"moderation.policy={ROOT / 'configs' / 'moderation.yaml'}")
         try:
             for c in args.concurrency:
                 prompts = all_prompts[: args.requests_per_client * c]
@@ -245,6 +251,9 @@ def main(argv=None) -> None:
                     "HF sequential": lambda: hf_run(hf, c, prompts, args.max_tokens, batch=False, pad_id=pad_id),  # noqa: B023
                     "HF static batch": lambda: hf_run(hf, c, prompts, args.max_tokens, batch=True, pad_id=pad_id),  # noqa: B023
                 }
+                if moderated_port is not None:
+                    contenders["lmforge + moderation"] = lambda c=c, prompts=prompts: lmforge_run(
+                        f"http://127.0.0.1:{moderated_port}", c, prompts, args.max_tokens)
                 # Alternating rounds, best throughput kept: a shared machine's noise hits every contender.
                 for _ in range(args.rounds):
                     for name, measure in contenders.items():
@@ -256,8 +265,10 @@ def main(argv=None) -> None:
                           f"{percentile(ttfts, 0.5) * 1000:7.1f} ms  p99 {percentile(ttfts, 0.99) * 1000:7.1f} ms  "
                           f"({len(ttfts)} requests, {tokens} tokens, {wall:.1f} s)", flush=True)
         finally:
-            server.terminate()
-            server.wait(60)
+            for process in (server, moderated):
+                if process is not None:
+                    process.terminate()
+                    process.wait(60)
     total = time.perf_counter() - started
 
     command = ".venv/bin/python benchmarks/serve_throughput.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
@@ -270,6 +281,10 @@ def main(argv=None) -> None:
         "streaming from a `lmforge serve` subprocess); HF runs `generate` in-process (no HTTP), one request at a",
         "time (sequential) or the queued requests left-padded into one batch (static batch). TTFT counts from",
         "the moment a request is sent, so it includes queueing.",
+        *([] if args.no_moderation else [
+            "`lmforge + moderation` is the same server with `moderation.policy=configs/moderation.yaml` (rules +",
+            "profanity on every prompt; output checked, then released, every 64 characters with a 48-character",
+            "tail held back), so its TTFT is the first released window."]),
         "",
         f"- command: `{command}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
