@@ -716,12 +716,14 @@ def run(config: ServeConfig) -> None:
     """Load the model, start the engine and serve until SIGINT/SIGTERM (which drain first)."""
     import uvicorn
 
+    m = config.moderation
+    moderator = load_moderator(m.hook, m.options, m.policy)  # a bad policy fails before the model loads
     if config.allow_unreleased:
         log.warning("serving %s without checking its release record (--allow-unreleased)", config.model)
     else:
         release_gate(config.model)
     engine = Engine.from_path(config.model, config.engine)
-    app = create_app(engine, config)
+    app = create_app(engine, config, moderator=moderator)
     gateway: Gateway = app.state.gateway
     log.info("serving %s as %r on http://%s:%d (device %s, %s)", config.model, gateway.model_name,
              config.server.host, config.server.port, engine.device, str(engine.dtype).removeprefix("torch."))

@@ -60,6 +60,7 @@ def test_lmforge_serve_refuses_a_bad_config_before_loading(trained_run):
 
     assert main(["serve", str(trained_run), "engine.max_num_seqs=0"]) == 2
     assert main(["serve", str(trained_run), "server.bogus=1"]) == 2
+    assert main(["serve", str(trained_run), "--allow-unreleased", "moderation.policy=no-such-policy.yaml"]) == 2
 
 
 def test_lmforge_serve_refuses_an_unreleased_model_in_one_line(trained_run):
