@@ -60,13 +60,19 @@ class PolicyModerator:
         return cls(load_policy(source))
 
     def check_input(self, texts: Sequence[str]) -> Decision:
-        return self._decide(list(texts), self.policy.input, "input")
+        texts = list(texts)
+        return self._decide(texts, self.moderation.moderate(texts), self.policy.input, "input")
 
     def check_output(self, text: str) -> Decision:
-        return self._decide([text], self.policy.output, "output")
+        return self.check_outputs([text])[0]
 
-    def _decide(self, texts: list[str], table: dict[str, str], where: str) -> Decision:
-        results: list[ModerationResult] = self.moderation.moderate(texts)
+    def check_outputs(self, texts: Sequence[str]) -> list[Decision]:
+        """Several choices' outputs at once: one pass of each backend over all of them."""
+        texts = list(texts)
+        results = self.moderation.moderate(texts)
+        return [self._decide([t], [r], self.policy.output, "output") for t, r in zip(texts, results, strict=True)]
+
+    def _decide(self, texts: list[str], results: list[ModerationResult], table: dict[str, str], where: str) -> Decision:
         actions: dict[str, str] = {}
         for result in results:
             for category in result.flagged:
