@@ -14,6 +14,7 @@ when it was trained. `TextClassifier.scores(texts)` serves moderation.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -52,7 +53,8 @@ def read_labelled(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
     if not path.is_file():
         raise DataError(f"labelled data not found: {path}")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -54,3 +54,18 @@ def test_bad_labelled_data_names_the_line(tmp_path):
     data.write_text(json.dumps({"text": "a", "label": "safe"}) + "\n" + json.dumps({"text": "b", "label": "safe"}) + "\n")
     with pytest.raises(DataError, match="every record is labelled safe"):
         run(ClassifierConfig(model=str(tmp_path), data=str(data), out=str(tmp_path / "c")))
+
+
+def test_the_shipped_moderation_set_trains_openai_categories_that_separate_held_out_requests(trained_run, tmp_path):
+    shipped = Path(__file__).resolve().parents[2] / "lmforge" / "data" / "moderation" / "moderation_labelled.jsonl.gz"
+    records = read_labelled(shipped)
+    assert len(records) == 160
+    run(ClassifierConfig(model=str(trained_run), data=str(shipped), out=str(tmp_path / "clf"), epochs=40, lr=2e-3,
+                         train_base=True, val_fraction=0.0, threshold=0.3))
+    classifier = load_classifier(tmp_path / "clf")
+    assert sorted(classifier.categories) == ["harassment", "hate", "illicit", "self-harm", "sexual", "violence"]
+    # Held out: the safety evaluation sets, written separately from the moderation set.
+    harmful, benign = classifier.flags(prompts("safety_harmful")), classifier.flags(prompts("safety_benign"))
+    recall = sum(bool(f) for f in harmful) / len(harmful)
+    false_positive = sum(bool(f) for f in benign) / len(benign)
+    assert recall - false_positive >= 0.2, (recall, false_positive)
