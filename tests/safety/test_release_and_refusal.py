@@ -77,7 +77,9 @@ def test_the_gate_passes_a_model_that_meets_the_thresholds_and_serve_accepts_it(
     assert record["policy_sha256"] and len(record["model_hash"]) == 64 and len(record["checks"]) == 2
     assert "## Release" in (model_dir / "model_card.md").read_text() and "PASSED" in (model_dir / "README.md").read_text()
     assert release.check_released(model_dir, record["model_hash"])["passed"]
-    from lmforge.serve.server import release_gate  # what `lmforge serve` runs before it loads the engine
+    from lmforge.serve.server import (
+        release_gate,  # what `lmforge serve` runs before it loads the engine
+    )
 
     assert release_gate(str(model_dir))["model_hash"] == record["model_hash"]
     with pytest.raises(CheckpointError, match="different weights"):
