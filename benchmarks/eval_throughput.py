@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import re
 import shlex
 import sys
 import tempfile
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.sections import write_section  # noqa: E402
 from lmforge.eval import tasks as lm_tasks  # noqa: E402
 from lmforge.eval.scoring import Scorer  # noqa: E402
 from lmforge.interop.model_dir import save_model_dir  # noqa: E402
@@ -47,8 +47,6 @@ from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
 CORPUS = ROOT / "lmforge" / "data" / "corpus" / "python_docs.jsonl.gz"
-START_MARK = "<!-- eval_throughput:start -->"
-END_MARK = "<!-- eval_throughput:end -->"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -147,7 +145,6 @@ def main(argv=None) -> None:
     flags = shlex.join(sys.argv[1:] if argv is None else argv)
     command = f".venv/bin/python benchmarks/eval_throughput.py {flags}".strip()
     lines = [
-        START_MARK,
         f"### Evaluation throughput: lm-evaluation-harness `hf` backend vs lmforge ({args.preset}, fp32)",
         "",
         "Multiple choice, 4 endings per example (HellaSwag-style, built from the bundled corpus), one",
@@ -169,17 +166,10 @@ def main(argv=None) -> None:
             f"| {name} | {args.examples / best:,.1f} | {base / best:.2f}x | "
             f"{', '.join(f'{s:.2f}' for s in seconds)} | {accuracy[name]:.4f} |"
         )
-    lines.append(END_MARK)
     block = "\n".join(lines)
     print(block)
     if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text()
-        if START_MARK in text:
-            text = re.sub(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), lambda _: block, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        path.write_text(text)
+        write_section("eval_throughput", block)
 
 
 if __name__ == "__main__":

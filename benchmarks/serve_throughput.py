@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import queue
-import re
 import shlex
 import socket
 import subprocess
@@ -45,13 +44,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.sections import write_section  # noqa: E402
 from lmforge.interop.model_dir import save_model_dir  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
 CORPUS = ROOT / "lmforge" / "data" / "corpus" / "python_docs.jsonl.gz"
-START_MARK = "<!-- serve_throughput:start -->"
-END_MARK = "<!-- serve_throughput:end -->"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -273,7 +271,6 @@ def main(argv=None) -> None:
 
     command = ".venv/bin/python benchmarks/serve_throughput.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     lines = [
-        START_MARK,
         f"### Serving throughput: `lmforge serve` vs HF transformers `generate` ({args.preset}, fp32, CPU)",
         "",
         f"C clients send requests back to back ({args.requests_per_client} each); {args.prompt_tokens}-token prompts, "
@@ -301,17 +298,10 @@ def main(argv=None) -> None:
         for name, (wall, ttfts, tokens) in row.items():
             lines.append(f"| {c} | {name} | {tokens / wall:,.0f} | {tokens / wall / base:.2f}x | "
                          f"{percentile(ttfts, 0.5) * 1000:,.0f} | {percentile(ttfts, 0.99) * 1000:,.0f} |")
-    lines.append(END_MARK)
     block = "\n".join(lines)
     print(block)
     if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text() if path.is_file() else "# lmforge benchmarks\n"
-        if START_MARK in text:
-            text = re.sub(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), lambda _: block, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        path.write_text(text)
+        write_section("serve_throughput", block)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ when it was trained. `TextClassifier.scores(texts)` serves moderation.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -49,19 +48,11 @@ class ClassifierConfig(Section):
 
 
 def read_labelled(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"labelled data not found: {path}")
+    from lmforge.align.data import read_jsonl  # JSONL(.gz) with line numbers in its errors
+
     records = []
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        text = record.get("text") if isinstance(record, dict) else None
+    for number, record in read_jsonl(path):
+        text = record.get("text")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}:{number}: record needs a non-empty string 'text'")
         labels = record.get("labels", [record["label"]] if "label" in record else None)

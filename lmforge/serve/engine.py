@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ class _Sequence:
         return self.params.max_tokens
 
 
-class BaseEngine:
+class BaseEngine(ABC):
     """What every backend shares: prompt checks, and `generate` / `stream` on top of `submit`.
 
     A backend sets `config`, `tokenizer`, `max_len`, `vocab_size`, `device`, `dtype` and
@@ -173,21 +174,26 @@ class BaseEngine:
     max_len: int
     vocab_size: int
 
+    @abstractmethod
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
-        raise NotImplementedError
+        """Queue a request; its outputs arrive through the returned handle."""
 
+    @abstractmethod
     def cancel(self, request_id: str) -> None:
-        raise NotImplementedError
+        """Stop a request; its handle ends with finish reason `cancelled`."""
 
+    @abstractmethod
     def stats(self) -> EngineStats:
-        raise NotImplementedError
+        """Running and waiting requests and KV-cache use, read at scrape time."""
 
+    @abstractmethod
     def start(self) -> BaseEngine:
-        return self
+        """Start generating (idempotent); returns self."""
 
+    @abstractmethod
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
-        pass
+        """Stop; with `drain`, what is running finishes first."""
 
     def __enter__(self) -> BaseEngine:
         return self.start()

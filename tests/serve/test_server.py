@@ -293,7 +293,10 @@ def test_a_full_queue_answers_503_and_moderation_hooks_block(serve_model, tmp_pa
         c = client(served)
         with httpx.stream("POST", served.base_url + "/completions", json={**body, "max_tokens": 100},
                           headers=headers) as response:
-            next(response.iter_lines())
+            # Keep the line iterator: a dropped one is closed at once, which closes the connection,
+            # and the server then cancels this request as a client that went away.
+            lines = response.iter_lines()
+            next(lines)
             assert served.engine.stats().running == 1
             with pytest.raises(openai.InternalServerError) as caught:
                 c.completions.create(model=MODEL_NAME, prompt="a", max_tokens=1)
