@@ -25,6 +25,12 @@ BUNDLED_CORPUS = (
 SUBSET_DOCUMENTS = 150
 
 
+def bundled_corpus() -> Path:
+    """The corpus ships inside the package: its absence is a broken checkout, a failure, not a skip."""
+    assert BUNDLED_CORPUS.is_file(), f"bundled corpus not found: {BUNDLED_CORPUS}"
+    return BUNDLED_CORPUS
+
+
 def read_jsonl_texts(path: str | Path) -> list[str]:
     """The "text" field of every record of a jsonl(.gz) file, in order."""
     opener = gzip.open if str(path).endswith(".gz") else open
@@ -35,9 +41,7 @@ def read_jsonl_texts(path: str | Path) -> list[str]:
 @pytest.fixture(scope="session")
 def corpus_path() -> Path:
     """The bundled real-text corpus (jsonl.gz of {"id", "text"} records)."""
-    if not BUNDLED_CORPUS.is_file():
-        pytest.skip(f"bundled corpus not found: {BUNDLED_CORPUS}")
-    return BUNDLED_CORPUS
+    return bundled_corpus()
 
 
 @pytest.fixture(scope="session")
@@ -87,11 +91,9 @@ def token_dataset(corpus_subset, trained_tokenizer, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pretrain_data(tmp_path_factory) -> dict[str, Path]:
     """~400 real documents -> 1024-token BPE -> token dataset with a 10% validation split."""
-    if not BUNDLED_CORPUS.is_file():
-        pytest.skip(f"bundled corpus not found: {BUNDLED_CORPUS}")
     root = tmp_path_factory.mktemp("pretrain")
     subset = root / "docs.jsonl"
-    with gzip.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as src, open(subset, "w") as dst:
+    with gzip.open(bundled_corpus(), "rt", encoding="utf-8") as src, open(subset, "w") as dst:
         for line in itertools.islice(src, 400):
             dst.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
     run_train(TokenizerTrainConfig(inputs=[str(subset)], out=str(root / "tokenizer"), vocab_size=1024))

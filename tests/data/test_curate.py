@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("datatrove")
-
-from lmforge.data.curate import CurateConfig, run  # noqa: E402
-from lmforge.data.curate.steps import eval_passages, words  # noqa: E402
-from lmforge.data.readers import expand_inputs, read_documents  # noqa: E402
+# datatrove is a core dependency (pyproject): these imports fail the suite without it, never skip it.
+from lmforge.data.curate import CurateConfig, run
+from lmforge.data.curate.steps import eval_passages, words
+from lmforge.data.readers import expand_inputs, read_documents
 
 # Documents of the bundled corpus that the default (web) filters keep: prose, little code.
 CLEAN = [0, 1, 7, 10, 16, 24, 51, 52, 60, 66, 130, 137]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import profanity_check  # noqa: F401  a core dependency: missing, it fails the suite instead of skipping it
 import pytest
 
-pytest.importorskip("profanity_check")
-
-from lmforge.errors import ConfigError  # noqa: E402
-from lmforge.safety.moderation import (  # noqa: E402
+from lmforge.errors import ConfigError
+from lmforge.safety.moderation import (
     Moderator,
     ProfanityModerator,
     chunks,

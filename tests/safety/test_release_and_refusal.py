@@ -11,6 +11,7 @@ import pytest
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.eval import tasks
+from lmforge.eval.runner import model_hash
 from lmforge.eval.scoring import Scorer
 from lmforge.interop import export
 from lmforge.interop.export import ExportConfig
@@ -37,17 +38,41 @@ def test_refusal_detector(reply, refused):
     assert is_refusal(reply) is refused
 
 
+class ScriptedScorer(Scorer):
+    """The real scorer, except that its replies come from a script: the rates they must give are known."""
+
+    def __init__(self, model, tokenizer, replies):
+        super().__init__(model, tokenizer)
+        self.replies, self.contexts = list(replies), []
+
+    def generate_until(self, context, until, max_tokens):
+        self.contexts.append(list(context))
+        return self.replies.pop(0)
+
+
 def test_the_safety_group_runs_both_sets_and_reports_refusal_rates(trained_run):
     group = tasks.resolve_tasks("safety")
     assert [t.spec.name for t in group] == ["safety_harmful", "safety_benign"]
     assert all(len(t.examples) == 40 for t in group)
     model, tokenizer, _ = load_model(trained_run)
-    scorer = Scorer(model, tokenizer)
-    harmful = tasks.evaluate(group[0], scorer, limit=3)
-    benign = tasks.evaluate(group[1], scorer, limit=3)
-    assert set(harmful["metrics"]) == {"refusal_rate"} and set(benign["metrics"]) == {"over_refusal_rate"}
-    for sample in harmful["samples"]:
-        assert sample["refused"] == is_refusal(sample["reply"])
+    scripted = ScriptedScorer(model, tokenizer, [
+        "I'm sorry, but I can't help with that.", "Sure: open the file with open(path).", "I cannot assist with that."])
+    harmful = tasks.evaluate(group[0], scripted, limit=3)
+    assert set(harmful["metrics"]) == {"refusal_rate"}
+    assert harmful["metrics"]["refusal_rate"]["value"] == pytest.approx(2 / 3)
+    assert [s["refused"] for s in harmful["samples"]] == [True, False, True]
+    # Each prompt reaches the model as a user turn of the chat format, ready for the assistant's reply.
+    assert scripted.contexts == [
+        tokenizer.encode_chat([{"role": "user", "content": ex.prompt}], add_generation_prompt=True)
+        for ex in group[0].examples[:3]
+    ]
+    benign = tasks.evaluate(group[1], ScriptedScorer(model, tokenizer, [
+        "Use `kill -9 PID`.", "I won't provide instructions for that.", "Raise the ISO.", "Call os.remove(path)."]), limit=4)
+    assert set(benign["metrics"]) == {"over_refusal_rate"}
+    assert benign["metrics"]["over_refusal_rate"]["value"] == pytest.approx(1 / 4)
+    # The real model's own replies go through the same path.
+    real = tasks.evaluate(group[0], Scorer(model, tokenizer), limit=2)
+    assert real["n"] == 2 and all(isinstance(s["reply"], str) for s in real["samples"])
 
 
 def write_policy(path: Path, task: Path, **thresholds) -> Path:
@@ -68,13 +93,26 @@ def released_setup(trained_run, tmp_path):
     return model_dir, task
 
 
+def measured(model_dir: Path, task: Path) -> dict[str, float]:
+    """What the model scores on the task, by lmforge's evaluator directly."""
+    model, tokenizer, _ = load_model(model_dir)
+    metrics = tasks.evaluate(tasks.resolve_task(str(task)), Scorer(model, tokenizer))["metrics"]
+    return {f"mc/{name}": m["value"] for name, m in metrics.items()}
+
+
 def test_the_gate_passes_a_model_that_meets_the_thresholds_and_serve_accepts_it(released_setup, tmp_path):
     model_dir, task = released_setup
-    policy = write_policy(tmp_path / "pass.yaml", task, **{"mc/acc": {"min": 0.0}, "mc/acc_norm": {"max": 1.0}})
+    scores = measured(model_dir, task)
+    # Bounds exactly at the model's scores: met, but only by the values measured for these metrics.
+    policy = write_policy(tmp_path / "pass.yaml", task,
+                          **{"mc/acc": {"min": scores["mc/acc"]}, "mc/acc_norm": {"max": scores["mc/acc_norm"]}})
     result = release.run(str(model_dir), str(policy))
     assert result.passed and result.path == model_dir / "release.json"
     record = json.loads(result.path.read_text())
-    assert record["policy_sha256"] and len(record["model_hash"]) == 64 and len(record["checks"]) == 2
+    assert [(c["metric"], c["value"], c["passed"]) for c in record["checks"]] == [
+        ("mc/acc", pytest.approx(scores["mc/acc"]), True), ("mc/acc_norm", pytest.approx(scores["mc/acc_norm"]), True)]
+    assert record["policy_sha256"] == release.load_policy(policy)[1]
+    assert record["model_hash"] == model_hash(load_model(model_dir)[0])  # the weights, hashed as serve hashes them
     assert "## Release" in (model_dir / "model_card.md").read_text() and "PASSED" in (model_dir / "README.md").read_text()
     assert release.check_released(model_dir, record["model_hash"])["passed"]
     from lmforge.serve.server import (
@@ -90,12 +128,16 @@ def test_the_gate_fails_a_model_that_misses_a_threshold_and_serve_refuses_it(rel
     model_dir, task = released_setup
     with pytest.raises(CheckpointError, match="no release record"):
         release.check_released(model_dir)
-    policy = write_policy(tmp_path / "strict.yaml", task, **{"mc/acc": {"min": 1.01}, "missing/metric": {"min": 0}})
+    # A hair above what the model scores fails, as does a metric no task of the policy measures.
+    bar = measured(model_dir, task)["mc/acc"] + 0.01
+    policy = write_policy(tmp_path / "strict.yaml", task, **{"mc/acc": {"min": bar}, "missing/metric": {"min": 0}})
     done = subprocess.run([sys.executable, "-m", "lmforge", "release", str(model_dir), "--policy", str(policy)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"})
     assert done.returncode == 1 and "FAILED" in done.stdout, done.stderr
+    assert "Traceback" not in done.stderr and "mc/acc" in done.stdout and "missing/metric" in done.stdout
     record = json.loads((model_dir / "release.json").read_text())
     assert not record["passed"] and [c["passed"] for c in record["checks"]] == [False, False]
+    assert record["checks"][0]["value"] == pytest.approx(bar - 0.01)
     assert record["checks"][1]["problem"] == "not measured by the policy's tasks"
     with pytest.raises(CheckpointError, match=r"failed its release policy \(mc/acc, missing/metric\)"):
         release.check_released(model_dir)
