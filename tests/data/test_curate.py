@@ -107,9 +107,10 @@ def test_default_recipe_removes_planted_problems_and_keeps_clean_documents(plant
     assert steps["language"]["removed"]["wrong_language"]["docs"] == 2
     assert steps["toxicity"]["removed"]["toxic"]["docs"] == 1
     assert steps["decontaminate"]["removed"]["eval_overlap"]["docs"] == 1
-    # The boilerplate page falls to one of the web-page heuristics.
-    assert any(s in ("gopher_repetition", "gopher_quality", "c4", "fineweb") and s_removed
-               for s, s_removed in ((k, v["removed"]) for k, v in steps.items()))
+    # The boilerplate page falls to one of the web-page heuristics (removed examples are "id: text").
+    removed_boilerplate = {name for name, step in steps.items() for examples in step["examples"].values()
+                           for example in examples if example.startswith("boilerplate: ")}
+    assert len(removed_boilerplate) == 1 and removed_boilerplate <= {"gopher_repetition", "gopher_quality", "c4", "fineweb"}
 
 
 def test_pii_is_replaced_with_placeholders_and_counted(planted):
@@ -212,12 +213,22 @@ def test_bad_input_is_counted_by_reason_not_raised(corpus_texts, tmp_path):
     assert read["docs_in"] == read["docs_out"] + sum(reasons.values())
 
 
-def test_a_wrong_text_field_is_one_clear_error(corpus_subset, tmp_path):
+def one_line_error(capsys) -> str:
+    """The single `error: ...` line a user error prints, with no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_a_wrong_text_field_is_one_clear_error(corpus_subset, tmp_path, capsys):
     from lmforge.cli import main
 
     code = main(["curate", "-i", str(corpus_subset), "-o", str(tmp_path / "out"), "input.text_field=body",
                  "executor.workers=1"])
     assert code == 2
+    message = one_line_error(capsys)
+    assert "missing_text_field" in message and "records have id, text; set input.text_field" in message
     assert not (tmp_path / "out").exists()
 
 
@@ -225,20 +236,20 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     from lmforge.cli import main
 
     assert main(["curate", "-i", str(tmp_path / "missing.jsonl")]) == 2
-    assert "input not found" in capsys.readouterr().err
+    assert "input not found" in (message := one_line_error(capsys)) and "missing.jsonl" in message
     assert main(["curate", "-i", str(tmp_path), "minhash.shingles=3"]) == 2
-    assert "unknown key 'minhash.shingles'" in capsys.readouterr().err
+    assert "unknown key 'minhash.shingles'" in one_line_error(capsys)
     assert main(["curate"]) == 2
-    assert "input.paths" in capsys.readouterr().err
+    assert "input.paths" in one_line_error(capsys)
     (tmp_path / "notes.md").write_text("hello")
     assert main(["curate", "-i", str(tmp_path / "notes.md")]) == 2
-    assert "unsupported file type" in capsys.readouterr().err
+    assert "unsupported file type" in (message := one_line_error(capsys)) and "notes.md" in message
     elsewhere = tmp_path / "precious"
     elsewhere.mkdir()
     (elsewhere / "keep.txt").write_text("mine")
     (tmp_path / "doc.txt").write_text("Some text. " * 20)
     assert main(["curate", "-i", str(tmp_path / "doc.txt"), "-o", str(elsewhere)]) == 2
-    assert "not a curation output" in capsys.readouterr().err
+    assert str(elsewhere) in one_line_error(capsys)  # names the dir it will not replace
     assert (elsewhere / "keep.txt").read_text() == "mine"
 
 
