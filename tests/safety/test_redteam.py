@@ -154,10 +154,10 @@ def test_garak_scans_lmforge_serve_with_the_offline_probes_and_the_summary_adds_
     for p in summary["probes"]:
         assert p["total"] > 0, p
         assert p["passed"] + p["failures"] == p["total"]
-        assert 0.0 <= p["attack_success_rate"] <= 1.0
+        assert p["attack_success_rate"] == pytest.approx(p["failures"] / p["total"], abs=1e-4)
     overall = summary["overall"]
     assert overall["attempts"] == sum(p["total"] for p in summary["probes"]) > 0
-    assert 0.0 <= overall["attack_success_rate"] <= 1.0
+    assert overall["attack_success_rate"] == pytest.approx(overall["failures"] / overall["attempts"], abs=1e-4)
     assert json.loads((out / "redteam.json").read_text()) == summary
     assert (out / "redteam.md").read_text().startswith(f"# Red-team summary: {MODEL_NAME}")
     # garak kept to the output dir: its log and caches are under out/garak/home.
@@ -171,7 +171,7 @@ def test_garak_scans_lmforge_serve_with_the_offline_probes_and_the_summary_adds_
     assert all(status == 400 and "tokens" in error for status, error in refused), refused
 
 
-def test_the_cli_summarizes_a_report_and_refuses_an_unreachable_server(tmp_path):
+def test_the_cli_summarizes_a_report_and_refuses_an_unreachable_server(tmp_path, capsys):
     from lmforge.cli import main
 
     assert main(["redteam", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "s"), "--report", str(REPORT)]) == 0
@@ -180,5 +180,11 @@ def test_the_cli_summarizes_a_report_and_refuses_an_unreachable_server(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens there once closed
+    capsys.readouterr()
     assert main(["redteam", f"http://127.0.0.1:{port}/v1", "--out", str(tmp_path / "x"), "--probes", "smoke",
                  "--garak", sys.executable]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert f"127.0.0.1:{port}" in lines[0] and "not reachable" in lines[0]
+    assert not (tmp_path / "x" / "redteam.json").exists()
