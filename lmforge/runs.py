@@ -6,6 +6,11 @@
     runs/<name>/tb/                 TensorBoard events
     runs/<name>/tokenizer/          the tokenizer the run was trained with
     runs/<name>/checkpoints/        step-NNNNNNN/ (DCP) and a `latest` pointer
+
+A run dir belongs to one run. `lmforge train` (sft, dpo) continues it only with --resume
+(from its latest checkpoint, with the same tokenizer), starts it over when it holds the
+same config and no checkpoint yet, and otherwise refuses unless --overwrite, which
+removes what lmforge wrote there (`RUN_ENTRIES`) and nothing else.
 """
 
 from __future__ import annotations
@@ -14,15 +19,24 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from lmforge import __version__, atomic
 from lmforge.config import to_yaml
+
+# What lmforge writes into a run dir (the trainer, eval, report, release, alerts and
+# trackers): what `--overwrite` removes. Files a user put there are left alone.
+RUN_ENTRIES = (
+    "config.yaml", "manifest.json", "metrics.jsonl", "tb", "tokenizer", "checkpoints", "alerts.jsonl",
+    "profile", "adapter", "eval", "report", "release.json", "model_card.md", "mlflow.db", "wandb",
+)
 
 
 def git_commit() -> str | None:
@@ -73,6 +87,37 @@ class RunDir:
 
     def write_manifest(self, manifest: dict) -> None:
         atomic.write_json(self.path / "manifest.json", manifest)
+
+    def read_config(self) -> dict | None:
+        """The resolved config the run was started with, as plain data; None without config.yaml."""
+        path = self.path / "config.yaml"
+        if not path.is_file():
+            return None
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def read_manifest(self) -> dict:
+        try:
+            data = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def has_contents(self) -> bool:
+        """Whether an earlier run left anything here."""
+        return any((self.path / name).exists() for name in RUN_ENTRIES)
+
+    def clear(self) -> None:
+        """Remove everything lmforge wrote here (a run started over); other files stay."""
+        for name in RUN_ENTRIES:
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.is_file():

@@ -14,6 +14,10 @@ then moves `latest`. A crash mid-save leaves the previous checkpoint as the one 
 from. `Checkpointer` can also save in the background (dcp.async_save): the state is copied
 to host memory before training continues, and the dir is completed when the write ends.
 The checkpoint dir must be on a filesystem every rank sees.
+
+Retention keeps the newest `keep` checkpoints and, whatever `keep` says, the one a
+rollback would reload (`rollback_floor`: the newest from before a stretch of skipped
+steps), so a run that skips bad steps never deletes the checkpoint it must return to.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
+# Keys every checkpoint's state has (imported ones have no loader); without one it cannot load.
+REQUIRED_STATE = ("step", "model", "model_shape")
 
 
 def step_dir_name(step: int) -> str:
@@ -95,7 +101,21 @@ def _temp_dir(directory: Path, step: int) -> Path:
     return directory / f".{step_dir_name(step)}.tmp"
 
 
-def _complete(directory: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def retain(directory: Path, keep: int, rollback_floor: int | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints, and never the one a rollback needs:
+    the newest from before step `rollback_floor` (the first of a stretch of skipped steps)."""
+    protected = checkpoint_before(directory, rollback_floor) if rollback_floor is not None else None
+    for old in list_checkpoints(directory)[:-keep]:
+        if old != protected:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete(directory: Path, step: int, trainer_state: dict[str, Any], keep: int,
+              rollback_floor: int | None = None) -> Path:
     """Rank 0, after every shard and .metadata are written: state file, rename, `latest`, retention."""
     final, tmp = directory / step_dir_name(step), _temp_dir(directory, step)
     atomic.write_json(tmp / STATE_FILE, trainer_state)
@@ -103,8 +123,7 @@ def _complete(directory: Path, step: int, trainer_state: dict[str, Any], keep: i
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic.write_text(directory / LATEST, final.name + "\n")
-    for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    retain(directory, keep, rollback_floor)
     log.info("saved checkpoint %s", final)
     return final
 
@@ -126,9 +145,10 @@ def save(
     trainer_state: dict[str, Any],
     keep: int,
     trainable_only: bool = False,
+    rollback_floor: int | None = None,
 ) -> Path:
     """Write a checkpoint (every rank calls this). `trainable_only` (LoRA): only parameters
-    that train, not the frozen base."""
+    that train, not the frozen base. `rollback_floor`: see `retain`."""
     tmp = _prepare(directory, step)
     state = _state(model, optimizers, trainable_only)
     if _distributed():
@@ -137,17 +157,21 @@ def save(
         with warnings.catch_warnings():  # DCP warns that it runs without a process group
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
-    final = _complete(directory, step, trainer_state, keep) if _is_main() else directory / step_dir_name(step)
+    final = (_complete(directory, step, trainer_state, keep, rollback_floor) if _is_main()
+             else directory / step_dir_name(step))
     _barrier()  # no rank goes on (and may read `latest`) before it has moved
     return final
 
 
 class Checkpointer:
     """Saves a run's checkpoints, in the background when `async_save`: at most one write is
-    in flight; the next save, `wait` or `close` completes it first."""
+    in flight; the next save, `wait` or `close` completes it first. The trainer keeps
+    `rollback_floor` current (the first skipped step a rollback would go back before, or
+    None); retention, when a write completes, keeps the checkpoint that rollback needs."""
 
     def __init__(self, directory: Path, keep: int, async_save: bool = False, trainable_only: bool = False):
         self.directory, self.keep, self.trainable_only = directory, keep, trainable_only
+        self.rollback_floor: int | None = None
         self.async_save = async_save
         self._pending: tuple[Any, int, dict[str, Any]] | None = None
         self._group = None
@@ -159,7 +183,8 @@ class Checkpointer:
     def save(self, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
              trainer_state: dict[str, Any]) -> Path:
         if not self.async_save:
-            return save(self.directory, step, model, optimizers, trainer_state, self.keep, self.trainable_only)
+            return save(self.directory, step, model, optimizers, trainer_state, self.keep, self.trainable_only,
+                        self.rollback_floor)
         self.wait()
         tmp = _prepare(self.directory, step)
         state = _state(model, optimizers, self.trainable_only)
@@ -180,7 +205,7 @@ class Checkpointer:
         self._pending = None
         future.result()  # re-raises a failed write here, in the training thread
         if _is_main():
-            return _complete(self.directory, step, trainer_state, self.keep)
+            return _complete(self.directory, step, trainer_state, self.keep, self.rollback_floor)
         return self.directory / step_dir_name(step)
 
     def close(self) -> Path | None:
@@ -193,7 +218,7 @@ class Checkpointer:
 
 def checkpoint_before(directory: Path, step: int) -> Path | None:
     """The newest complete checkpoint written before `step`."""
-    older = [p for p in list_checkpoints(directory) if int(STEP_DIR.match(p.name).group(1)) < step]
+    older = [p for p in list_checkpoints(directory) if step_of(p) < step]
     return older[-1] if older else None
 
 
@@ -202,9 +227,9 @@ def discard_after(directory: Path, path: Path) -> None:
     if not _is_main():
         return
     atomic.write_text(directory / LATEST, path.name + "\n")
-    step = int(STEP_DIR.match(path.name).group(1))
+    step = step_of(path)
     for newer in list_checkpoints(directory):
-        if int(STEP_DIR.match(newer.name).group(1)) > step:
+        if step_of(newer) > step:
             shutil.rmtree(newer, ignore_errors=True)
 
 
@@ -213,9 +238,15 @@ def read_state(path: Path) -> dict[str, Any]:
     if not (path / ".metadata").is_file() or not file.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete (missing .metadata or {STATE_FILE})")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path} is corrupt: {file} is not valid JSON") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: {file} does not hold a JSON object")
+    missing = [key for key in REQUIRED_STATE if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {file} lacks {', '.join(map(repr, missing))}")
+    return state
 
 
 def check_model_shape(path: Path, state: dict, expected: dict) -> None:

@@ -6,6 +6,10 @@ same for all: order of a step is lr from the schedule -> grad_accum_steps micro-
 (forward under autocast, backward) -> clip the global grad norm -> optimizer step.
 Validation, in-training evals, alerts, logging and checkpoints happen between steps;
 SIGINT/SIGTERM finish the current step, save a checkpoint and return.
+
+A run dir belongs to one run (lmforge/runs.py): `resume` continues it from its latest
+checkpoint with the same tokenizer; without checkpoints the same config starts it over;
+anything else is refused unless `overwrite`, which starts it over from nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge import atomic
+from lmforge.config import to_yaml
 from lmforge.data.loader import TokenDataset, WindowLoader
 from lmforge.data.tokenize import MANIFEST
-from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError, TokenizerError
 from lmforge.eval.perplexity import bits_per_byte, evaluate_loss
 from lmforge.model import ModelConfig, Transformer
 from lmforge.monitor.alerts import AlertConfig, AlertMonitor
@@ -190,8 +195,9 @@ class PretrainObjective:
         return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.val_data.bytes_per_token)}
 
 
-def run(config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Pretrain per `config`; with `resume`, continue from the run's latest complete checkpoint.
+def run(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Pretrain per `config`; with `resume`, continue from the run's latest complete checkpoint;
+    with `overwrite`, replace whatever an earlier run left in the run dir.
 
     Under `torchrun` every process calls this; each trains on its block of every step's
     windows (the union over ranks is the same global batch whatever the world size).
@@ -226,7 +232,8 @@ def run(config: TrainConfig, resume: bool = False) -> TrainResult:
             "dataset": str(Path(config.data.dataset).resolve()),
             "dataset_manifest_sha256": atomic.sha256_file(Path(config.data.dataset) / MANIFEST),
         }
-        return fit(config, config.model, build_model, tokenizer, objective, manifest, resume, env=env)
+        return fit(config, config.model, build_model, tokenizer, objective, manifest, resume, env=env,
+                   overwrite=overwrite)
     finally:
         distributed.shutdown(env)
 
@@ -272,23 +279,25 @@ def fit(
     trainable_only: bool = False,
     extra_state: dict[str, Any] | None = None,
     env: distributed.DistEnv | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train `build_model()` on `objective`. `config` has run, optim, schedule, train, alerts and
     trackers sections (parallel and faults optional); `trainable_only` checkpoints just the
-    trainable parameters (LoRA). `env`: the process group `run` joined (None: join it here)."""
+    trainable parameters (LoRA). `env`: the process group `run` joined (None: join it here).
+    `overwrite`: replace what an earlier run left in the run dir."""
     own_env = env is None
     if env is None:
         env = init_distributed(config.train, getattr(config, "parallel", ParallelConfig()))
     try:
         return _fit(config, model_config, build_model, tokenizer, objective, manifest, resume, trainable_only,
-                    extra_state, env)
+                    extra_state, env, overwrite)
     finally:
         if own_env:
             distributed.shutdown(env)
 
 
 def _fit(config, model_config, build_model, tokenizer, objective, manifest, resume, trainable_only, extra_state,
-         env: distributed.DistEnv) -> TrainResult:
+         env: distributed.DistEnv, overwrite: bool = False) -> TrainResult:
     run_config: RunConfig = config.run
     optim_config: OptimConfig = config.optim
     schedule: ScheduleConfig = config.schedule
@@ -307,14 +316,14 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
     accum = accumulation(loop, objective.seq_len, env.world_size)
 
     run_dir = RunDir(Path(run_config.out_dir) / run_config.name)
-    latest = checkpoint.latest_checkpoint(run_dir.checkpoints)
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the run dir and --overwrite replaces it: pass one of them")
     relaunched = distributed.restart_count() > 0
-    resume = resume or loop.resume == "always" or (loop.resume == "auto" and relaunched)
-    if latest is not None and not resume:
-        raise ConfigError(
-            f"run dir {run_dir.path} already has checkpoints: pass --resume to continue it, "
-            "or choose another run.name"
-        )
+    # A torchrun relaunch repeats the command line: the first attempt did the overwrite, this one resumes it.
+    overwrite = overwrite and not relaunched
+    latest = None if overwrite else checkpoint.latest_checkpoint(run_dir.checkpoints)
+    resume = not overwrite and (resume or loop.resume == "always" or (loop.resume == "auto" and relaunched))
+    start_over = claim_run_dir(run_dir, config, tokenizer, manifest, latest, resume, overwrite, extra_state)
     # Tasks resolve before any training: a bad task file fails in a second, not at step N.
     from lmforge.eval.tasks import resolve_tasks
 
@@ -335,7 +344,7 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
     start_step = 0
     if resume and latest is not None:
         state = checkpoint.load(latest, model, optimizers, trainable_only=trainable_only)
-        start_step = objective.check_resume(state["loader"])
+        start_step = _resume_step(objective, state, latest)
         guard.load_state_dict(state.get("faults", {}))
         log.info("resumed from %s at step %d%s", latest, start_step,
                  f" (written by {state['world_size']} processes)" if state.get("world_size", 1) != env.world_size else "")
@@ -345,6 +354,9 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
         log.info("run already at step %d of %d", start_step, loop.max_steps)
 
     if main:
+        if start_over:
+            log.info("starting %s over (%s)", run_dir.path, "--overwrite" if overwrite else "same config, no checkpoint")
+            run_dir.clear()
         run_dir.write_config(config)
         if not (run_dir.tokenizer / "tokenizer.json").is_file():
             _save_tokenizer(tokenizer, run_dir, model_config.max_seq_len)
@@ -412,8 +424,10 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
             "world_size": env.world_size,
             "strategy": parallel.strategy,
             "faults": guard.state_dict(),
+            "tokenizer_hash": tokenizer.hash(),
             **(extra_state or {}),
         }
+        checkpointer.rollback_floor = rollback_floor()
         try:
             path = checkpointer.save(step, model, optimizers, state)
         except OSError as err:
@@ -421,8 +435,17 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
             raise
         return path
 
+    def rollback_floor() -> int | None:
+        """The first skipped step that a rollback could still go back before (None: no rollback
+        pending); retention keeps the checkpoint from before it."""
+        if not guard.config.rollback_after:
+            return None
+        recent = [s for s in guard.skipped if s > step - guard.config.rollback_window]
+        return recent[0] if recent else None
+
     def roll_back(bad_step: int) -> int:
         """Reload the newest checkpoint from before the bad stretch; skip the stretch's data."""
+        checkpointer.rollback_floor = rollback_floor()
         checkpointer.wait()
         distributed.barrier(env)
         first_bad = guard.skipped[0]
@@ -438,7 +461,7 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
                 f"(faults.max_rollbacks): the run does not recover; lower optim.lr or inspect the data"
             )
         state = checkpoint.load(target, model, optimizers, trainable_only=trainable_only)
-        to_step = objective.check_resume(state["loader"])
+        to_step = _resume_step(objective, state, target)
         checkpoint.discard_after(run_dir.checkpoints, target)
         distributed.barrier(env)
         skipped_data = (to_step + 1 + guard.data_offset, bad_step + guard.data_offset)
@@ -584,6 +607,95 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
         for tracker in trackers:
             tracker.close()
     return _result(run_dir, "completed", step, losses, val, saved, None)
+
+
+# Config keys that do not change what a run computes: a rerun may differ in them.
+_NOT_THE_RUN = frozenset({"run.out_dir", "train.progress", "train.resume", "train.profile"})
+# Lineage that identifies a run's inputs beside its config (the same paths may hold new data).
+_INPUT_HASHES = ("dataset_manifest_sha256", "dataset_sha256", "parent_weights_sha256")
+
+
+def _saved_tokenizer_hash(run_dir: RunDir) -> str | None:
+    if not (run_dir.tokenizer / "tokenizer.json").is_file():
+        return None
+    try:
+        return load_tokenizer(run_dir.tokenizer).hash()
+    except TokenizerError:
+        return "unreadable"
+
+
+def run_changes(run_dir: RunDir, config: Any, tokenizer: LmTokenizer, manifest: dict[str, Any]) -> list[str]:
+    """How the run recorded in `run_dir` differs from this one: config keys, tokenizer, inputs."""
+    from lmforge.monitor.catalog import flatten
+
+    changes = []
+    saved = _saved_tokenizer_hash(run_dir)
+    if saved is not None and saved != tokenizer.hash():
+        changes.append(f"tokenizer {saved[:12]} -> {tokenizer.hash()[:12]}")
+    lineage = run_dir.read_manifest()
+    changes += [f"{key} {lineage[key][:12]} -> {manifest[key][:12]}" for key in _INPUT_HASHES
+                if lineage.get(key) and manifest.get(key) and lineage[key] != manifest[key]]
+    recorded = run_dir.read_config()
+    if recorded is None:
+        return [*changes, f"no readable {run_dir.path / 'config.yaml'}"]
+    import yaml
+
+    old, new = flatten(recorded), flatten(yaml.safe_load(to_yaml(config)))
+    return changes + [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted((set(old) | set(new)) - _NOT_THE_RUN)
+                      if old.get(key) != new.get(key)]
+
+
+def claim_run_dir(run_dir: RunDir, config: Any, tokenizer: LmTokenizer, manifest: dict[str, Any],
+                  latest: Path | None, resume: bool, overwrite: bool, extra_state: dict[str, Any] | None = None) -> bool:
+    """Whether this run may use `run_dir` (a one-line error if not) and must first clear it.
+
+    Continued: a run with checkpoints, with `resume`, the same tokenizer and the same hashes
+    in `extra_state` (`*_sha256`: e.g. a fine-tune's starting weights); the checkpoint checks
+    the model's shape, the data loader its position. Started over: anything, with
+    `overwrite`; or a run with the same config and inputs that wrote no checkpoint (a rerun
+    never appends to stale metrics). Refused: the rest, naming what differs."""
+    if overwrite:
+        return run_dir.has_contents()
+    if latest is not None and resume:
+        state = checkpoint.read_state(latest)
+        recorded = state.get("tokenizer_hash") or _saved_tokenizer_hash(run_dir)
+        if recorded is not None and recorded != tokenizer.hash():
+            raise CheckpointError(
+                f"cannot resume {run_dir.path}: it was trained with tokenizer {recorded[:12]}, this run's "
+                f"{tokenizer.path or 'tokenizer'} is {tokenizer.hash()[:12]} (pass --overwrite to start over, "
+                "or choose another run.name)"
+            )
+        for key, value in (extra_state or {}).items():
+            if key.endswith("_sha256") and state.get(key) and value and state[key] != value:
+                raise CheckpointError(f"cannot resume from {latest}: its {key} is {state[key][:12]}, this run's is "
+                                      f"{value[:12]} (pass --overwrite to start over, or choose another run.name)")
+        return False
+    if not run_dir.has_contents():
+        return False
+    changes = run_changes(run_dir, config, tokenizer, manifest)
+    shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+    if latest is not None:
+        if changes:
+            raise ConfigError(f"run dir {run_dir.path} holds another run ({shown}): pass --overwrite to replace it, "
+                              "or choose another run.name")
+        raise ConfigError(f"run dir {run_dir.path} already has checkpoints: pass --resume to continue it, "
+                          "--overwrite to start over, or choose another run.name")
+    if changes:
+        raise ConfigError(f"run dir {run_dir.path} holds an earlier run without checkpoints ({shown}): "
+                          "pass --overwrite to replace it, or choose another run.name")
+    return True
+
+
+def _resume_step(objective: Objective, state: dict[str, Any], path: Path) -> int:
+    """The step a checkpoint's loader state resumes at; a state missing keys is a CheckpointError."""
+    if "loader" not in state:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {checkpoint.STATE_FILE} lacks 'loader'")
+    try:
+        return objective.check_resume(state["loader"])
+    except KeyError as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its loader state lacks {err}") from None
+    except (TypeError, AttributeError):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its loader state is malformed") from None
 
 
 def _result(run_dir, status, step, losses, val, saved, signum) -> TrainResult:

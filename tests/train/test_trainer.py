@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -170,3 +171,130 @@ def test_muon_and_other_schedules_reduce_the_loss(make_config, optimizer, schedu
                     train={"max_steps": 30})
     )
     assert np.mean(result.losses[-5:]) < result.losses[0] - 0.5
+
+
+# ----------------------------------------------------------------- one run per run dir
+
+
+def error_lines(capsys) -> list[str]:
+    """What the CLI printed as errors since the last read (the one line a user error gets)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def cli_config(config, path) -> str:
+    """`config` as a YAML file for `lmforge train`."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture
+def other_dataset(pretrain_data, tmp_path):
+    """The same documents tokenized with another (smaller) tokenizer."""
+    from lmforge.data.tokenize import TokenizeConfig
+    from lmforge.data.tokenize import run as tokenize_run
+    from lmforge.tokenizer import TokenizerTrainConfig, run_train
+
+    run_train(TokenizerTrainConfig(inputs=[str(pretrain_data["docs"])], out=str(tmp_path / "tok600"), vocab_size=600))
+    tokenize_run(TokenizeConfig(inputs=[str(pretrain_data["docs"])], tokenizer=str(tmp_path / "tok600"),
+                                out=str(tmp_path / "tokens600"), val_fraction=0.1, num_workers=1))
+    return tmp_path / "tokens600"
+
+
+def test_a_rerun_with_another_tokenizer_and_no_checkpoint_is_refused_and_overwrite_starts_clean(
+        make_config, other_dataset, tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.loading import load_model
+    from lmforge.tokenizer import load_tokenizer
+
+    first = make_config("reuse", train={"max_steps": 5})
+    assert main(["train", cli_config(first, tmp_path / "first.yaml")]) == 0
+    capsys.readouterr()
+    run = RunDir(tmp_path / "runs" / "reuse")
+    shutil.rmtree(run.checkpoints)  # a run that died before its first checkpoint
+    old_tokenizer = (run.tokenizer / "tokenizer.json").read_text()
+
+    second = cli_config(make_config("reuse", data={"dataset": str(other_dataset)}, train={"max_steps": 3}),
+                        tmp_path / "second.yaml")
+    assert main(["train", second]) == 2
+    [err] = error_lines(capsys)
+    assert str(run.path) in err and "--overwrite" in err and "tokenizer " in err and "data.dataset" in err
+    assert (run.tokenizer / "tokenizer.json").read_text() == old_tokenizer
+    assert [r["step"] for r in run.read_metrics() if "loss" in r] == [1, 2, 3, 4, 5]  # left as it was
+
+    assert main(["train", second, "--overwrite"]) == 0
+    assert [r["step"] for r in run.read_metrics() if "loss" in r] == [1, 2, 3]  # the new run's steps only
+    new_tokenizer = load_tokenizer(json.loads((other_dataset / "manifest.json").read_text())["tokenizer"]["path"])
+    assert load_tokenizer(run.tokenizer).hash() == new_tokenizer.hash()
+    model, tokenizer, _ = load_model(run.path)
+    assert tokenizer.hash() == new_tokenizer.hash() and model.config.vocab_size == 640
+
+
+def test_a_rerun_of_the_same_config_without_a_checkpoint_starts_fresh_metrics(make_config):
+    config = make_config("again", train={"max_steps": 4})
+    first = trainer.run(config)
+    shutil.rmtree(first.run_dir / "checkpoints")
+    again = trainer.run(config)
+    assert again.losses == first.losses
+    assert [r["step"] for r in RunDir(again.run_dir).read_metrics() if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_run_dir_with_checkpoints_and_another_config_names_what_differs(make_config, tmp_path, capsys):
+    from lmforge.cli import main
+
+    trainer.run(make_config("taken", train={"max_steps": 2}))
+    changed = cli_config(make_config("taken", optim={"lr": 1e-2}, train={"max_steps": 2}), tmp_path / "c.yaml")
+    assert main(["train", changed]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run (optim.lr 0.003 -> 0.01)" in err and "--overwrite" in err and "run.name" in err
+    assert main(["train", changed, "--resume", "--overwrite"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+    assert main(["train", changed, "--overwrite"]) == 0
+    assert json.loads((tmp_path / "runs" / "taken" / "checkpoints" / "step-0000002" / "trainer_state.json")
+                      .read_text())["step"] == 2
+    assert "lr: 0.01" in (tmp_path / "runs" / "taken" / "config.yaml").read_text()
+
+
+def test_overwrite_travels_with_the_torchrun_relaunch(make_config, tmp_path, monkeypatch):
+    import subprocess
+
+    from lmforge.cli import main
+
+    launched = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: launched.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    config = cli_config(make_config("ddp"), tmp_path / "ddp.yaml")
+    assert main(["train", config, "parallel.strategy=ddp", "--nproc", "2", "--overwrite"]) == 0
+    assert launched and launched[0][-4:] == ["train", config, "parallel.strategy=ddp", "--overwrite"]
+
+
+def test_resuming_with_another_tokenizer_is_refused(make_config, other_dataset):
+    trainer.run(make_config("tok", train={"max_steps": 2}))
+    with pytest.raises(CheckpointError, match=r"cannot resume .*tok: it was trained with tokenizer"):
+        trainer.run(make_config("tok", data={"dataset": str(other_dataset)}, train={"max_steps": 4}), resume=True)
+
+
+def test_a_checkpoint_state_missing_a_key_is_a_one_line_error(make_config, tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.loading import load_model
+
+    result = trainer.run(make_config("keys", train={"max_steps": 2}))
+    state_file = result.checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    config = cli_config(make_config("keys", train={"max_steps": 4}), tmp_path / "keys.yaml")
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "loader"}))
+    capsys.readouterr()
+    assert main(["train", config, "--resume"]) == 2
+    [err] = error_lines(capsys)
+    assert "lacks 'loader'" in err
+    state_file.write_text(json.dumps({**state, "loader": {k: v for k, v in state["loader"].items()
+                                                           if k != "samples_consumed"}}))
+    assert main(["train", config, "--resume"]) == 2
+    assert "loader state lacks 'samples_consumed'" in capsys.readouterr().err
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "model_shape"}))
+    with pytest.raises(CheckpointError, match="lacks 'model_shape'"):
+        load_model(result.run_dir)
+    state_file.write_text(json.dumps({**state, "model": {"dim": "wide"}}))
+    with pytest.raises(CheckpointError, match="model config is invalid"):
+        load_model(result.run_dir)
