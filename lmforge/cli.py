@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +23,10 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="lmforge: data -> tokenizer -> pretraining -> generation, one tool.",
+    help="lmforge: curate -> tokenizer -> pretrain -> evaluate -> align -> serve -> monitor, one tool.",
+    epilog="Config-taking verbs resolve one rule: built-in defaults < CONFIG.yaml < flags < "
+    "section.key=value overrides, merged key by key into each section. Outputs replace only "
+    "what lmforge wrote (or with --overwrite). LMFORGE_DEBUG=1 or --debug shows tracebacks.",
 )
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and use byte-level BPE tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
@@ -33,23 +37,30 @@ app.add_typer(lora_app, name="lora")
 
 ConfigArgs = Annotated[
     list[str] | None,
-    typer.Argument(help="optional CONFIG.yaml, then section.key=value overrides", show_default=False),
+    typer.Argument(
+        help="optional CONFIG.yaml, then section.key=value overrides. Precedence: built-in defaults "
+        "< CONFIG.yaml < flags < section.key=value; each merges into its section key by key",
+        show_default=False,
+    ),
 ]
 
 
-def _config(model: type[BaseModel], args: list[str] | None, base: dict[str, Any] | None = None):
-    """Split positional args into one optional YAML file and key=value overrides."""
+def _config(model: type[BaseModel], args: list[str] | None, flags: dict[str, Any] | None = None,
+            base: dict[str, Any] | None = None):
+    """Split positional args into one optional YAML file and key=value overrides, then resolve
+    defaults (+ the verb's `base`) < YAML < `flags` < overrides."""
     from lmforge.config import load_config
+    from lmforge.shipped import config_path
 
     path, overrides = None, []
     for arg in args or []:
         if "=" in arg:
             overrides.append(arg)
-        elif path is None and arg.endswith((".yaml", ".yml")):
-            path = arg
+        elif path is None:  # a YAML file, or a shipped config by name (`lmforge configs`)
+            path = str(config_path(arg))
         else:
-            raise ConfigError(f"unexpected argument {arg!r}: expected CONFIG.yaml or section.key=value")
-    return load_config(model, path, overrides, base)
+            raise ConfigError(f"unexpected argument {arg!r}: expected one CONFIG.yaml or section.key=value")
+    return load_config(model, path, overrides, base=base, flags=flags)
 
 
 def _flags(**values: Any) -> dict[str, Any]:
@@ -57,14 +68,18 @@ def _flags(**values: Any) -> dict[str, Any]:
 
 
 @app.command()
-def quickstart(args: ConfigArgs = None, out: Annotated[str | None, typer.Option(help="work dir")] = None):
+def quickstart(
+    args: ConfigArgs = None,
+    out: Annotated[str | None, typer.Option(help="work dir")] = None,
+    overwrite: Annotated[bool, typer.Option(help="use an --out dir that lmforge's quickstart did not write")] = False,
+):
     """Run the whole spine on the bundled corpus: tokenizer, tokens, pretraining, eval, sample."""
     from rich.console import Console
     from rich.table import Table
 
     from lmforge import quickstart as qs
 
-    config = _config(qs.QuickstartConfig, args, _flags(out=out))
+    config = _config(qs.QuickstartConfig, args, _flags(out=out, overwrite=overwrite or None))
     results = qs.run(config)
     table = Table(title=f"lmforge quickstart -> {config.out}")
     for column in ("stage", "status", "seconds", "outputs"):
@@ -163,12 +178,14 @@ def tokenize(
     out: Annotated[str | None, typer.Option(help="token dataset dir")] = None,
     workers: Annotated[int | None, typer.Option(help="encoding processes")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="share of documents held out")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an --out dir that lmforge's tokenize did not write")] = False,
 ):
     """Encode documents into a token dataset dir (shards + manifest.json) with a validation split."""
     from lmforge.data import tokenize as tok
 
     config = _config(tok.TokenizeConfig, args, _flags(
         inputs=inputs, tokenizer=tokenizer, out=out, num_workers=workers, val_fraction=val_fraction,
+        overwrite=overwrite or None,
     ))
     manifest = tok.run(config)
     splits = ", ".join(f"{s}: {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in manifest["splits"].items())
@@ -181,18 +198,21 @@ def curate(
     inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="file, dir or fsspec URL (repeatable)")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="output dir (shards + report)")] = None,
     workers: Annotated[int | None, typer.Option(help="worker processes (executor.workers)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace output dirs that lmforge's curate did not write")] = False,
 ):
     """Curate raw text with datatrove: filters, PII scrubbing, dedup, decontamination, and a report."""
     from lmforge.data import curate as cur
 
-    base: dict[str, Any] = {}
+    flags: dict[str, Any] = {}
     if inputs:
-        base["input"] = {"paths": inputs}
+        flags["input"] = {"paths": inputs}
     if output:
-        base["output"] = {"dir": output}
+        flags["output"] = {"dir": output}
     if workers:
-        base["executor"] = {"workers": workers}
-    result = cur.run(_config(cur.CurateConfig, args, base))
+        flags["executor"] = {"workers": workers}
+    if overwrite:
+        flags.setdefault("output", {})["overwrite"] = True
+    result = cur.run(_config(cur.CurateConfig, args, flags))
     report = result.report
     for warning in report["warnings"]:
         typer.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
@@ -205,6 +225,7 @@ def curate(
 def train(
     args: ConfigArgs = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's latest complete checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace what an earlier run left in the run dir (a different config, tokenizer or data)")] = False,
     profile: Annotated[str | None, typer.Option(help="steps=A:B: torch profiler trace into RUN/profile/")] = None,
     nproc: Annotated[int | None, typer.Option(help="launch this many processes with torchrun (one node)")] = None,
     max_restarts: Annotated[int, typer.Option(help="--nproc: relaunches after a process dies")] = 0,
@@ -219,8 +240,9 @@ def train(
 
     config = _config(TrainConfig, [*(args or []), *([f"train.profile={profile}"] if profile else [])])
     _torchrun(nproc, max_restarts, config.parallel.strategy,
-              ["train", *(args or []), *(["--resume"] if resume else []), *([f"--profile={profile}"] if profile else [])])
-    result = trainer.run(config, resume=resume)
+              ["train", *(args or []), *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
+               *([f"--profile={profile}"] if profile else [])])
+    result = trainer.run(config, resume=resume, overwrite=overwrite)
     summary = f"{result.status} at step {result.step}; run dir {result.run_dir}"
     if result.val_loss is not None:
         summary += f"; val loss {result.val_loss:.4f}, {result.val_bpb:.4f} bits/byte"
@@ -385,17 +407,17 @@ def serve(
     from lmforge.serve import server
     from lmforge.serve.config import ServeConfig
 
-    base: dict[str, Any] = {"model": model}
+    flags: dict[str, Any] = {"model": model}
     server_flags = _flags(host=host, port=port)
     if server_flags:
-        base["server"] = server_flags
+        flags["server"] = server_flags
     if api_keys_file is not None:
-        base["auth"] = {"api_keys_file": api_keys_file}
+        flags["auth"] = {"api_keys_file": api_keys_file}
     if device is not None:
-        base["engine"] = {"device": device}
+        flags["engine"] = {"device": device}
     if allow_unreleased:
-        base["allow_unreleased"] = True
-    server.run(_config(ServeConfig, args, base))
+        flags["allow_unreleased"] = True
+    server.run(_config(ServeConfig, args, flags))
 
 
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -456,11 +478,12 @@ def runs_compare(runs: Annotated[list[str], typer.Argument(help="run dirs")]):
 def report(
     run: Annotated[str, typer.Argument(help="run dir")],
     out: Annotated[str | None, typer.Option(help="output dir (default RUN/report)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an --out dir that is not an lmforge report")] = False,
 ):
     """Write a self-contained HTML report of a run (curves, evals, lineage, card)."""
     from lmforge.monitor.report import render
 
-    typer.echo(f"report: {render(run, out)}")
+    typer.echo(f"report: {render(run, out, overwrite)}")
 
 
 @app.command()
@@ -496,13 +519,14 @@ def _torchrun(nproc: int | None, max_restarts: int, strategy: str, command: list
     raise typer.Exit(subprocess.run([*launcher, *command]).returncode)
 
 
-def _align(kind: str, model: str, args: list[str] | None, resume: bool, nproc: int | None) -> None:
+def _align(kind: str, model: str, args: list[str] | None, resume: bool, nproc: int | None, overwrite: bool = False) -> None:
     from lmforge.align import run as align_run
     from lmforge.align.config import AlignConfig
 
-    config = _config(AlignConfig, args, {"model": model, "run": {"name": kind}})
-    _torchrun(nproc, 0, config.parallel.strategy, [kind, model, *(args or []), *(["--resume"] if resume else [])])
-    result = (align_run.run_sft if kind == "sft" else align_run.run_dpo)(config, resume=resume)
+    config = _config(AlignConfig, args, flags={"model": model}, base={"run": {"name": kind}})
+    _torchrun(nproc, 0, config.parallel.strategy,
+              [kind, model, *(args or []), *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])])
+    result = (align_run.run_sft if kind == "sft" else align_run.run_dpo)(config, resume=resume, overwrite=overwrite)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.val_metrics.items())
     if os.environ.get("RANK", "0") == "0":  # one summary per run
         typer.echo(f"{result.status} at step {result.step}; run dir {result.run_dir}" + (f"; {metrics}" if metrics else ""))
@@ -515,10 +539,11 @@ def sft(
     model: Annotated[str, typer.Argument(help="model to fine-tune: model dir, run dir or checkpoint")],
     args: ConfigArgs = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's latest checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace what an earlier run left in the run dir (a different config, tokenizer or data)")] = False,
     nproc: Annotated[int | None, typer.Option(help="launch this many processes with torchrun (parallel.strategy=ddp|fsdp)")] = None,
 ):
     """Supervised fine-tuning on chat conversations: `lmforge sft MODEL configs/sft.yaml data.train=...`."""
-    _align("sft", model, args, resume, nproc)
+    _align("sft", model, args, resume, nproc, overwrite)
 
 
 @app.command()
@@ -526,10 +551,11 @@ def dpo(
     model: Annotated[str, typer.Argument(help="model to align: model dir, run dir or checkpoint")],
     args: ConfigArgs = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's latest checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace what an earlier run left in the run dir (a different config, tokenizer or data)")] = False,
     nproc: Annotated[int | None, typer.Option(help="launch this many processes with torchrun (parallel.strategy=ddp|fsdp)")] = None,
 ):
     """Direct preference optimisation on chosen/rejected pairs: `lmforge dpo MODEL configs/dpo.yaml`."""
-    _align("dpo", model, args, resume, nproc)
+    _align("dpo", model, args, resume, nproc, overwrite)
 
 
 @lora_app.command("merge")
@@ -586,6 +612,7 @@ def train_classifier(
     lr: float = 3e-3,
     train_base: Annotated[bool, typer.Option(help="fine-tune the whole model, not only the head")] = False,
     threshold: float = 0.5,
+    overwrite: Annotated[bool, typer.Option(help="replace an --out dir that is not an lmforge classifier")] = False,
 ):
     """Train a moderation classifier (a head on an lmforge model) from labelled JSONL."""
     from lmforge.config import build
@@ -593,6 +620,7 @@ def train_classifier(
 
     config = build(classifier.ClassifierConfig, dict(
         model=model, data=data, out=out, epochs=epochs, lr=lr, train_base=train_base, threshold=threshold,
+        overwrite=overwrite,
     ))
     metrics = classifier.run(config)
     for name, values in metrics.get("categories", {}).items():
@@ -641,7 +669,64 @@ def import_model(
     typer.echo(f"{result.architecture}, {result.params:,} params ({result.dtype}) -> {result.out}")
 
 
+def _os_error_message(err: OSError) -> str:
+    """`[Errno 28] No space left on device` -> 'no space left on device: PATH' (one line)."""
+    reason = (err.strerror or str(err)).rstrip(".")
+    where = ", ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    return f"{reason[:1].lower()}{reason[1:]}: {where}" if where else reason
+
+
+def _crash_report(argv: list[str], err: BaseException) -> str:
+    """Write the traceback of an unexpected error to a log file; return the file's path."""
+    import tempfile
+    import traceback
+
+    directory = Path(os.environ.get("LMFORGE_LOG_DIR") or Path(tempfile.gettempdir()) / "lmforge")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(f"lmforge {' '.join(argv)}\n\n" + "".join(traceback.format_exception(err)), encoding="utf-8")
+        return str(path)
+    except OSError:
+        return "(could not write a log file; rerun with --debug)"
+
+
+configs_app = typer.Typer(help="The YAML recipes that ship with lmforge; every config-taking verb accepts one by name.")
+app.add_typer(configs_app, name="configs")
+
+
+@configs_app.callback(invoke_without_command=True)
+def configs_list(ctx: typer.Context):
+    """List the shipped configs: `lmforge sft MODEL sft` uses one by name; `configs show NAME` prints it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.markup import escape
+
+    from lmforge.shipped import shipped_configs
+
+    rows = [[c.name, escape(c.description)] for c in shipped_configs()]
+    _print_table("shipped configs (lmforge configs show NAME)", ["name", "description"], rows)
+
+
+@configs_app.command("show")
+def configs_show(
+    name: Annotated[str, typer.Argument(help="a shipped config's name, e.g. sft")],
+    path: Annotated[bool, typer.Option("--path", help="print where the file is instead of its text")] = False,
+):
+    """Print a shipped config, e.g. to copy and edit it: `lmforge configs show sft > my-sft.yaml`."""
+    from lmforge.shipped import shipped_config
+
+    config = shipped_config(name)
+    typer.echo(str(config.path) if path else config.path.read_text(encoding="utf-8"), nl=path)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere (or LMFORGE_DEBUG=1) lets every error raise with its traceback.
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["LMFORGE_DEBUG"] = "1"  # torchrun relaunches inherit it
+    debug = os.environ.get("LMFORGE_DEBUG", "") not in ("", "0")
     logging.basicConfig(
         # Under torchrun only rank 0 logs progress; the others report warnings and errors.
         level=os.environ.get("LMFORGE_LOG_LEVEL", "INFO" if os.environ.get("RANK", "0") == "0" else "WARNING"),
@@ -650,22 +735,37 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     command = typer.main.get_command(app)
+    verb = next((a for a in argv if not a.startswith("-")), "")
     try:
         # Without standalone mode, click returns a raised typer.Exit's code instead of exiting.
         code = command.main(args=argv, prog_name="lmforge", standalone_mode=False)
         if isinstance(code, int):
             return code
-    except LmforgeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except click.exceptions.Exit as err:
         return err.exit_code
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         return 130
     except click.ClickException as err:
         err.show()
         return 2
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(err, LmforgeError):  # the user's input: one line naming what is wrong
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        if isinstance(err, OSError):  # missing, unwritable or full paths are the user's to fix
+            print(f"error: {_os_error_message(err)}", file=sys.stderr)
+            return 2
+        if isinstance(err, MemoryError):
+            print(f"error: out of memory while running `lmforge {verb}` (try a smaller batch or model)", file=sys.stderr)
+            return 2
+        log_path = _crash_report(argv, err)
+        message = " ".join(str(err).split())[:300]
+        print(f"error: unexpected {type(err).__name__} while running `lmforge {verb}`: {message} "
+              f"(traceback in {log_path}; rerun with --debug to see it)", file=sys.stderr)
+        return 1
     return 0
 
 

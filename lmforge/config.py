@@ -1,11 +1,19 @@
 """Typed configs: YAML files plus `section.key=value` overrides, validated before any work.
 
-Every stage takes one pydantic model. Unknown keys and bad values raise `ConfigError`
-naming the key and what is allowed; the resolved config is what a run saves.
+Every stage takes one pydantic model, resolved by one precedence rule for every verb:
+
+    built-in defaults < CONFIG.yaml < command-line flags < section.key=value overrides
+
+Each layer merges into the sections below it key by key: `train.max_steps=50` changes one
+key and keeps the rest of `train` (including a verb's own section defaults, such as SFT's
+smaller batch). Unknown keys and bad values raise `ConfigError` naming the key, what is
+allowed and the closest valid spelling; the resolved config is what a run saves.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import os
 import typing
 from pathlib import Path
@@ -69,20 +77,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _allowed(model: type[BaseModel], loc: tuple) -> str:
-    """Describe the keys allowed at `loc` (for unknown-key errors)."""
+PRECEDENCE = "built-in defaults < CONFIG.yaml < flags < section.key=value overrides"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (for unknown-key errors)."""
     cls: Any = model
     for part in loc[:-1]:
         field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
         if field is None:
-            return ""
+            return []
         cls = field.annotation
         for arg in typing.get_args(cls) or ():
             if isinstance(arg, type) and issubclass(arg, BaseModel):
                 cls = arg
     if isinstance(cls, type) and issubclass(cls, BaseModel):
-        return ", ".join(cls.model_fields)
-    return ""
+        return list(cls.model_fields)
+    return []
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
@@ -92,8 +103,11 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
     if not key:  # a whole-model check (e.g. seq_len vs max_seq_len): its message names the keys
         message = first["msg"].removeprefix("Value error, ")
     elif first["type"] == "extra_forbidden":
-        allowed = _allowed(model, loc)
-        hint = f" (allowed: {allowed})" if allowed else ""
+        allowed = _allowed_keys(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        hint = f"; did you mean {'.'.join(filter(None, [prefix, close[0]]))!r}?" if close else ""
+        hint += f" (allowed: {', '.join(allowed)})" if allowed else ""
         message = f"unknown key {key!r}{hint}"
     else:
         message = f"bad value for {key!r}: {first['msg'].removeprefix('Value error, ')}"
@@ -113,18 +127,41 @@ def build(model: type[T], data: dict[str, Any], source: str = "") -> T:
         raise ConfigError(format_validation_error(err, model, source)) from None
 
 
+def section_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """The values a model's section defaults set beyond their class defaults, as nested dicts.
+
+    `AlignConfig.train` defaults to `LoopConfig(max_steps=200, ...)`; pydantic would build a
+    `train:` mapping from a YAML or an override from `LoopConfig`'s class defaults and drop
+    those. Merging the user's keys into this dict first keeps them.
+    """
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            explicit = default.model_dump(exclude_unset=True)
+            nested = section_defaults(type(default))
+            out[name] = _deep_merge(nested, explicit)
+    return out
+
+
 def load_config(
     model: type[T],
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> T:
-    """base dict < YAML file < command-line overrides, validated into `model`."""
-    data: dict[str, Any] = dict(base or {})
+    """Resolve `model` by the one precedence rule (see PRECEDENCE), merged per key.
+
+    `base`: a verb's own defaults (below the YAML); `flags`: values of command-line
+    options, nested by section (above the YAML, below `section.key=value` overrides).
+    """
+    data: dict[str, Any] = _deep_merge(section_defaults(model), copy.deepcopy(base or {}))
     source = ""
     if path is not None:
         data = _deep_merge(data, read_yaml(path))
         source = str(path)
+    data = _deep_merge(data, copy.deepcopy(flags or {}))
     data = apply_overrides(data, list(overrides or []))
     return build(model, data, source)
 

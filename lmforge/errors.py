@@ -22,3 +22,7 @@ class TokenizerError(LmforgeError):
 
 class CheckpointError(LmforgeError):
     """A missing, incomplete, corrupt or mismatched checkpoint."""
+
+
+class OutputError(LmforgeError):
+    """An output path that would destroy something lmforge did not write, or cannot be written."""

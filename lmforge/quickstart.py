@@ -31,10 +31,12 @@ BUNDLED_CHAT = [
     Path(__file__).parent / "data" / "chat" / "safety_sft.jsonl.gz",
 ]
 STATE_FILE = "stages.json"
+KIND = "quickstart work dir"  # the output marker's kind (atomic.check_output_dir)
 
 
 class QuickstartConfig(Section):
     out: str = "quickstart"
+    overwrite: bool = Field(False, description="use an out dir that lmforge's quickstart did not write")
     corpus: list[str] = Field(default_factory=lambda: [str(BUNDLED_CORPUS)])
     # Curation first: the corpus plus a few planted exact and near duplicates through
     # `lmforge curate`; the tokenizer and the token dataset then read the curated shards.
@@ -323,7 +325,11 @@ def curate_recipe(config: QuickstartConfig, source: Path, out: Path):
 
 def run(config: QuickstartConfig) -> list[StageResult]:
     out = Path(config.out)
+    # The work dir holds its own run dirs, so those do not make it someone else's.
+    atomic.check_output_dir(out, KIND, overwrite=config.overwrite, inputs=[*config.corpus, *config.sft_data],
+                            signature=STATE_FILE, allow_run_dir=True)
     out.mkdir(parents=True, exist_ok=True)
+    atomic.mark_output_dir(out, KIND)
     pipeline = Pipeline(out)
     results: dict[str, StageResult] = {}
     for factory in stages(config, results):

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "lmforge.tokens.v1"
 SPLITS = ("train", "val")
+KIND = "token dataset"  # the output marker's kind (atomic.check_output_dir)
 
 
 class TokenizeConfig(Section):
@@ -47,6 +48,7 @@ class TokenizeConfig(Section):
     num_workers: int = Field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)), ge=1)
     docs_per_chunk: int = Field(256, ge=1)
     shard_tokens: int = Field(100_000_000, ge=1024)
+    overwrite: bool = Field(False, description="replace an out dir that lmforge's tokenize did not write")
 
 
 class ShardWriter:
@@ -133,6 +135,8 @@ def source_fingerprint(files: list[Path]) -> dict:
 
 def run(config: TokenizeConfig) -> dict:
     """Tokenize `config.inputs` into `config.out`; returns the manifest."""
+    atomic.check_output_dir(config.out, KIND, overwrite=config.overwrite, inputs=[*config.inputs, config.tokenizer],
+                            read_inputs_recursively=True)
     files = expand_inputs(config.inputs)
     tokenizer = load_tokenizer(config.tokenizer)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
@@ -141,7 +145,7 @@ def run(config: TokenizeConfig) -> dict:
     docs = (d for d in read_documents(files, config.text_field, config.text_split) if d)
     chunks = _chunks(docs, config.docs_per_chunk)
 
-    with atomic.atomic_dir(config.out) as tmp:
+    with atomic.atomic_dir(config.out, KIND) as tmp:
         writers = {s: ShardWriter(tmp, s, dtype, config.shard_tokens) for s in SPLITS}
         index = 0
         for texts, ids_batch in _encode_stream(chunks, tokenizer, config.num_workers):

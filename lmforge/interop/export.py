@@ -22,14 +22,24 @@ from lmforge import __version__, atomic
 from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.interop import hf, model_card
-from lmforge.interop.model_dir import MODEL_CARD_FILE, is_model_dir, load_model_dir, save_model_dir
+from lmforge.interop.model_dir import (
+    MODEL_CARD_FILE,
+    MODEL_DIR_KIND,
+    is_model_dir,
+    load_model_dir,
+    save_model_dir,
+)
 from lmforge.loading import load_model, resolve_model
 from lmforge.model import Transformer
 from lmforge.runs import git_commit
+from lmforge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 DType = Literal["float32", "bfloat16", "float16"]
+# Card key: the hash of the model dir's tokenizer.json as written (it differs from the training
+# tokenizer's `tokenizer_hash` by the BOS post-processor); loading checks the two agree.
+TOKENIZER_JSON_HASH = "tokenizer_json_hash"
 
 
 class ExportConfig(Section):
@@ -40,6 +50,8 @@ class ExportConfig(Section):
     name: str | None = Field(None, description="model name in the card; default: the out dir's name")
     overwrite: bool = Field(False, description="replace an existing out dir")
     verify: bool = Field(True, description="reload the written dir and compare logits before keeping it")
+    base: str | None = Field(None, description="LoRA adapters: where their base model is now, if it moved "
+                             "(its weights must be the ones they were trained on)")
 
     @field_validator("max_shard_size")
     @classmethod
@@ -56,11 +68,10 @@ class ExportResult:
     dtype: str
 
 
-def check_out_dir(out: Path, source: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, source: Path, overwrite: bool, kind: str = MODEL_DIR_KIND) -> None:
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
         raise ConfigError(f"out dir {out} must not be (inside) the source {source}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"out dir {out} exists and is not empty (pass --overwrite to replace it)")
+    atomic.check_output_dir(out, kind, overwrite=overwrite, inputs=[source])
 
 
 def source_lineage(source: Path) -> tuple[dict[str, Any], Path | None, int | None, str | None]:
@@ -141,7 +152,7 @@ def run(config: ExportConfig) -> ExportResult:
     check_out_dir(out, source, config.overwrite)
     max_shard_bytes = hf.parse_size(config.max_shard_size)
     dtype = hf.DTYPES[config.dtype]
-    model, tokenizer, source = load_model(source)
+    model, tokenizer, source = load_model(source, base=config.base)
     lineage, run_dir, step, training = source_lineage(source)
     lineage.update(
         exported_by=f"lmforge {__version__}",
@@ -155,6 +166,7 @@ def run(config: ExportConfig) -> ExportResult:
     def finish(tmp: Path, files: list[str]) -> str:
         if config.verify:
             verify_round_trip(tmp, model, dtype)
+        lineage[TOKENIZER_JSON_HASH] = load_tokenizer(tmp).hash()
         digests = {f: atomic.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
         return model_card.render(
             name, model.config, config.dtype, digests, lineage, model_card.collect_evals(run_dir, step), training

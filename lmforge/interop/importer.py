@@ -21,7 +21,12 @@ from lmforge.config import Section
 from lmforge.errors import CheckpointError
 from lmforge.interop import hf, model_card
 from lmforge.interop.export import check_out_dir, verify_round_trip
-from lmforge.interop.model_dir import load_model_dir, save_model_dir, tokenizer_files
+from lmforge.interop.model_dir import (
+    MODEL_DIR_KIND,
+    load_model_dir,
+    save_model_dir,
+    tokenizer_files,
+)
 from lmforge.runs import RunDir, lineage
 from lmforge.train import checkpoint
 
@@ -54,11 +59,14 @@ class ImportResult:
     dtype: str
 
 
+CHECKPOINT_RUN_KIND = "imported checkpoint run"
+
+
 def run(config: ImportConfig) -> ImportResult:
     source, out = Path(config.source), Path(config.out)
     hf_config = hf.read_hf_config(source)
     architecture = (hf_config.get("architectures") or ["?"])[0]
-    check_out_dir(out, source, config.overwrite)
+    check_out_dir(out, source, config.overwrite, MODEL_DIR_KIND if config.to == "model" else CHECKPOINT_RUN_KIND)
     if config.dtype != "auto":
         dtype = hf.DTYPES[config.dtype]
     else:
@@ -87,7 +95,7 @@ def run(config: ImportConfig) -> ImportResult:
 
 def write_checkpoint_run(out: Path, model, tokenizer, origin: dict) -> None:
     """A run dir: tokenizer/, manifest.json and checkpoints/step-0000000 (+ `latest`)."""
-    with atomic.atomic_dir(out) as tmp:
+    with atomic.atomic_dir(out, CHECKPOINT_RUN_KIND) as tmp:
         run_dir = RunDir(tmp)
         for name, text in tokenizer_files(tokenizer, model.config.max_seq_len).items():
             atomic.write_text(run_dir.tokenizer / name, text)

@@ -34,6 +34,7 @@ from lmforge.tokenizer import (
 )
 
 MODEL_CARD_FILE = "model_card.md"
+MODEL_DIR_KIND = "model dir"  # the output marker's kind (atomic.check_output_dir)
 # Files of an imported tokenizer that are copied as they are when it is written again.
 _TOKENIZER_SIDE_FILES = (TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "chat_template.jinja")
 
@@ -108,7 +109,7 @@ def save_model_dir(
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
     tensors = hf.state_to_hf(state, config)
     hf_config = hf.config_to_hf(config, dtype, token_ids(tokenizer))
-    with atomic.atomic_dir(out) as tmp:
+    with atomic.atomic_dir(out, MODEL_DIR_KIND) as tmp:
         weights = hf.write_safetensors(tmp, tensors, max_shard_bytes)
         atomic.write_json(tmp / hf.CONFIG_FILE, hf_config)
         atomic.write_json(tmp / hf.GENERATION_CONFIG_FILE, generation_config(tokenizer))

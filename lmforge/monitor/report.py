@@ -119,17 +119,23 @@ def _curation_reports(dataset: Path) -> list[Path]:
     return [d / name for d in dirs for name in ("report.json", "curation_report.json") if (d / name).is_file()]
 
 
-def render(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Write `<out>/index.html` and the PNGs (default out: RUN/report); return the HTML path."""
+def render(run: str | os.PathLike, out: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write `<out>/index.html` and the PNGs (default out: RUN/report); return the HTML path.
+
+    An existing `out` is replaced only when it holds an earlier report, or with `overwrite`.
+    """
     path = Path(run)
+    if not path.is_dir():
+        raise ConfigError(f"run dir not found: {path}")
+    out = Path(out) if out else path / "report"
+    atomic.check_output_dir(out, "report", overwrite=overwrite, inputs=[path])
     summary = summarize(path)
     records = read_metrics(path)
     if not records:
         raise ConfigError(f"{path} has no metrics.jsonl records to report")
-    out = Path(out) if out else path / "report"
     manifest = _read_json(path / "manifest.json")
     images = []
-    with atomic.atomic_dir(out) as tmp:
+    with atomic.atomic_dir(out, "report") as tmp:
         for name, title, keys in CURVES:
             png = _plot(records, keys, title)
             if png is None:

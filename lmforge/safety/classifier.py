@@ -45,6 +45,7 @@ class ClassifierConfig(Section):
     train_base: bool = Field(False, description="fine-tune the whole model, not only the head")
     threshold: float = Field(0.5, gt=0, lt=1)
     seed: int = 0
+    overwrite: bool = Field(False, description="replace an out dir that is not an lmforge classifier")
 
 
 def read_labelled(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
@@ -121,6 +122,8 @@ def run(config: ClassifierConfig) -> dict[str, Any]:
     from lmforge.interop.model_dir import save_model_dir
     from lmforge.loading import load_model
 
+    atomic.check_output_dir(config.out, "moderation classifier", overwrite=config.overwrite,
+                            inputs=[config.model, config.data])
     records = read_labelled(config.data)
     categories = sorted({c for _, labels in records for c in labels})
     if not categories:
@@ -154,7 +157,7 @@ def run(config: ClassifierConfig) -> dict[str, Any]:
             optimizer.step()
     metrics = _metrics(classifier, val)
     out = Path(config.out)
-    with atomic.atomic_dir(out) as tmp:
+    with atomic.atomic_dir(out, "moderation classifier") as tmp:
         save_file({k: v.contiguous() for k, v in classifier.head.state_dict().items()}, str(tmp / "head.safetensors"))
         base_ref = str(Path(source).resolve())
         if config.train_base:

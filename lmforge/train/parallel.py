@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lmforge import device as devices
 from lmforge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -26,11 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available (allowed: auto, cpu)")
-    return torch.device(name)
+    return devices.resolve(name, "train.device")
 
 
 def cpu_has_fast_bf16() -> bool:

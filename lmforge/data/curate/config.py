@@ -28,6 +28,7 @@ class OutputConfig(Section):
     format: Literal["jsonl.gz", "parquet"] = "jsonl.gz"
     work_dir: str | None = Field(None, description="intermediate files and completion markers (default: <dir>.work)")
     keep_work: bool = Field(False, description="keep the work dir after a successful run")
+    overwrite: bool = Field(False, description="replace dir/work_dir even when lmforge's curate did not write them")
 
 
 class NormalizeConfig(Section):

@@ -13,6 +13,11 @@ Every stage is a datatrove executor run with its own logging dir under the work 
 rerun skips the tasks that wrote their completion marker. The output dir is assembled
 from finished shards and the report in a temp dir and renamed into place at the end: it
 is either the previous complete output or the new one, never half of either.
+
+A run that removes every document never publishes over a previous output: that output
+stays as it was, the empty run's report goes to the work dir (kept), and the run fails
+with one line naming the top reasons. Into a fresh output dir it publishes the report
+alone (no shards), so the funnel shows why, and still fails.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from lmforge.errors import DataError
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint.json"
+OUTPUT_KIND, WORK_KIND = "curated dataset", "curation work dir"  # output markers' kinds
 
 
 @dataclasses.dataclass
@@ -237,21 +243,27 @@ def fingerprint(config: CurateConfig, files: list[str]) -> str:
 
 def _prepare_work(work: Path, key: str) -> None:
     marker = work / FINGERPRINT
-    if work.exists():
+    if work.exists() and any(work.iterdir()):  # check_output_dir made sure lmforge wrote it
         previous = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
         if previous == key:
             log.info("curate: resuming from %s (completed tasks are skipped)", work)
             return
         log.warning("curate: %s holds a run with another recipe or input; starting over", work)
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic.mark_output_dir(work, WORK_KIND)
     atomic.write_json(marker, {"fingerprint": key})
 
 
-def _check_output_dir(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / "report.json").is_file():
-        raise DataError(f"output dir {out} exists and is not a curation output (no report.json): "
-                        "choose another output.dir or remove it")
+def _check_output_dirs(config: CurateConfig, out: Path, work: Path) -> None:
+    """Neither the output nor the work dir may replace what lmforge's curate did not write."""
+    inputs = list(config.input.paths)
+    atomic.check_output_dir(out, OUTPUT_KIND, overwrite=config.output.overwrite, inputs=inputs,
+                            read_inputs_recursively=True)
+    if work.resolve() == out.resolve():
+        raise DataError(f"output.work_dir {work} must differ from output.dir")
+    atomic.check_output_dir(work, WORK_KIND, overwrite=config.output.overwrite, inputs=inputs, signature=FINGERPRINT,
+                            read_inputs_recursively=True)
 
 
 def run(config: CurateConfig) -> CurateResult:
@@ -260,7 +272,7 @@ def run(config: CurateConfig) -> CurateResult:
 
     out = Path(config.output.dir)
     work = Path(config.output.work_dir) if config.output.work_dir else out.with_name(out.name + ".work")
-    _check_output_dir(out)
+    _check_output_dirs(config, out, work)
     files = expand_inputs(config.input.paths)
     if config.executor.kind == "ray":
         _init_ray(config)
@@ -287,12 +299,27 @@ def run(config: CurateConfig) -> CurateResult:
         if quiet_bars:
             os.environ.pop("TQDM_DISABLE", None)
     report = reporting.build(config, files, work, order, seconds)
+    if report["output"]["docs"] == 0:
+        _nothing_left(out, work, config, report)
     shards = _publish(out, work, config, report)
     if not config.output.keep_work:
         shutil.rmtree(work, ignore_errors=True)
-    if report["output"]["docs"] == 0:
-        raise DataError(f"every document was removed ({reporting.top_reasons(report)}); see {out / 'report.md'}")
     return CurateResult(out, report, shards)
+
+
+def _nothing_left(out: Path, work: Path, config: CurateConfig, report: dict) -> None:
+    """Every document was removed: a DataError, and a previous output is never replaced by nothing."""
+    from lmforge.data.curate import report as reporting
+
+    reasons = reporting.top_reasons(report)
+    if out.exists() and any(out.iterdir()):
+        reporting.write(work / "report", report)
+        raise DataError(f"every document was removed ({reasons}): nothing published, the previous output in {out} "
+                        f"is left as it was; this run's report: {work / 'report' / 'report.md'}")
+    _publish(out, work, config, report)
+    if not config.output.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    raise DataError(f"every document was removed ({reasons}); see {out / 'report.md'}")
 
 
 def _check_something_read(work: Path) -> None:
@@ -309,7 +336,7 @@ def _publish(out: Path, work: Path, config: CurateConfig, report: dict) -> list[
     from lmforge.data.curate import report as reporting
 
     shards = sorted(p for p in (work / "output").rglob("*") if p.is_file()) if (work / "output").is_dir() else []
-    with atomic.atomic_dir(out) as tmp:
+    with atomic.atomic_dir(out, OUTPUT_KIND) as tmp:
         for shard in shards:
             target = tmp / shard.relative_to(work / "output")
             target.parent.mkdir(parents=True, exist_ok=True)
