@@ -113,6 +113,20 @@ def test_repeated_bad_steps_roll_back_to_the_checkpoint_before_them_and_skip_the
     assert resumed.losses == result.losses[-4:]
 
 
+def test_keeping_one_checkpoint_still_keeps_the_rollback_target_through_skipped_steps(make_config):
+    # keep_checkpoints=1: the step-6 checkpoint, written inside the bad stretch 5..7, would
+    # otherwise delete step 4, the only one a rollback can return to.
+    faults = {"debug_nan_steps": [5, 6, 7], "rollback_after": 3}
+    train = {**FP32, "max_steps": 10, "checkpoint_every": 2}
+    keep_all = trainer.run(make_config("keep-all", schedule=CONSTANT, faults=faults, train={**train, "keep_checkpoints": 10}))
+    keep_one = trainer.run(make_config("keep-one", schedule=CONSTANT, faults=faults, train={**train, "keep_checkpoints": 1}))
+    [rollback] = [a for a in alerts_of(keep_one.run_dir) if a["alert"] == "rollback"]
+    assert (rollback["from_step"], rollback["to_step"]) == (7, 4)
+    assert keep_one.step == 10
+    np.testing.assert_array_equal(keep_one.losses, keep_all.losses)  # the planted NaNs included
+    assert sorted(p.name for p in (keep_one.run_dir / "checkpoints").glob("step-*")) == ["step-0000010"]
+
+
 def test_rollback_without_an_earlier_checkpoint_stops_with_a_clear_error(make_config):
     with pytest.raises(trainer.TrainingError, match="no checkpoint from before step 2"):
         trainer.run(make_config("no-ckpt", train=FP32, faults={"debug_nan_steps": [2, 3], "rollback_after": 2}))
