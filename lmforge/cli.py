@@ -132,6 +132,7 @@ def tokenizer_train(
     min_frequency: int = 2,
     text_field: str = "text",
     text_split: Annotated[str, typer.Option(help="txt files: file | paragraph | line")] = "file",
+    overwrite: Annotated[bool, typer.Option(help="replace a tokenizer.json in --out that lmforge did not train")] = False,
 ):
     """Train a byte-level BPE tokenizer with lmforge's special tokens."""
     from lmforge import tokenizer as tk
@@ -139,7 +140,7 @@ def tokenizer_train(
 
     config = build(tk.TokenizerTrainConfig, dict(
         inputs=inputs, out=out, vocab_size=vocab_size, min_frequency=min_frequency,
-        text_field=text_field, text_split=text_split,
+        text_field=text_field, text_split=text_split, overwrite=overwrite,
     ))
     trained = tk.run_train(config)
     typer.echo(f"tokenizer with {trained.vocab_size} tokens -> {Path(out) / tk.TOKENIZER_FILE}")

@@ -142,7 +142,8 @@ def stages(config: QuickstartConfig, results: dict[str, StageResult]) -> list[Ca
                                 "planted": config.planted_duplicates}, [curated_dir / "report.json"], go)
 
     def tokenizer_stage() -> Stage:
-        tk_config = TokenizerTrainConfig(inputs=corpus, out=str(tokenizer_dir), vocab_size=config.vocab_size)
+        tk_config = TokenizerTrainConfig(inputs=corpus, out=str(tokenizer_dir), vocab_size=config.vocab_size,
+                                         overwrite=True)  # inside the quickstart's own work dir
 
         def go() -> dict:
             tokenizer = run_train(tk_config)
@@ -156,6 +157,7 @@ def stages(config: QuickstartConfig, results: dict[str, StageResult]) -> list[Ca
         tok_config = tokenize.TokenizeConfig(
             inputs=corpus, tokenizer=str(tokenizer_dir), out=str(dataset_dir),
             val_fraction=config.val_fraction, num_workers=config.num_workers, seed=config.seed,
+            overwrite=True,  # inside the quickstart's own work dir
         )
 
         def go() -> dict:
@@ -317,7 +319,7 @@ def curate_recipe(config: QuickstartConfig, source: Path, out: Path):
     off = {"enabled": False}
     return CurateConfig.model_validate({
         "input": {"paths": [str(source)]},
-        "output": {"dir": str(out)},
+        "output": {"dir": str(out), "overwrite": True},  # inside the quickstart's own work dir
         "gopher_repetition": off, "gopher_quality": off, "c4": off, "fineweb": off,
         "executor": {"workers": config.num_workers},
     })

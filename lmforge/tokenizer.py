@@ -26,7 +26,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from lmforge import atomic
 from lmforge.config import Section
 from lmforge.data.readers import TextSplit, expand_inputs, read_documents
-from lmforge.errors import DataError, TokenizerError
+from lmforge.errors import DataError, OutputError, TokenizerError
 
 # One token marks document boundaries: it is placed before every document, so the model
 # learns to emit it when a document ends and generation can start from it (GPT-2 style).
@@ -44,6 +44,7 @@ SPLIT_PATTERN = (
 )
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_KIND = "tokenizer"  # the output marker's kind (atomic.check_output_dir)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -283,10 +284,15 @@ class TokenizerTrainConfig(Section):
     min_frequency: int = Field(2, ge=1)
     text_field: str = "text"
     text_split: TextSplit = "file"
+    overwrite: bool = Field(False, description="replace a tokenizer.json in `out` that lmforge did not train")
 
 
 def run_train(config: TokenizerTrainConfig) -> LmTokenizer:
     """`lmforge tokenizer train`: stream the inputs through the BPE trainer, save atomically."""
+    existing = Path(config.out) / TOKENIZER_FILE
+    if existing.exists() and atomic.output_kind(config.out) != TOKENIZER_KIND and not config.overwrite:
+        raise OutputError(f"refusing to replace {existing}: lmforge did not train it "
+                          "(pass --overwrite to replace it, or choose another --out)")
     files = expand_inputs(config.inputs)
     counter = {"documents": 0}
 
@@ -300,4 +306,5 @@ def run_train(config: TokenizerTrainConfig) -> LmTokenizer:
     if counter["documents"] == 0:
         raise TokenizerError(f"no non-empty documents in {', '.join(config.inputs)}")
     tokenizer.save(config.out)
+    atomic.mark_output_dir(config.out, TOKENIZER_KIND)
     return tokenizer
