@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,9 @@ def test_runs_are_listed_and_summarized_from_their_files(two_runs):
     summary = catalog.summarize(two_runs[0])
     assert (summary.status, summary.step, summary.max_steps, summary.kind) == ("completed", 150, 150, "pretrain")
     assert summary.tokens == 150 * 1024 and summary.checkpoint == "step-0000150"
-    assert summary.best_val_loss < summary.last_loss + 1.0
+    records = [json.loads(line) for line in (two_runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert summary.last_loss == [r["loss"] for r in records if "loss" in r][-1]
+    assert summary.best_val_loss == min(r["val_loss"] for r in records if "val_loss" in r)
     listed = lmforge("runs", "list", str(two_runs[0].parent))
     assert listed.returncode == 0 and "lr-sweep" in listed.stdout and "base" in listed.stdout
 
@@ -65,7 +68,9 @@ def test_a_missing_run_dir_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError, match="not a run dir"):
         catalog.summarize(tmp_path)
     done = lmforge("runs", "show", str(tmp_path / "nope"))
-    assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"error: {tmp_path / 'nope'}") and "is not a run dir" in lines[0]
 
 
 def test_report_embeds_every_curve_and_renders_in_headless_chromium(two_runs, tmp_path):
