@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.eval import tasks
+from lmforge.eval.scoring import Scorer
+from lmforge.loading import load_model
 from lmforge.monitor.alerts import ALERTS_FILE
 from lmforge.runs import RunDir
 from lmforge.train import trainer
@@ -28,8 +31,12 @@ def test_eval_tasks_run_every_eval_every_steps_and_are_logged(make_config, tmp_p
     result = trainer.run(config)
     records = [r for r in RunDir(result.run_dir).read_metrics() if "eval/mc/acc" in r]
     assert [r["step"] for r in records] == [6, 12]
-    assert all(0 <= r["eval/mc/acc"] <= 1 and "eval/mc/acc_norm" in r and "val_loss" in r for r in records)
-    assert "eval/mc/acc" in result.val_metrics
+    assert all("eval/mc/acc_norm" in r and "val_loss" in r for r in records)
+    # The logged scores are the task's scores of the model at that step: at step 12, the final checkpoint.
+    model, tokenizer, _ = load_model(result.run_dir)
+    final = tasks.evaluate(tasks.resolve_task(str(task)), Scorer(model, tokenizer))["metrics"]
+    assert (records[-1]["eval/mc/acc"], records[-1]["eval/mc/acc_norm"]) == (final["acc"]["value"], final["acc_norm"]["value"])
+    assert result.val_metrics["eval/mc/acc"] == records[-1]["eval/mc/acc"]
 
 
 def test_a_bad_eval_task_fails_before_training(make_config):
