@@ -12,10 +12,14 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
+import lmforge
+from lmforge import atomic
 from lmforge.data.loader import TokenDataset
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.runs import RunDir
+from lmforge.tokenizer import load_tokenizer
 from lmforge.train import trainer
 
 
@@ -157,8 +161,9 @@ def test_checkpoints_are_retained_and_latest_points_at_the_newest(make_config):
 def test_run_dir_records_config_lineage_and_tokenizer(make_config, pretrain_data):
     result = trainer.run(make_config("lineage", train={"max_steps": 2}))
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    assert manifest["dataset_manifest_sha256"]
-    assert manifest["tokenizer_hash"] and manifest["torch_version"] and manifest["lmforge_version"]
+    assert manifest["dataset_manifest_sha256"] == atomic.sha256_file(pretrain_data["tokens"] / "manifest.json")
+    assert manifest["tokenizer_hash"] == load_tokenizer(pretrain_data["tokenizer"]).hash()
+    assert (manifest["torch_version"], manifest["lmforge_version"]) == (torch.__version__, lmforge.__version__)
     assert (result.run_dir / "config.yaml").read_text().count("vocab_size: 1024") == 1
     assert (result.run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert any((result.run_dir / "tb").iterdir())
