@@ -21,6 +21,7 @@ import torch
 
 from lmforge.errors import DataError, LmforgeError
 from lmforge.model.losses import IGNORE_INDEX
+from lmforge.shipped import resolve_path
 from lmforge.tokenizer import LmTokenizer, check_messages
 
 LossOn = Literal["assistant", "all"]
@@ -31,7 +32,7 @@ def _open(path: Path):
 
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
-    path = Path(path)
+    path = Path(resolve_path(path))  # lmforge://data/chat/...: a file that ships with lmforge
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     records = []

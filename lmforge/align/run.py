@@ -21,6 +21,7 @@ from lmforge.align.config import AlignConfig
 from lmforge.align.lora import apply_lora, save_adapter
 from lmforge.align.objectives import DPOObjective, SFTObjective, reference_logprobs
 from lmforge.errors import ConfigError, DataError
+from lmforge.shipped import resolve_path
 from lmforge.train import distributed
 from lmforge.train.parallel import resolve_dtype
 from lmforge.train.trainer import TrainResult, accumulation, fit, init_distributed
@@ -64,8 +65,8 @@ def _fit(config: AlignConfig, base, tokenizer, source: Path, objective, kind: st
     manifest = {
         "kind": kind,
         "parent": str(Path(source).resolve()),
-        "dataset": str(Path(config.data.train).resolve()),
-        "dataset_sha256": atomic.sha256_file(config.data.train),
+        "dataset": str(Path(resolve_path(config.data.train)).resolve()),
+        "dataset_sha256": atomic.sha256_file(resolve_path(config.data.train)),
     }
     extra = {"init_from": str(Path(source).resolve()),
              "lora": config.lora.model_dump(mode="json") if config.lora.enabled else None}

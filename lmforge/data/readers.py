@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmforge.errors import DataError
+from lmforge.shipped import resolve_path
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
@@ -35,12 +36,15 @@ def _kind(path: Path) -> str | None:
 
 
 def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Files and directories (searched recursively for supported files), in sorted order."""
+    """Files and directories (searched recursively for supported files), in sorted order.
+
+    `lmforge://data/...` names a file or dir that ships inside the package.
+    """
     if not inputs:
         raise DataError("no input files given")
     files: list[Path] = []
     for item in inputs:
-        path = Path(item)
+        path = Path(resolve_path(item))
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
             if not found:

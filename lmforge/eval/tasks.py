@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError
 from lmforge.config import Section, read_yaml
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.scoring import Scorer
+from lmforge.shipped import resolve_path
 
 SHIPPED_DIR = Path(__file__).parent / "tasks"
 LETTERS = "ABCDEFGHIJ"
@@ -75,7 +76,7 @@ def shipped_tasks() -> list[str]:
 
 def resolve_tasks(name_or_path: str) -> list[Task]:
     """A task, or every task of a group spec (`group: [name, ...]`, e.g. the shipped `safety`)."""
-    path = Path(name_or_path)
+    path = Path(resolve_path(name_or_path))
     if not path.exists() and (SHIPPED_DIR / f"{name_or_path}.yaml").is_file():
         path = SHIPPED_DIR / f"{name_or_path}.yaml"
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -95,7 +96,7 @@ def _sibling(spec: Path, member: str) -> str:
 
 def resolve_task(name_or_path: str) -> Task:
     """A shipped task by name, a YAML spec, or a JSONL file with a recognised layout."""
-    path = Path(name_or_path)
+    path = Path(resolve_path(name_or_path))
     if not path.exists() and (SHIPPED_DIR / f"{name_or_path}.yaml").is_file():
         path = SHIPPED_DIR / f"{name_or_path}.yaml"
     if not path.is_file():

@@ -1,6 +1,6 @@
 """The serving moderation policy: per direction and category, allow / flag / redact / block.
 
-    # configs/moderation.yaml  (lmforge serve MODEL moderation.policy=configs/moderation.yaml)
+    # configs/moderation.yaml, shipped as `moderation` (lmforge serve MODEL moderation.policy=moderation)
     backends: [rules, profanity]              # or {name: classifier, path: clf/}, module:factory
     thresholds: {profanity: 0.8}              # per category or parent; else the backend's own
     input:  {pii: redact, secrets: block, profanity: flag, default: allow}
@@ -26,6 +26,7 @@ from lmforge.config import Section, read_yaml
 from lmforge.errors import ConfigError
 from lmforge.safety import rules
 from lmforge.safety.moderation import ACTIONS, Decision, Moderation, ModerationResult, build, lookup
+from lmforge.shipped import config_path
 
 Action = Literal["allow", "flag", "redact", "block"]
 
@@ -38,7 +39,8 @@ class PolicyConfig(Section):
 
 
 def load_policy(source: str | os.PathLike | dict[str, Any]) -> PolicyConfig:
-    data = source if isinstance(source, dict) else read_yaml(source)
+    """Inline keys, a YAML file, or a shipped policy by name (`moderation`)."""
+    data = source if isinstance(source, dict) else read_yaml(config_path(source))
     where = "moderation.policy" if isinstance(source, dict) else str(source)
     try:
         return PolicyConfig.model_validate(data)

@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError, model_validator
 from lmforge import __version__, atomic
 from lmforge.config import Section, read_yaml
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.shipped import config_path
 
 RELEASE_FILE = "release.json"
 
@@ -63,7 +64,8 @@ class ReleaseResult:
 
 
 def load_policy(path: str | os.PathLike) -> tuple[ReleasePolicy, str]:
-    """The policy and the sha256 of its file."""
+    """The policy and the sha256 of its file (a path, or a shipped policy by name: `release`)."""
+    path = config_path(path)
     data = read_yaml(path)
     try:
         policy = ReleasePolicy.model_validate(data)
@@ -84,6 +86,7 @@ def run(model: str, policy_path: str, device: str = "cpu") -> ReleaseResult:
     from lmforge.eval.runner import EvalConfig
     from lmforge.eval.runner import run as run_eval
 
+    policy_path = config_path(policy_path)
     policy, policy_sha = load_policy(policy_path)
     results = run_eval(EvalConfig(
         model=model, tasks=policy.tasks, data=policy.data, limit=policy.limit, seed=policy.seed, device=device,

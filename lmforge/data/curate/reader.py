@@ -23,6 +23,7 @@ from datatrove.pipeline.readers.base import BaseReader
 from lmforge.data.curate.audit import Ledger
 from lmforge.data.readers import JSONL_SUFFIXES, PARQUET_SUFFIXES, SUPPORTED, TEXT_SUFFIXES
 from lmforge.errors import DataError
+from lmforge.shipped import resolve_path
 
 # A text whose share of control characters (other than \n \r \t \f) passes this is binary junk.
 _MAX_CONTROL_SHARE = 0.01
@@ -41,7 +42,7 @@ def expand_inputs(paths: list[str]) -> list[str]:
     """Every supported file under `paths` (dirs searched recursively), as sorted URLs or paths."""
     files: list[str] = []
     for item in paths:
-        fs, root = fsspec.core.url_to_fs(item)
+        fs, root = fsspec.core.url_to_fs(resolve_path(item))  # lmforge://: a file that ships with lmforge
         local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
         unstrip = (lambda p: p) if local else fs.unstrip_protocol
         try:

@@ -27,6 +27,7 @@ from datatrove.pipeline.formatters.base import BaseFormatter
 from lmforge.errors import ConfigError, DataError
 from lmforge.safety import rules
 from lmforge.safety.moderation import chunks, flagged, load_moderator
+from lmforge.shipped import resolve_path
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -147,7 +148,7 @@ def eval_passages(sources: list[str]) -> dict[str, list[str]]:
 
     passages: dict[str, list[str]] = {}
     for source in sources:
-        path = Path(source)
+        path = Path(resolve_path(source))
         if path.suffix == ".txt" and path.is_file():
             passages[path.stem] = [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
             continue
