@@ -253,6 +253,28 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert (elsewhere / "keep.txt").read_text() == "mine"
 
 
+def test_a_rerun_that_removes_every_document_leaves_the_previous_output_and_fails(corpus_texts, tmp_path, capsys):
+    from lmforge.cli import main
+
+    source = _write_jsonl(tmp_path / "raw.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(corpus_texts[:4])])
+    out = tmp_path / "out"
+    fast = [f"{step}.enabled=false" for step in FAST] + ["minhash.enabled=false", "executor.workers=1"]
+    assert main(["curate", "-i", str(source), "-o", str(out), *fast]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert len(_read_output(out)) == 4
+    capsys.readouterr()
+    # A recipe that keeps nothing: the previous good output is not replaced by an empty one.
+    everything_goes = [*fast, "gopher_quality.enabled=true", "gopher_quality.min_doc_words=1000000"]
+    assert main(["curate", "-i", str(source), "-o", str(out), *everything_goes]) == 2
+    [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "every document was removed (gopher_quality" in err and f"previous output in {out} is left as it was" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (tmp_path / "out.work" / "report" / "report.md").is_file()  # why, for the user to read
+    # Into a fresh dir, the report alone is published (no shards), and the run still fails.
+    assert main(["curate", "-i", str(source), "-o", str(tmp_path / "fresh"), *everything_goes]) == 2
+    assert (tmp_path / "fresh" / "report.json").is_file() and _read_output(tmp_path / "fresh") == []
+
+
 @pytest.mark.slow
 def test_ray_executor_on_a_local_runtime_gives_the_local_result(planted, tmp_path):
     ray = pytest.importorskip("ray")

@@ -292,6 +292,10 @@ def run(config: CurateConfig) -> CurateResult:
             seconds[stage.name] = round(time.perf_counter() - start, 3)
             if stage.name == "filter":
                 _check_something_read(work)
+                if len(stages) > 1 and not any((work / "filtered").glob("*.jsonl.gz")):
+                    # datatrove's dedup readers fail on an empty folder; there is nothing to dedup.
+                    log.warning("curate: the filters removed every document; deduplication skipped")
+                    break
     finally:
         from datatrove.utils.logging import setup_default_logger
 
