@@ -4,20 +4,31 @@ peft wraps the fused projections (`wqkv`, `wo`, `w13`, `w2` by default) with low
 adapters and freezes everything else. An adapter dir is peft's own layout
 (`adapter_config.json` + `adapter_model.safetensors`) plus `lmforge_adapter.json` naming
 the base model, so `lmforge lora merge` can rebuild the merged model from it alone.
+
+Adapters are deltas to one set of base weights, so the base is recorded by content, not
+only by place: `lmforge_adapter.json` (and a LoRA run's checkpoints) hold the sha256 of the
+base's weights beside its absolute path and its path relative to the adapter. Loading
+looks for the base at an explicit `base`, else the absolute path, else the relative one
+(the two moved together), and refuses weights whose hash differs: a base that was
+overwritten or retrained would silently give another model.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
+import torch
 from pydantic import Field
 from torch import nn
 
 from lmforge import atomic
 from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
 
 BASE_FILE = "lmforge_adapter.json"
 LORA_TARGETS = ("wqkv", "wo", "w13", "w2")
@@ -54,30 +65,87 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def save_adapter(directory: str | os.PathLike, model: nn.Module, base: str) -> Path:
+def weights_hash(model: nn.Module) -> str:
+    """The sha256 of a base model's weights as LoRA trains on them (fp32)."""
+    from lmforge.eval.runner import model_hash
+
+    return model_hash(model)
+
+
+def base_record(base: str | os.PathLike, base_hash: str | None, anchor: str | os.PathLike) -> dict[str, str | None]:
+    """Where the base is (absolute, and relative to `anchor`, the dir that records it) and its weights' hash."""
+    resolved = Path(base).resolve()
+    return {"path": str(resolved), "relative": os.path.relpath(resolved, Path(anchor).resolve()), "sha256": base_hash}
+
+
+def save_adapter(directory: str | os.PathLike, model: nn.Module, base: str, base_hash: str | None = None) -> Path:
     """Adapters only (peft layout) and the base model they apply to, written atomically."""
     directory = Path(directory)
+    record = base_record(base, base_hash, directory)
     with atomic.atomic_dir(directory) as tmp:
         model.save_pretrained(str(tmp))
-        atomic.write_json(tmp / BASE_FILE, {"base_model": str(Path(base).resolve())})
+        atomic.write_json(tmp / BASE_FILE, {"base_model": record["path"], "base_model_relative": record["relative"],
+                                            "base_weights_sha256": record["sha256"]})
     return directory
 
 
-def load_adapter(directory: str | os.PathLike, device="cpu"):
-    """(peft model over its base, tokenizer, base path) from an adapter dir."""
-    PeftModel = _peft().PeftModel
+def load_base(what: str, record: dict[str, str | None], anchor: Path, base: str | os.PathLike | None = None,
+              device="cpu"):
+    """(base model in fp32, tokenizer, path) for adapters described by `what`, verified by hash.
 
+    `record`: base_record's keys as stored; `anchor`: the dir its relative path starts from;
+    `base`: a path the user gives (a moved base), tried instead of the recorded ones."""
     from lmforge.loading import load_model
+
+    expected = record.get("sha256")
+    recorded = record.get("path")
+    if base is not None:
+        candidates = [Path(base)]
+    else:
+        candidates = [Path(p) for p in (recorded, record.get("relative") and anchor / record["relative"]) if p]
+    found = [c for c in dict.fromkeys(candidates) if c.exists()]
+    if not found:
+        where = base if base is not None else recorded
+        raise CheckpointError(f"{what} applies to base model {where!r}, which is not found: move it back, "
+                              "or give the base's new path as `base`")
+    mismatch = None
+    for path in found:
+        model, tokenizer, _ = load_model(path, device, torch.float32)
+        if expected is None:
+            log.warning("%s records no hash of its base weights (written by an older lmforge): "
+                        "trusting %s unchecked", what, path)
+            return model, tokenizer, path
+        actual = weights_hash(model)
+        if actual == expected:
+            return model, tokenizer, path
+        mismatch = mismatch or (path, actual)
+    path, actual = mismatch
+    raise CheckpointError(
+        f"{what} was trained on base weights {expected[:12]}, but {path} holds other weights ({actual[:12]}): "
+        "the base was overwritten or retrained; give the original base as `base`"
+    )
+
+
+def read_base_file(directory: Path) -> dict[str, str | None]:
+    try:
+        data = json.loads((directory / BASE_FILE).read_text())
+        return {"path": data["base_model"], "relative": data.get("base_model_relative"),
+                "sha256": data.get("base_weights_sha256")}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{directory} lacks {BASE_FILE} naming its base model") from None
+
+
+def load_adapter(directory: str | os.PathLike, device="cpu", base: str | os.PathLike | None = None):
+    """(peft model over its base, tokenizer, base path) from an adapter dir; `base` overrides
+    where the base is looked for (its weights must still be the ones the adapters were trained on)."""
+    PeftModel = _peft().PeftModel
 
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
         raise CheckpointError(f"{directory} is not a LoRA adapter dir (no adapter_config.json)")
-    try:
-        base = json.loads((directory / BASE_FILE).read_text())["base_model"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        raise CheckpointError(f"{directory} lacks {BASE_FILE} naming its base model") from None
-    model, tokenizer, _ = load_model(base, device)
-    return PeftModel.from_pretrained(model, str(directory)), tokenizer, Path(base)
+    record = read_base_file(directory)
+    model, tokenizer, path = load_base(f"adapter {directory}", record, directory, base, device)
+    return PeftModel.from_pretrained(model, str(directory)), tokenizer, path
 
 
 def merge(model: nn.Module) -> nn.Module:

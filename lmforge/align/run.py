@@ -4,7 +4,10 @@ Both start from any model (model dir, run dir or checkpoint), read chat data, bu
 objective (align/objectives.py) and hand it to `train.trainer.fit`, so they get the same
 checkpoints, exact resume, metrics, alerts and evals as pretraining. With `lora.enabled`,
 only adapters train and checkpoints hold only them; the run also writes `adapter/` in
-peft's layout for `lmforge lora merge`.
+peft's layout for `lmforge lora merge`. The run records the sha256 of the starting
+weights (manifest `parent_weights_sha256`, checkpoints `init_from_weights_sha256`, the
+adapter's `lmforge_adapter.json`): a resume, a merge or a load onto other base weights is
+refused.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from lmforge import atomic
 from lmforge.align import data as align_data
 from lmforge.align.config import AlignConfig
-from lmforge.align.lora import apply_lora, save_adapter
+from lmforge.align.lora import apply_lora, base_record, save_adapter, weights_hash
 from lmforge.align.objectives import DPOObjective, SFTObjective, reference_logprobs
 from lmforge.errors import ConfigError, DataError
 from lmforge.shipped import resolve_path
@@ -54,8 +57,11 @@ def _split(records: list, val_path: str | None, fraction: float, seed: int, read
 
 
 def _fit(config: AlignConfig, base, tokenizer, source: Path, objective, kind: str, resume: bool,
-         env: distributed.DistEnv) -> TrainResult:
+         env: distributed.DistEnv, overwrite: bool = False) -> TrainResult:
     built = []
+    # The starting weights by content (a path may later hold others): before any training.
+    base_hash = weights_hash(base)
+    record = base_record(source, base_hash, Path(config.run.out_dir) / config.run.name)
 
     def build_model():
         model = apply_lora(base, config.lora) if config.lora.enabled else base
@@ -67,32 +73,35 @@ def _fit(config: AlignConfig, base, tokenizer, source: Path, objective, kind: st
         "parent": str(Path(source).resolve()),
         "dataset": str(Path(resolve_path(config.data.train)).resolve()),
         "dataset_sha256": atomic.sha256_file(resolve_path(config.data.train)),
+        "parent_weights_sha256": base_hash,
     }
-    extra = {"init_from": str(Path(source).resolve()),
+    extra = {"init_from": record["path"], "init_from_relative": record["relative"],
+             "init_from_weights_sha256": base_hash,
              "lora": config.lora.model_dump(mode="json") if config.lora.enabled else None}
     result = fit(config, base.config, build_model, tokenizer, objective, manifest, resume,
-                 trainable_only=config.lora.enabled, extra_state=extra, env=env)
+                 trainable_only=config.lora.enabled, extra_state=extra, env=env, overwrite=overwrite)
     if config.lora.enabled and built and env.is_main:
-        save_adapter(result.run_dir / "adapter", built[0], str(source))
+        save_adapter(result.run_dir / "adapter", built[0], str(source), base_hash)
     return result
 
 
-def _on_this_rank(work, config: AlignConfig, resume: bool) -> TrainResult:
+def _on_this_rank(work, config: AlignConfig, resume: bool, overwrite: bool) -> TrainResult:
     """Join the process group (one process: none), run `work`, leave it."""
     config = config.model_copy(deep=True)
     env = init_distributed(config.train, config.parallel)
     try:
-        return work(config, resume, env)
+        return work(config, resume, env, overwrite)
     finally:
         distributed.shutdown(env)
 
 
-def run_sft(config: AlignConfig, resume: bool = False) -> TrainResult:
-    """Under `torchrun` every process calls this and trains on its block of each step's rows."""
-    return _on_this_rank(_sft, config, resume)
+def run_sft(config: AlignConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Under `torchrun` every process calls this and trains on its block of each step's rows.
+    `resume` continues the run dir's latest checkpoint; `overwrite` replaces an earlier run there."""
+    return _on_this_rank(_sft, config, resume, overwrite)
 
 
-def _sft(config: AlignConfig, resume: bool, env: distributed.DistEnv) -> TrainResult:
+def _sft(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite: bool = False) -> TrainResult:
     base, tokenizer, source = _start(config)
     records = align_data.read_conversations(config.data.train)
     train, val = _split(records, config.data.val, config.data.val_fraction, config.run.seed, align_data.read_conversations)
@@ -106,15 +115,16 @@ def _sft(config: AlignConfig, resume: bool, env: distributed.DistEnv) -> TrainRe
                              config.train.micro_batch_size, accum, config.run.seed, env.rank, env.world_size)
     log.info("sft: %d conversations -> %d rows (%s), %d held out", len(train), len(objective.train_rows),
              "packed" if config.data.pack else "padded", len(val))
-    return _fit(config, base, tokenizer, source, objective, "sft", resume, env)
+    return _fit(config, base, tokenizer, source, objective, "sft", resume, env, overwrite)
 
 
-def run_dpo(config: AlignConfig, resume: bool = False) -> TrainResult:
-    """Under `torchrun` every process computes the reference log-probs and trains on its block of pairs."""
-    return _on_this_rank(_dpo, config, resume)
+def run_dpo(config: AlignConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Under `torchrun` every process computes the reference log-probs and trains on its block of pairs.
+    `resume` continues the run dir's latest checkpoint; `overwrite` replaces an earlier run there."""
+    return _on_this_rank(_dpo, config, resume, overwrite)
 
 
-def _dpo(config: AlignConfig, resume: bool, env: distributed.DistEnv) -> TrainResult:
+def _dpo(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite: bool = False) -> TrainResult:
     base, tokenizer, source = _start(config)
     records = align_data.read_preferences(config.data.train)
     train, val = _split(records, config.data.val, config.data.val_fraction, config.run.seed, align_data.read_preferences)
@@ -137,4 +147,4 @@ def _dpo(config: AlignConfig, resume: bool, env: distributed.DistEnv) -> TrainRe
                              env.rank, env.world_size)
     base.to("cpu").train()
     log.info("dpo: %d pairs, %d held out, beta %.3g, %s loss", len(train), len(val), config.dpo.beta, config.dpo.loss)
-    return _fit(config, base, tokenizer, source, objective, "dpo", resume, env)
+    return _fit(config, base, tokenizer, source, objective, "dpo", resume, env, overwrite)
