@@ -62,8 +62,11 @@ def test_sft_on_two_fsdp_processes_matches_one_process(trained_run, chat_files, 
 def test_dpo_on_two_fsdp_processes_matches_one_process(trained_run, chat_files, tmp_path):  # noqa: F811
     data = {"train": str(chat_files / "prefs.jsonl"), "val": str(chat_files / "prefs_val.jsonl")}
     single, run_dir = both("dpo", trained_run, tmp_path, data, optim={"lr": 5e-4})
+    assert len(single.losses) == STEPS  # the comparisons below are of whole curves, never of two empty lists
     np.testing.assert_allclose(metric(run_dir, "loss"), single.losses, rtol=2e-5, atol=2e-5)
     for key in ("reward_margin", "preference_accuracy"):
+        assert len(metric(single.run_dir, key)) == STEPS, key
         np.testing.assert_allclose(metric(run_dir, key), metric(single.run_dir, key), rtol=1e-4, atol=1e-4)
+    assert len(metric(single.run_dir, "val_reward_margin")) == 1
     np.testing.assert_allclose(metric(run_dir, "val_reward_margin"), metric(single.run_dir, "val_reward_margin"),
                                rtol=1e-4, atol=1e-4)
