@@ -123,3 +123,74 @@ def test_bad_records_stop_the_run_before_training_naming_the_line(trained_run, t
     with pytest.raises(DataError, match=r"bad.jsonl:2: conversation has no assistant turn"):
         run_sft(config(trained_run, tmp_path, {"train": str(bad)}))
     assert not (tmp_path / "a").exists()
+
+
+def error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_lora_refuses_base_weights_it_was_not_trained_on_and_finds_a_moved_base(trained_run, chat_files, tmp_path,
+                                                                               capsys):
+    from lmforge.cli import main
+    from lmforge.errors import CheckpointError
+    from lmforge.interop import export
+    from lmforge.train import checkpoint
+
+    base = shutil.copytree(trained_run, tmp_path / "base")
+    cfg = config(base, tmp_path / "runs", {"train": str(chat_files / "sft.jsonl")}, lora={"enabled": True, "r": 4},
+                 train={"max_steps": 4, "eval_every": 0, "checkpoint_every": 0})
+    result = run_sft(cfg)
+    adapter = result.run_dir / "adapter"
+    merged, _, _ = load_model(adapter)
+    original = shutil.copytree(base, tmp_path / "original-base")
+    # The base is retrained in place: the same path now holds other weights.
+    changed, _, _ = load_model(base)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.01)
+    ckpt = base / "checkpoints" / "step-0000150"
+    state = checkpoint.read_state(ckpt)
+    shutil.rmtree(ckpt)
+    checkpoint.save(base / "checkpoints", 150, changed, [], state, keep=10)
+
+    capsys.readouterr()
+    assert main(["lora", "merge", str(adapter), "--out", str(tmp_path / "merged")]) == 2
+    [err] = error_lines(capsys)
+    assert f"adapter {adapter} was trained on base weights" in err and "holds other weights" in err
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(CheckpointError, match="LoRA adapters.*holds other weights"):
+        load_model(result.run_dir)
+    with pytest.raises(CheckpointError, match="init_from_weights_sha256"):
+        run_sft(config(base, tmp_path / "runs", {"train": str(chat_files / "sft.jsonl")},
+                       lora={"enabled": True, "r": 4}, train={"max_steps": 6, "eval_every": 0}), resume=True)
+
+    # The original weights, moved: named explicitly, or found by the path relative to the adapter.
+    tokens = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+    export.run(export.ExportConfig(model=str(adapter), out=str(tmp_path / "merged"),
+                                   base=str(original / "checkpoints" / "step-0000150")))
+    from_dir, _, _ = load_model(tmp_path / "merged")
+    moved = tmp_path / "moved"
+    shutil.copytree(adapter, moved / "runs" / "a" / "adapter")
+    shutil.copytree(original, moved / "base")
+    from_moved, _, _ = load_model(moved / "runs" / "a" / "adapter")
+    with torch.no_grad():
+        assert (from_dir(tokens) - merged(tokens)).abs().max() < 1e-4
+        assert (from_moved(tokens) - merged(tokens)).abs().max() < 1e-5
+
+
+def test_sft_into_the_run_dir_of_another_run_is_refused_unless_overwrite(trained_run, chat_files, tmp_path, capsys):
+    import yaml
+
+    from lmforge.cli import main
+
+    cfg = config(trained_run, tmp_path, {"train": str(chat_files / "sft.jsonl")},
+                 train={"max_steps": 2, "eval_every": 0, "checkpoint_every": 0})
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["sft", str(trained_run), str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["sft", str(trained_run), str(recipe), "optim.lr=0.01", "train.max_steps=3"]) == 2
+    [err] = error_lines(capsys)
+    assert f"run dir {tmp_path / 'a'} holds another run (optim.lr 0.002 -> 0.01" in err and "--overwrite" in err
+    assert main(["sft", str(trained_run), str(recipe), "optim.lr=0.01", "train.max_steps=3", "--overwrite"]) == 0
+    assert [r["step"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2, 3]
