@@ -12,7 +12,7 @@ from lmforge.align import data as align_data
 from lmforge.align.lora import LoraSettings, apply_lora, load_adapter, merge, save_adapter
 from lmforge.align.losses import preference_loss, sequence_logprobs
 from lmforge.chat import ChatSession
-from lmforge.errors import DataError
+from lmforge.errors import CheckpointError, DataError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.serve.config import EngineConfig
@@ -173,7 +173,7 @@ def test_lora_merged_and_unmerged_give_the_same_logits_and_the_base_is_untouched
     assert isinstance(merged, Transformer)
     with torch.no_grad():
         assert (merged(tokens) - unmerged).abs().max().item() < 1e-5
-    with pytest.raises(Exception, match="not a LoRA adapter dir"):
+    with pytest.raises(CheckpointError, match="not a LoRA adapter dir"):
         load_adapter(tmp_path)
 
 
