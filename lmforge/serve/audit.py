@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import sqlite3
 import threading
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 COLUMNS = (
     "time", "request_id", "key_id", "route", "model", "prompt_tokens", "completion_tokens",
@@ -32,6 +35,13 @@ CREATE TABLE IF NOT EXISTS requests (
 """
 
 
+def _storable(value):
+    """Text that SQLite can store: a lone surrogate (from a client's JSON) becomes '?'."""
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
 class AuditLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -45,7 +55,7 @@ class AuditLog:
 
     def record(self, **fields) -> None:
         fields.setdefault("time", time.time())
-        self._queue.put(tuple(fields.get(c) for c in COLUMNS))
+        self._queue.put(tuple(_storable(fields.get(c)) for c in COLUMNS))
 
     def _writer(self) -> None:
         db = sqlite3.connect(self.path)
@@ -61,10 +71,22 @@ class AuditLog:
                     self._queue.put(None)
                     break
                 rows.append(more)
-            db.executemany(insert, rows)
-            db.commit()
-            for _ in rows:
-                self._queue.task_done()
+            try:
+                db.executemany(insert, rows)
+                db.commit()
+            except (sqlite3.Error, ValueError):
+                # One bad row must not take the batch, or the writer, with it: the rest of the
+                # server's life would go unaudited.
+                db.rollback()
+                for one in rows:
+                    try:
+                        db.execute(insert, one)
+                        db.commit()
+                    except (sqlite3.Error, ValueError):
+                        log.exception("audit log: could not write request %s", one[1])
+            finally:
+                for _ in rows:
+                    self._queue.task_done()
         db.close()
 
     def flush(self, timeout: float = 5.0) -> None:

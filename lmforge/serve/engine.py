@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.device import resolve as resolve_device
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.serve.config import EngineConfig
@@ -279,12 +280,10 @@ class Engine(BaseEngine):
             from lmforge.serve.vllm_engine import VllmEngine
 
             return VllmEngine.from_path(path, config)
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(config.device, "engine.device")  # one line, not a traceback, if it is missing
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
         if dtype is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model, tokenizer, _ = load_model(path, device, dtype)
         return cls(model, tokenizer, config)
 

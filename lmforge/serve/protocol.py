@@ -1,10 +1,25 @@
-"""Request bodies of the OpenAI-compatible API. Unknown fields are refused, values range-checked."""
+"""Request bodies of the OpenAI-compatible API. Unknown fields are refused, values range-checked.
+
+Every field has a bound, so no request can ask the server for unbounded work: strings and
+lists here, and the limits that depend on the model or the config (`max_tokens`, `n`, prompt
+tokens, token ids in the vocabulary, stop sequences) in the gateway. The body-size limit bounds
+what is left (prompt and message text).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+NAME_CHARS = 256  # model, user and message names: identifiers, not text
+STOP_CHARS = 512  # a stop sequence longer than this never ends a reply worth having
+MAX_MESSAGES = 4096
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes, with room for n offsets
+
+# Strict: `true` or `1.0` is a client's mistake, not token id 1.
+TokenIds = list[StrictInt]
+Stop = Annotated[str, Field(max_length=STOP_CHARS)]
 
 
 class _Body(BaseModel):
@@ -16,19 +31,19 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    model: str
+    model: str = Field(max_length=NAME_CHARS)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or None: off")
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description="vLLM extension; -1 or None: off")
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None)
+    stop: Stop | list[Stop] | None = Field(None)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    user: str | None = Field(None, max_length=NAME_CHARS)
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)  # OpenAI's own bound
     ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens whatever comes")
 
     def stop_list(self) -> list[str]:
@@ -37,12 +52,12 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    suffix: str | None = Field(None, max_length=STOP_CHARS)
 
 
 class TextPart(_Body):
@@ -53,7 +68,7 @@ class TextPart(_Body):
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: str | None = Field(None, max_length=NAME_CHARS)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -62,7 +77,7 @@ class ChatMessage(_Body):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -70,13 +85,13 @@ class ChatCompletionRequest(_Sampling):
 
 
 class TokenizeRequest(_Body):
-    model: str | None = None
+    model: str | None = Field(None, max_length=NAME_CHARS)
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Body):
-    model: str | None = None
-    tokens: list[int]
+    model: str | None = Field(None, max_length=NAME_CHARS)
+    tokens: TokenIds

@@ -50,14 +50,20 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy, as in vLLM
+
+
 class Sampler:
     """One request's sampling state: its generator, token counts for penalties, its config."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device):
         self.params = params
+        # Dividing logits by a temperature near 0 overflows them to inf, and the softmax to NaN,
+        # which would fail the whole batch's step; the limit of such a temperature is greedy anyway.
+        temperature = 0.0 if params.temperature < SAMPLING_EPS else params.temperature
         # sample_next's own config; max_tokens is not used there (echo requests may have 0).
         self.config = SamplingConfig(
-            max_tokens=1, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed
+            max_tokens=1, temperature=temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed
         )
         self.generator = None
         if params.seed is not None:

@@ -24,7 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
+from lmforge.device import resolve as resolve_device
 from lmforge.serve.audit import AuditLog
 from lmforge.serve.auth import KeyStore, RateLimiter, retry_after_header
 from lmforge.serve.config import ServeConfig
@@ -59,13 +61,50 @@ class OpenAIError(Exception):
 
 
 def _validation_error(err: ValidationError) -> OpenAIError:
+    # 400, as OpenAI answers a wrong type, a value out of range or an unknown argument.
     first = err.errors()[0]
-    param = ".".join(str(p) for p in first["loc"])
+    param = _short(".".join(str(p) for p in first["loc"]))
     if first["type"] == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     else:
         message = f"Invalid value for '{param}': {first['msg']}"
-    return OpenAIError(422, message, param=param or None, code="invalid_value")
+    return OpenAIError(400, message, param=param or None, code="invalid_value")
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _unencodable(data: Any) -> str | None:
+    """The path of the first key or string in the parsed body that UTF-8 cannot encode, or None."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:  # not recursive: the body may be nested as deep as json.loads allows
+        path, value = stack.pop()
+        if isinstance(value, str) and not _is_utf8(value):
+            return path or "body"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_utf8(key):
+                    return f"{path}.<key>" if path else "<key>"
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in enumerate(value))
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """A client's text quoted back in an error, cut short: a 1 MB key is not echoed whole."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Gateway:
@@ -104,13 +143,26 @@ class Gateway:
         return key_id
 
     async def parse(self, request: Request, model: type[BaseModel]) -> Any:
-        raw = await request.body()
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raw = await request.body()
+        except ClientDisconnect:  # the body never came; nobody is left to answer
+            raise OpenAIError(499, "The client disconnected before sending the whole body.",
+                              code="client_disconnected") from None
+        try:
+            data = json.loads(raw, parse_constant=_not_json)
+        except ValueError as err:  # JSONDecodeError, bad UTF-8, NaN, an integer past 4300 digits
             raise OpenAIError(400, f"The request body is not valid JSON: {err}", code="invalid_json") from None
+        except RecursionError:
+            raise OpenAIError(400, "The request body is not valid JSON: nested too deeply.", code="invalid_json") from None
         if not isinstance(data, dict):
             raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+        where = _unencodable(data)
+        if where is not None:
+            # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer (and no UTF-8
+            # writer: responses, the audit log) can take.
+            where = _short(where)
+            raise OpenAIError(400, f"'{where}' holds a lone UTF-16 surrogate; text must be valid Unicode.",
+                              param=where, code="invalid_value")
         try:
             return model.model_validate(data)
         except ValidationError as err:
@@ -118,10 +170,28 @@ class Gateway:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise OpenAIError(404, f"The model '{name}' does not exist (this server has '{self.model_name}').",
+            raise OpenAIError(404, f"The model '{_short(name)}' does not exist (this server has '{self.model_name}').",
                               param="model", code="model_not_found")
 
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Ids a client sends are checked before anything (the tokenizer, the model) reads them."""
+        vocab = self.engine.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise OpenAIError(400, f"Token id {_short(str(bad), 24)} is outside the vocabulary (0..{vocab - 1}).",
+                              param=param, code="invalid_value")
+
+    def check_sequences(self, count: int) -> None:
+        """A request for more sequences than the server ever holds could never run: the client's mistake."""
+        capacity = self.engine.config.max_num_seqs + self.limits.max_queue
+        if count > capacity:
+            raise OpenAIError(400, f"The request asks for {count} sequences (prompts x n); this server holds at most "
+                              f"{capacity}.", param="prompt", code="invalid_value")
+
     def check_prompt(self, ids: list[int], max_tokens: int) -> None:
+        if not ids:
+            raise OpenAIError(400, "The prompt is empty (it needs at least one token).", param="prompt",
+                              code="invalid_value")
         if len(ids) > self.max_prompt_tokens:
             raise OpenAIError(400, f"The prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}.",
                               param="prompt", code="context_length_exceeded")
@@ -264,6 +334,13 @@ def create_app(engine: Engine, config: ServeConfig, moderator: Moderator | None 
     async def _openai_error(request: Request, err: OpenAIError):
         return err.response()
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, err: Exception):
+        # A bug, never the client's mistake (those are OpenAIErrors): the envelope for the client,
+        # the traceback for the log (Starlette re-raises it to uvicorn after this answer).
+        return OpenAIError(500, "The server failed on this request; see the server log.", type="server_error",
+                           code="internal_error").response()
+
     @app.exception_handler(404)
     async def _not_found(request: Request, err):
         return OpenAIError(404, f"Unknown route {request.url.path}", code="not_found").response()
@@ -325,8 +402,7 @@ def create_app(engine: Engine, config: ServeConfig, moderator: Moderator | None 
         gateway.authenticate(request)
         body: DetokenizeRequest = await gateway.parse(request, DetokenizeRequest)
         gateway.check_model(body.model)
-        if any(not 0 <= t < engine.vocab_size for t in body.tokens):
-            raise OpenAIError(400, f"token ids must be in 0..{engine.vocab_size - 1}", param="tokens", code="invalid_value")
+        gateway.check_token_ids(body.tokens, "tokens")
         return {"prompt": gateway.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
@@ -398,6 +474,7 @@ async def handle_generation(gateway: Gateway, request: Request, chat: bool):
         gateway.check_model(body.model)
         gateway.check_sampling(body)
         if chat:
+            gateway.check_sequences(body.n)
             messages = chat_messages(body.messages)
             texts = [m["content"] for m in messages]
 
@@ -418,6 +495,10 @@ async def handle_generation(gateway: Gateway, request: Request, chat: bool):
                 raw = [raw]
             if not raw:
                 raise OpenAIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
+            gateway.check_sequences(len(raw) * body.n)  # before any prompt is decoded or encoded
+            for p in raw:
+                if not isinstance(p, str):
+                    gateway.check_token_ids(p, "prompt")
             texts = [p if isinstance(p, str) else gateway.tokenizer.decode(p) for p in raw]
 
             def encode(texts: list[str]) -> list[list[int]]:  # token-id prompts stay ids unless redacted
@@ -756,6 +837,8 @@ def run(config: ServeConfig) -> None:
 
     m = config.moderation
     moderator = load_moderator(m.hook, m.options, m.policy)  # a bad policy fails before the model loads
+    if config.engine.backend == "lmforge":
+        resolve_device(config.engine.device, "engine.device")  # so does a device this machine lacks
     if config.allow_unreleased:
         log.warning("serving %s without checking its release record (--allow-unreleased)", config.model)
     else:

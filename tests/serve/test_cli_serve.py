@@ -13,6 +13,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 
 def test_lmforge_serve_answers_the_openai_client_and_stops_on_sigterm(trained_run, tmp_path):
@@ -61,6 +62,15 @@ def test_lmforge_serve_refuses_a_bad_config_before_loading(trained_run):
     assert main(["serve", str(trained_run), "engine.max_num_seqs=0"]) == 2
     assert main(["serve", str(trained_run), "server.bogus=1"]) == 2
     assert main(["serve", str(trained_run), "--allow-unreleased", "moderation.policy=no-such-policy.yaml"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_lmforge_serve_on_cuda_without_cuda_is_a_one_line_error(trained_run):
+    done = subprocess.run([sys.executable, "-m", "lmforge", "serve", str(trained_run), "--device", "cuda",
+                           "--allow-unreleased", "--port", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "engine.device=cuda but CUDA is not available" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_lmforge_serve_refuses_an_unreleased_model_in_one_line(trained_run):

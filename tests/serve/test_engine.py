@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingConfig, generate_tokens
 from lmforge.serve.config import EngineConfig
 from lmforge.serve.engine import Engine, RequestError
@@ -112,6 +113,23 @@ def test_bad_prompts_are_refused_before_they_run(engine):
         engine.submit([10**6], SamplingParams())
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=-1)
+
+
+def test_a_temperature_near_zero_is_greedy_and_fails_no_one_in_its_batch(engine):
+    # logits / 1e-300 overflow to inf and the softmax to NaN: sampled, it would fail the whole step.
+    params = [SamplingParams(max_tokens=12, temperature=t, ignore_eos=True) for t in (0, 1e-300, 1e-6)]
+    handles = [engine.submit(PROMPTS[0], p) for p in params]
+    results = [h.result() for h in handles]
+    assert [r.finish_reason for r in results] == ["length"] * 3
+    assert results[1].token_ids == results[0].token_ids == results[2].token_ids
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_a_device_this_machine_lacks_is_one_clear_error(trained_run):
+    with pytest.raises(LmforgeError, match="engine.device=cuda but CUDA is not available"):
+        Engine.from_path(str(trained_run), EngineConfig(device="cuda"))
+    with pytest.raises(LmforgeError, match="engine.device='tpu7' is not a device"):
+        Engine.from_path(str(trained_run), EngineConfig(device="tpu7"))
 
 
 def test_shutdown_drains_what_is_running_and_refuses_new_work(serve_model):

@@ -29,10 +29,13 @@ def client(served, key=KEY, **kwargs) -> openai.OpenAI:
     return openai.OpenAI(base_url=served.base_url, api_key=key, max_retries=0, **kwargs)
 
 
-def greedy_text(served, prompt_ids: list[int], max_tokens: int) -> str:
-    tokenizer = served.engine.tokenizer
+def greedy_ids(served, prompt_ids: list[int], max_tokens: int) -> list[int]:
     config = SamplingConfig(max_tokens=max_tokens, temperature=0)
-    return tokenizer.decode(generate_tokens(served.engine.model, prompt_ids, config, stop_ids=tokenizer.stop_ids))
+    return list(generate_tokens(served.engine.model, prompt_ids, config, stop_ids=served.engine.tokenizer.stop_ids))
+
+
+def greedy_text(served, prompt_ids: list[int], max_tokens: int) -> str:
+    return served.engine.tokenizer.decode(greedy_ids(served, prompt_ids, max_tokens))
 
 
 def wait_idle(served, timeout=10.0) -> None:
@@ -49,7 +52,9 @@ def test_models_health_and_greedy_completion_equal_lmforge_generate(served):
     tokenizer = served.engine.tokenizer
     assert out.choices[0].text == greedy_text(served, tokenizer.encode_prompt(PROMPTS[0]), 20)
     assert out.usage.prompt_tokens == len(tokenizer.encode_prompt(PROMPTS[0]))
-    assert out.usage.completion_tokens == len(tokenizer.encode(out.choices[0].text)) or out.usage.completion_tokens > 0
+    # Usage counts the tokens generated (a stop token is not one of them), not a re-encoding of the text.
+    assert out.usage.completion_tokens == len(greedy_ids(served, tokenizer.encode_prompt(PROMPTS[0]), 20))
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
     # Token ids as the prompt, as lm-evaluation-harness sends them.
     ids = tokenizer.encode_prompt(PROMPTS[1])
     by_ids = c.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=10, temperature=0)
@@ -162,9 +167,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
     cases = {
         "malformed": (b'{"model": "x", "prompt": ', 400),
         "not an object": (b"[1, 2]", 400),
-        "unknown field": (json.dumps({"model": MODEL_NAME, "prompt": "a", "frobnicate": 1}).encode(), 422),
-        "negative max_tokens": (json.dumps({"model": MODEL_NAME, "prompt": "a", "max_tokens": -1}).encode(), 422),
-        "wrong type": (json.dumps({"model": MODEL_NAME, "prompt": {"a": 1}}).encode(), 422),
+        "unknown field": (json.dumps({"model": MODEL_NAME, "prompt": "a", "frobnicate": 1}).encode(), 400),
+        "negative max_tokens": (json.dumps({"model": MODEL_NAME, "prompt": "a", "max_tokens": -1}).encode(), 400),
+        "wrong type": (json.dumps({"model": MODEL_NAME, "prompt": {"a": 1}}).encode(), 400),
         "max_tokens over the limit": (json.dumps({"model": MODEL_NAME, "prompt": "a", "max_tokens": 10**6}).encode(), 400),
         "oversized prompt": (json.dumps({"model": MODEL_NAME, "prompt": "word " * 400}).encode(), 400),
         "bad token id": (json.dumps({"model": MODEL_NAME, "prompt": [10**7]}).encode(), 400),
@@ -176,7 +181,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
         assert response.status_code == status, (name, response.text)
         error = response.json()["error"]
         assert error["message"] and error["type"], name
-    with pytest.raises(openai.UnprocessableEntityError, match="frobnicate"):
+    with pytest.raises(openai.BadRequestError, match="frobnicate"):
         client(served).completions.create(model=MODEL_NAME, prompt="a", extra_body={"frobnicate": 1})
     with pytest.raises(openai.BadRequestError, match="prompt has"):
         client(served).chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "word " * 400}])
@@ -227,26 +232,40 @@ def test_tokenize_detokenize_and_tokenizer_info(served):
     assert info["eos_token"] == tokenizer.eos_token and info["model_max_length"] == served.engine.max_len
 
 
+def metric_samples(served) -> dict[tuple, float]:
+    """Every sample of /metrics: (sample name, sorted labels) -> value."""
+    families = text_string_to_metric_families(httpx.get(served.url + "/metrics").text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
 def test_metrics_parse_and_count_what_happened(served):
-    c = client(served)
-    c.completions.create(model=MODEL_NAME, prompt="Sets", max_tokens=5, temperature=0)
+    wait_idle(served)
+    before = metric_samples(served)
+    out = client(served).completions.create(model=MODEL_NAME, prompt="Sets", max_tokens=5, temperature=0,
+                                            extra_body={"ignore_eos": True})
     with pytest.raises(openai.AuthenticationError):
         client(served, key="nope").completions.create(model=MODEL_NAME, prompt="Sets", max_tokens=5)
-    families = {f.name: f for f in text_string_to_metric_families(httpx.get(served.url + "/metrics").text)}
-    requests = {(s.labels["route"], s.labels["status"]): s.value for s in families["lmforge_requests"].samples
-                if s.name == "lmforge_requests_total"}
-    assert requests[("/v1/completions", "200")] >= 1 and requests[("/v1/completions", "401")] >= 1
-    assert requests.get(("/v1/completions", "422"), 0) >= 1 or requests.get(("/v1/completions", "400"), 0) >= 0
+    with pytest.raises(openai.BadRequestError):
+        client(served).completions.create(model=MODEL_NAME, prompt="Sets", max_tokens=-1)
+    too_large = httpx.post(served.base_url + "/completions", content=b"x" * 2_000_000,
+                           headers={"Authorization": f"Bearer {KEY}"})
+    assert too_large.status_code == 413
+    after = metric_samples(served)
 
-    def value(family, sample):
-        return next(s.value for s in families[family].samples if s.name == sample)
+    def added(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
 
-    assert value("lmforge_time_to_first_token_seconds", "lmforge_time_to_first_token_seconds_count") >= 1
-    assert value("lmforge_e2e_request_latency_seconds", "lmforge_e2e_request_latency_seconds_count") >= 1
-    assert value("lmforge_generation_tokens", "lmforge_generation_tokens_total") >= 5
-    assert value("lmforge_prompt_tokens", "lmforge_prompt_tokens_total") >= 2
-    assert value("lmforge_requests_running", "lmforge_requests_running") == 0
-    assert 0 <= value("lmforge_kv_cache_usage_ratio", "lmforge_kv_cache_usage_ratio") <= 1
+    for status in ("200", "401", "400", "413"):  # the body limit's answers are counted too
+        assert added("lmforge_requests_total", route="/v1/completions", status=status) == 1, status
+    assert out.usage.completion_tokens == 5
+    assert added("lmforge_generation_tokens_total") == 5
+    assert added("lmforge_prompt_tokens_total") == out.usage.prompt_tokens
+    assert added("lmforge_time_to_first_token_seconds_count") == 1
+    assert added("lmforge_e2e_request_latency_seconds_count") == 1
+    assert added("lmforge_finished_requests_total", finish_reason="length") == 1
+    assert after[("lmforge_requests_running", ())] == 0
+    assert after[("lmforge_kv_cache_usage_ratio", ())] == 0  # idle: every slot freed
 
 
 def test_audit_log_records_key_names_never_keys(served):
