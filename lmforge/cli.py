@@ -38,7 +38,8 @@ app.add_typer(lora_app, name="lora")
 ConfigArgs = Annotated[
     list[str] | None,
     typer.Argument(
-        help="optional CONFIG.yaml, then section.key=value overrides. Precedence: built-in defaults "
+        help="optional CONFIG.yaml (or a shipped config's name: `lmforge configs`), then section.key=value "
+        "overrides. Precedence: built-in defaults "
         "< CONFIG.yaml < flags < section.key=value; each merges into its section key by key",
         show_default=False,
     ),
