@@ -156,14 +156,21 @@ def load_config(
     `base`: a verb's own defaults (below the YAML); `flags`: values of command-line
     options, nested by section (above the YAML, below `section.key=value` overrides).
     """
-    data: dict[str, Any] = _deep_merge(section_defaults(model), copy.deepcopy(base or {}))
+    defaults: dict[str, Any] = _deep_merge(section_defaults(model), copy.deepcopy(base or {}))
+    given: dict[str, Any] = {}
     source = ""
     if path is not None:
-        data = _deep_merge(data, read_yaml(path))
+        given = read_yaml(path)
         source = str(path)
-    data = _deep_merge(data, copy.deepcopy(flags or {}))
-    data = apply_overrides(data, list(overrides or []))
-    return build(model, data, source)
+    given = _deep_merge(given, copy.deepcopy(flags or {}))
+    given = apply_overrides(given, list(overrides or []))
+    for name, section in defaults.items():
+        # A preset names a whole section (a model's shape): the user's preset replaces the
+        # default section rather than keeping its other values (dim, layers, ...).
+        chosen = given.get(name)
+        if isinstance(chosen, dict) and isinstance(section, dict) and chosen.get("preset", section.get("preset")) != section.get("preset"):
+            defaults[name] = {}
+    return build(model, _deep_merge(defaults, given), source)
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
