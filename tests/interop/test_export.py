@@ -202,5 +202,7 @@ def test_cli_exports_and_generates_the_same_text_from_the_run_and_the_model_dir(
     assert from_run.returncode == 0 and from_run.stdout.startswith("The module")
     assert from_dir.stdout == from_run.stdout
     bad = lmforge("export", str(trained_run), "--out", str(tmp_path / "x"), "--dtype", "int8")
-    assert bad.returncode == 2 and "dtype" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "'dtype'" in last and "int8" in last, bad.stderr
     assert not (tmp_path / "x").exists()
