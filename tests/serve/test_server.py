@@ -312,10 +312,13 @@ def test_a_full_queue_answers_503_and_moderation_hooks_block(serve_model, tmp_pa
         c = client(served)
         with httpx.stream("POST", served.base_url + "/completions", json={**body, "max_tokens": 100},
                           headers=headers) as response:
-            # Keep the line iterator: a dropped one is closed at once, which closes the connection,
-            # and the server then cancels this request as a client that went away.
-            lines = response.iter_lines()
-            next(lines)
+            # Wait for it to hold the one slot rather than for its first event: a sampled first
+            # token may have no text yet (a partial character), and the next one waits at the gate.
+            # The response stays open, unread: a closed one would cancel the request.
+            assert response.status_code == 200
+            deadline = time.monotonic() + 30
+            while served.engine.stats().running != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert served.engine.stats().running == 1
             with pytest.raises(openai.InternalServerError) as caught:
                 c.completions.create(model=MODEL_NAME, prompt="a", max_tokens=1)
