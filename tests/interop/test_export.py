@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge import atomic
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError, OutputError
 from lmforge.generate import SamplingConfig, generate_tokens
 from lmforge.interop import export
 from lmforge.interop.export import ExportConfig
@@ -177,7 +177,7 @@ def test_export_refuses_a_non_empty_out_dir_unless_told_to_overwrite(trained_run
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(OutputError, match="lmforge did not write.*pass --overwrite"):
         export.run(ExportConfig(model=str(trained_run), out=str(out)))
     assert (out / "notes.txt").read_text() == "keep me"
     export.run(ExportConfig(model=str(trained_run), out=str(out), overwrite=True))
