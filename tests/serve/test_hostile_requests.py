@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import resource
+import socket
 import sqlite3
 import threading
 import time
@@ -39,6 +40,7 @@ class Case:
     headers: dict[str, str] | None = None
     stream: bool = False
     chunked: bool = False
+    truncated: bool = False  # the client sends part of the body, then goes away
 
 
 def body(**fields) -> bytes:
@@ -151,11 +153,24 @@ def cases() -> list[Case]:
              stream=True),
         Case("completion stream dropped", "dropped", "POST", c,
              completion(max_tokens=60, n=2, stream=True, ignore_eos=True), stream=True),
+        Case("upload dropped", "dropped", "POST", c, completion(), truncated=True),
     ]
     return valid * 3 + malformed + dropped * 3  # ~100 requests, about a third of them valid
 
 
+def send_truncated(url: str, case: Case) -> tuple[int, bytes]:
+    """Headers announcing the whole body, half of it, then a closed socket (below any HTTP client)."""
+    host, port = url.removeprefix("http://").split(":")
+    head = (f"{case.method} {case.path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(case.body)}\r\n\r\n")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + case.body[: len(case.body) // 2])
+    return 200, b""  # nobody is left to answer; what counts is the server's log and health
+
+
 def send(http: httpx.Client, case: Case) -> tuple[int, bytes]:
+    if case.truncated:
+        return send_truncated(str(http.base_url).rstrip("/"), case)
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(case.headers or {})}
     content = case.body
     if case.chunked:
