@@ -5,7 +5,9 @@ Routes: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming), /toke
 /metrics. Every request passes, in order: body size, API key, JSON and schema, limits,
 input moderation, rate limit, queue depth; then it runs in the engine, and is counted in
 /metrics and written to the audit log. Errors are OpenAI-style
-`{"error": {"message", "type", "param", "code"}}` bodies.
+`{"error": {"message", "type", "param", "code"}}` bodies. A client's mistake (bad JSON, a wrong
+type, a value out of bounds, a token id outside the vocabulary, a lone surrogate) is a 4xx before
+it reaches the tokenizer or the engine; a 5xx means overload, a timeout or a bug.
 """
 
 from __future__ import annotations
