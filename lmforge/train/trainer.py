@@ -324,6 +324,7 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
     latest = None if overwrite else checkpoint.latest_checkpoint(run_dir.checkpoints)
     resume = not overwrite and (resume or loop.resume == "always" or (loop.resume == "auto" and relaunched))
     start_over = claim_run_dir(run_dir, config, tokenizer, manifest, latest, resume, overwrite, extra_state)
+    distributed.barrier(env)  # every rank has read the run dir before rank 0 may clear it
     # Tasks resolve before any training: a bad task file fails in a second, not at step N.
     from lmforge.eval.tasks import resolve_tasks
 
