@@ -565,13 +565,14 @@ def lora_merge(
     source: Annotated[str, typer.Argument(help="LoRA run dir, its checkpoint, or an adapter dir")],
     out: Annotated[str, typer.Option(help="model dir to write")],
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
-    overwrite: bool = False,
+    base: Annotated[str | None, typer.Option(help="the base model's path, if it moved (its weights' hash is checked)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an --out dir that is not an lmforge model dir")] = False,
 ):
     """Fold LoRA adapters into their base model and write a Hugging Face model dir."""
     from lmforge.config import build
     from lmforge.interop import export
 
-    config = build(export.ExportConfig, {"model": source, "out": out, "dtype": dtype, "overwrite": overwrite})
+    config = build(export.ExportConfig, _flags(model=source, out=out, dtype=dtype, overwrite=overwrite, base=base))
     result = export.run(config)
     typer.echo(f"merged {result.params:,} params ({result.dtype}) -> {result.out}")
 

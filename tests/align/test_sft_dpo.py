@@ -133,7 +133,6 @@ def test_lora_refuses_base_weights_it_was_not_trained_on_and_finds_a_moved_base(
                                                                                capsys):
     from lmforge.cli import main
     from lmforge.errors import CheckpointError
-    from lmforge.interop import export
     from lmforge.train import checkpoint
 
     base = shutil.copytree(trained_run, tmp_path / "base")
@@ -165,8 +164,8 @@ def test_lora_refuses_base_weights_it_was_not_trained_on_and_finds_a_moved_base(
 
     # The original weights, moved: named explicitly, or found by the path relative to the adapter.
     tokens = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
-    export.run(export.ExportConfig(model=str(adapter), out=str(tmp_path / "merged"),
-                                   base=str(original / "checkpoints" / "step-0000150")))
+    assert main(["lora", "merge", str(adapter), "--out", str(tmp_path / "merged"),
+                 "--base", str(original / "checkpoints" / "step-0000150")]) == 0
     from_dir, _, _ = load_model(tmp_path / "merged")
     moved = tmp_path / "moved"
     shutil.copytree(adapter, moved / "runs" / "a" / "adapter")
