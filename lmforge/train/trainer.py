@@ -48,7 +48,7 @@ from lmforge.train.config import (
     TrainConfig,
 )
 from lmforge.train.faults import StepGuard, inject
-from lmforge.train.mfu import peak_flops
+from lmforge.train.mfu import peak_flops_basis
 from lmforge.train.optim import build_optimizers
 from lmforge.train.parallel import (
     autocast,
@@ -551,7 +551,9 @@ def _fit(config, model_config, build_model, tokenizer, objective, manifest, resu
                     elapsed = time.perf_counter() - window_start
                     tokens_per_second = window_tokens / elapsed
                     if peak is None:
-                        peak = peak_flops(device, dtype)
+                        peak, basis = peak_flops_basis(device, dtype)
+                        if main:  # the two bases are not comparable: say which one the figures use
+                            log.info("MFU is against the %s: %.2f TFLOP/s per device", basis, peak / 1e12)
                     mfu = flops_per_token * tokens_per_second / (peak * env.world_size)
                     log_values(loss=step_loss, lr=optimizers[0].param_groups[0]["lr"], grad_norm=grad_norm_value,
                                tokens_per_second=tokens_per_second, mfu=mfu,
