@@ -123,3 +123,30 @@ def trained_run(pretrain_data, tmp_path_factory) -> Path:
     result = trainer.run(config)
     assert result.status == "completed" and result.val_loss is not None
     return result.run_dir
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(process, port: int, timeout: float = 90.0) -> None:
+    """Poll `lmforge serve`'s /health until it answers; fail with its stderr if it exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"lmforge serve did not come up on port {port}"
+        time.sleep(0.2)

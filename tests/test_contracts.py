@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +22,7 @@ import yaml
 
 from lmforge import atomic
 from lmforge.cli import main
+from tests.conftest import free_port, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +65,7 @@ def captured(monkeypatch):
 def test_serve_flags_beat_the_yaml_so_a_keys_file_always_means_authentication(trained_run, tmp_path):
     """`lmforge serve MODEL serve.yaml --api-keys-file keys.txt --port P`: the YAML says port 8000
     and no keys; the flags win, so the server listens on P and refuses a request without a key."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     keys = tmp_path / "keys.txt"
     keys.write_text("ci:sk-contract-key\n")
     config = tmp_path / "serve.yaml"
@@ -86,16 +83,7 @@ def test_serve_flags_beat_the_yaml_so_a_keys_file_always_means_authentication(tr
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.stderr.read()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "lmforge serve did not come up on the --port it was given"
-            time.sleep(0.2)
+        wait_until_serving(server, port)  # on the --port it was given, not the YAML's 8000
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
         wrong = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-other"}, timeout=10)
         assert wrong.status_code == 401

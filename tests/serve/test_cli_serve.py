@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 import pytest
 import torch
 
+from tests.conftest import free_port, wait_until_serving
+
 
 def test_lmforge_serve_answers_the_openai_client_and_stops_on_sigterm(trained_run, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     audit = tmp_path / "audit.sqlite"
     env = {**os.environ, "LMFORGE_API_KEYS": "ci:sk-ci-key"}
     server = subprocess.Popen(
@@ -28,16 +25,7 @@ def test_lmforge_serve_answers_the_openai_client_and_stops_on_sigterm(trained_ru
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.stderr.read()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "lmforge serve did not come up"
-            time.sleep(0.2)
+        wait_until_serving(server, port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-ci-key", max_retries=0)
         out = client.completions.create(model="tiny", prompt="The list type", max_tokens=8, temperature=0)
         assert out.choices[0].finish_reason in ("stop", "length")
