@@ -41,9 +41,9 @@ if str(ROOT) not in sys.path:
 from benchmarks.sections import write_section  # noqa: E402
 from lmforge.eval import tasks as lm_tasks  # noqa: E402
 from lmforge.eval.scoring import Scorer  # noqa: E402
-from lmforge.interop.model_dir import save_model_dir  # noqa: E402
-from lmforge.loading import load_model  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
+from lmforge.store.loading import load_model  # noqa: E402
+from lmforge.store.model_dir import save_model_dir  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
 CORPUS = ROOT / "lmforge" / "data" / "corpus" / "python_docs.jsonl.gz"

@@ -48,8 +48,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.sections import write_section  # noqa: E402
-from lmforge.interop.model_dir import save_model_dir  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
+from lmforge.store.model_dir import save_model_dir  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
 CORPUS = ROOT / "lmforge" / "data" / "corpus" / "python_docs.jsonl.gz"

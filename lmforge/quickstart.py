@@ -2,7 +2,7 @@
 
 Stages run in order; each has a fingerprint of its config and its inputs' hashes, and is
 skipped when the fingerprint matches the last run and its outputs still exist. A later
-issue's stage (curation, SFT, export, serving) is one more `Stage` in `stages()`.
+issue's stage (curation, SFT, export, serving) is one more stage function in `stages()`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 import gzip
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from lmforge import atomic
 from lmforge.config import Section
 from lmforge.generate import SamplingConfig
 from lmforge.model.config import ModelConfig
+from lmforge.store import hashes, token_dataset
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ class Pipeline:
         )
 
     def run(self, stage: Stage) -> StageResult:
-        key = atomic.sha256_json(stage.fingerprint)
+        key = hashes.sha256_json(stage.fingerprint)
         previous = self.state.get(stage.name, {})
         outputs = [str(p) for p in stage.outputs]
         if previous.get("fingerprint") == key and all(p.exists() for p in stage.outputs):
@@ -109,187 +111,239 @@ class Pipeline:
         return StageResult(stage.name, "ran", seconds, outputs, details)
 
 
-def stages(config: QuickstartConfig, results: dict[str, StageResult]) -> list[Callable[[], Stage]]:
-    """The spine as stage factories; each reads what earlier stages produced via `results`."""
+@dataclasses.dataclass(frozen=True)
+class WorkDir:
+    """Where each stage writes inside the quickstart's own work dir."""
+
+    out: Path
+
+    @property
+    def curated(self) -> Path:
+        return self.out / "curated"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.out / "tokenizer"
+
+    @property
+    def tokens(self) -> Path:
+        return self.out / "tokens"
+
+    @property
+    def runs(self) -> Path:
+        return self.out / "runs"
+
+    @property
+    def pretrain_run(self) -> Path:
+        return self.runs / "quickstart"
+
+    @property
+    def sft_run(self) -> Path:
+        return self.runs / "quickstart-sft"
+
+
+def training_corpus(config: QuickstartConfig) -> list[str]:
+    """What the tokenizer and the token dataset read: the curated shards, or the corpus as is."""
+    return [str(WorkDir(Path(config.out)).curated)] if config.curate else config.corpus
+
+
+def runs_sft(config: QuickstartConfig) -> bool:
+    return bool(config.sft_steps and config.sft_data)
+
+
+def curate_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
+    from lmforge.data import curate, tokenize
+
+    work = WorkDir(Path(config.out))
+    planted = work.out / "curate_input.jsonl.gz"
+    curate_config = curate_recipe(config, planted, work.curated)
+
+    def go() -> dict:
+        plant_duplicates(config.corpus, planted, config.planted_duplicates)
+        report = curate.run(curate_config).report
+        removed = {f"{s['step']}/{r}": v["docs"] for s in report["steps"] for r, v in s["removed"].items()}
+        return {"records": report["input"]["records"], "docs": report["output"]["docs"], "removed": removed,
+                "warnings": report["warnings"]}
+
+    source = tokenize.source_fingerprint(tokenize.expand_inputs(config.corpus))["hash"]
+    return Stage("curate", {"config": curate_config.model_dump(mode="json"), "source": source,
+                            "planted": config.planted_duplicates}, [work.curated / "report.json"], go)
+
+
+def tokenizer_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
     from lmforge.data import tokenize
-    from lmforge.generate import generate
-    from lmforge.loading import load_model
-    from lmforge.tokenizer import TokenizerTrainConfig, load_tokenizer, run_train
-    from lmforge.train import trainer
+    from lmforge.tokenizer import TokenizerTrainConfig, run_train
+
+    work, corpus = WorkDir(Path(config.out)), training_corpus(config)
+    tk_config = TokenizerTrainConfig(inputs=corpus, out=str(work.tokenizer), vocab_size=config.vocab_size,
+                                     overwrite=True)  # inside the quickstart's own work dir
+
+    def go() -> dict:
+        tokenizer = run_train(tk_config)
+        return {"vocab_size": tokenizer.vocab_size, "hash": tokenizer.hash()}
+
+    source = tokenize.source_fingerprint(tokenize.expand_inputs(corpus))["hash"]
+    return Stage("tokenizer", {"config": tk_config.model_dump(), "source": source},
+                 [work.tokenizer / "tokenizer.json"], go)
+
+
+def tokenize_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
+    from lmforge.data import tokenize
+    from lmforge.tokenizer import load_tokenizer
+
+    work = WorkDir(Path(config.out))
+    tok_config = tokenize.TokenizeConfig(
+        inputs=training_corpus(config), tokenizer=str(work.tokenizer), out=str(work.tokens),
+        val_fraction=config.val_fraction, num_workers=config.num_workers, seed=config.seed,
+        overwrite=True,  # inside the quickstart's own work dir
+    )
+
+    def go() -> dict:
+        manifest = tokenize.run(tok_config)
+        return {s: {k: v[k] for k in ("tokens", "documents")} for s, v in manifest["splits"].items()}
+
+    fingerprint = {"config": tok_config.model_dump(), "tokenizer": load_tokenizer(work.tokenizer).hash(),
+                   "source": results["tokenizer"].details.get("hash")}
+    return Stage("tokenize", fingerprint, [work.tokens / token_dataset.MANIFEST], go)
+
+
+def train_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train import pretrain, trainer
     from lmforge.train.config import TrainConfig
 
-    out = Path(config.out)
-    tokenizer_dir, dataset_dir, runs_dir = out / "tokenizer", out / "tokens", out / "runs"
-    curated_dir = out / "curated"
-    corpus = [str(curated_dir)] if config.curate else config.corpus
-    do_sft = bool(config.sft_steps and config.sft_data)
+    work = WorkDir(Path(config.out))
+    train_config = TrainConfig.model_validate({
+        "run": {"name": "quickstart", "out_dir": str(work.runs), "seed": config.seed},
+        "model": config.model.model_dump(exclude_unset=False),
+        "data": {"dataset": str(work.tokens), "seq_len": config.seq_len},
+        "optim": {"lr": config.lr},
+        "schedule": {"warmup_steps": config.warmup_steps},
+        "train": {
+            "max_steps": config.max_steps, "global_batch_tokens": config.global_batch_tokens,
+            "micro_batch_size": config.micro_batch_size, "eval_every": config.eval_every,
+            "checkpoint_every": 0, "device": config.device, "progress": config.progress,
+            "log_every": 10,
+        },
+    })
 
-    def curate_stage() -> Stage:
-        from lmforge.data import curate
+    def go() -> dict:
+        # Same fingerprint as a finished run means skip; a changed one starts over.
+        if work.pretrain_run.exists():
+            shutil.rmtree(work.pretrain_run)
+        result = trainer.run(train_config)
+        return {
+            "steps": result.step, "first_loss": result.losses[0], "final_loss": result.losses[-1],
+            "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+            "params": pretrain.resolve_vocab(
+                train_config.model_copy(deep=True), load_tokenizer(work.tokenizer).vocab_size
+            ).model.num_params(),
+        }
 
-        planted = out / "curate_input.jsonl.gz"
-        curate_config = curate_recipe(config, planted, curated_dir)
+    fingerprint = {"config": train_config.model_dump(), "dataset": token_dataset.manifest_hash(work.tokens)}
+    return Stage("train", fingerprint, [work.pretrain_run / "checkpoints" / "latest"], go)
 
-        def go() -> dict:
-            plant_duplicates(config.corpus, planted, config.planted_duplicates)
-            report = curate.run(curate_config).report
-            removed = {f"{s['step']}/{r}": v["docs"] for s in report["steps"] for r, v in s["removed"].items()}
-            return {"records": report["input"]["records"], "docs": report["output"]["docs"], "removed": removed,
-                    "warnings": report["warnings"]}
 
-        source = tokenize.source_fingerprint(tokenize.expand_inputs(config.corpus))["hash"]
-        return Stage("curate", {"config": curate_config.model_dump(mode="json"), "source": source,
-                                "planted": config.planted_duplicates}, [curated_dir / "report.json"], go)
+def sample_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
+    from lmforge.generate import generate
+    from lmforge.store.loading import load_model
 
-    def tokenizer_stage() -> Stage:
-        tk_config = TokenizerTrainConfig(inputs=corpus, out=str(tokenizer_dir), vocab_size=config.vocab_size,
-                                         overwrite=True)  # inside the quickstart's own work dir
+    work = WorkDir(Path(config.out))
 
-        def go() -> dict:
-            tokenizer = run_train(tk_config)
-            return {"vocab_size": tokenizer.vocab_size, "hash": tokenizer.hash()}
+    def go() -> dict:
+        model, tokenizer, _ = load_model(work.pretrain_run)
+        text = generate(model, tokenizer, config.prompt, config.sampling)
+        atomic.write_text(work.out / "sample.txt", config.prompt + text + "\n")
+        return {"prompt": config.prompt, "completion": text}
 
-        source = tokenize.source_fingerprint(tokenize.expand_inputs(corpus))["hash"]
-        return Stage("tokenizer", {"config": tk_config.model_dump(), "source": source},
-                     [tokenizer_dir / "tokenizer.json"], go)
+    fingerprint = {"prompt": config.prompt, "sampling": config.sampling.model_dump(),
+                   "train": results["train"].details}
+    return Stage("sample", fingerprint, [work.out / "sample.txt"], go)
 
-    def tokenize_stage() -> Stage:
-        tok_config = tokenize.TokenizeConfig(
-            inputs=corpus, tokenizer=str(tokenizer_dir), out=str(dataset_dir),
-            val_fraction=config.val_fraction, num_workers=config.num_workers, seed=config.seed,
-            overwrite=True,  # inside the quickstart's own work dir
-        )
 
-        def go() -> dict:
-            manifest = tokenize.run(tok_config)
-            return {s: {k: v[k] for k in ("tokens", "documents")} for s, v in manifest["splits"].items()}
+def sft_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
+    from lmforge.align.config import AlignConfig
+    from lmforge.align.run import run_sft
 
-        fingerprint = {"config": tok_config.model_dump(), "tokenizer": load_tokenizer(tokenizer_dir).hash(),
-                       "source": results["tokenizer"].details.get("hash")}
-        return Stage("tokenize", fingerprint, [dataset_dir / tokenize.MANIFEST], go)
+    work = WorkDir(Path(config.out))
+    data_path = work.out / "sft_data.jsonl"
+    align_config = AlignConfig.model_validate({
+        "model": str(work.pretrain_run),
+        "run": {"name": "quickstart-sft", "out_dir": str(work.runs), "seed": config.seed},
+        "data": {"train": str(data_path), "seq_len": config.seq_len, "val_fraction": 0.05},
+        "optim": {"lr": config.sft_lr},
+        "schedule": {"warmup_steps": min(10, config.sft_steps)},
+        "train": {"max_steps": max(1, config.sft_steps), "global_batch_tokens": config.global_batch_tokens,
+                  "micro_batch_size": config.micro_batch_size, "eval_every": 0, "checkpoint_every": 0,
+                  "device": config.device, "progress": config.progress, "log_every": 10},
+    })
 
-    def train_stage() -> Stage:
-        train_config = TrainConfig.model_validate({
-            "run": {"name": "quickstart", "out_dir": str(runs_dir), "seed": config.seed},
-            "model": config.model.model_dump(exclude_unset=False),
-            "data": {"dataset": str(dataset_dir), "seq_len": config.seq_len},
-            "optim": {"lr": config.lr},
-            "schedule": {"warmup_steps": config.warmup_steps},
-            "train": {
-                "max_steps": config.max_steps, "global_batch_tokens": config.global_batch_tokens,
-                "micro_batch_size": config.micro_batch_size, "eval_every": config.eval_every,
-                "checkpoint_every": 0, "device": config.device, "progress": config.progress,
-                "log_every": 10,
-            },
-        })
-        run_path = runs_dir / "quickstart"
+    def go() -> dict:
+        lines = []
+        for file in config.sft_data:
+            opener = gzip.open if file.endswith(".gz") else open
+            with opener(file, "rt", encoding="utf-8") as f:
+                lines += [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
+        atomic.write_text(data_path, "".join(lines))
+        if work.sft_run.exists():
+            shutil.rmtree(work.sft_run)
+        result = run_sft(align_config)
+        return {"steps": result.step, "conversations": len(lines), "first_loss": result.losses[0],
+                "final_loss": result.losses[-1], "val_loss": result.val_loss}
 
-        def go() -> dict:
-            # Same fingerprint as a finished run means skip; a changed one starts over.
-            if run_path.exists():
-                import shutil
+    fingerprint = {"config": align_config.model_dump(), "data": config.sft_data, "train": results["train"].details}
+    return Stage("sft", fingerprint, [work.sft_run / "checkpoints" / "latest"], go)
 
-                shutil.rmtree(run_path)
-            result = trainer.run(train_config)
-            return {
-                "steps": result.step, "first_loss": result.losses[0], "final_loss": result.losses[-1],
-                "val_loss": result.val_loss, "val_bpb": result.val_bpb,
-                "params": trainer.resolve_vocab(
-                    train_config.model_copy(deep=True), load_tokenizer(tokenizer_dir).vocab_size
-                ).model.num_params(),
-            }
 
-        fingerprint = {"config": train_config.model_dump(), "dataset": atomic.sha256_file(dataset_dir / tokenize.MANIFEST)}
-        return Stage("train", fingerprint, [run_path / "checkpoints" / "latest"], go)
+def safety_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
+    from lmforge.eval.runner import EvalConfig
+    from lmforge.eval.runner import run as run_eval
 
-    def sample_stage() -> Stage:
-        run_path = runs_dir / "quickstart"
+    work = WorkDir(Path(config.out))
+    models = {"pretrained": work.pretrain_run}
+    if runs_sft(config):
+        models["sft"] = work.sft_run
 
-        def go() -> dict:
-            model, tokenizer, _ = load_model(run_path)
-            text = generate(model, tokenizer, config.prompt, config.sampling)
-            atomic.write_text(out / "sample.txt", config.prompt + text + "\n")
-            return {"prompt": config.prompt, "completion": text}
+    def go() -> dict:
+        details = {}
+        for name, path in models.items():
+            found = run_eval(EvalConfig(model=str(path), tasks=["safety"], limit=config.safety_eval_limit, seed=config.seed))
+            details[name] = {f"{task}/{m}": v["value"] for task, r in found.items() for m, v in r["metrics"].items()}
+        return details
 
-        fingerprint = {"prompt": config.prompt, "sampling": config.sampling.model_dump(),
-                       "train": results["train"].details}
-        return Stage("sample", fingerprint, [out / "sample.txt"], go)
+    fingerprint = {"limit": config.safety_eval_limit, "models": {k: str(v) for k, v in models.items()},
+                   "train": results["train"].details, "sft": results["sft"].details if "sft" in results else None}
+    return Stage("safety", fingerprint, [path / "eval" / "safety_harmful.json" for path in models.values()], go)
 
-    def sft_stage() -> Stage:
-        from lmforge.align.config import AlignConfig
-        from lmforge.align.run import run_sft
 
-        sft_path, data_path = runs_dir / "quickstart-sft", out / "sft_data.jsonl"
-        align_config = AlignConfig.model_validate({
-            "model": str(runs_dir / "quickstart"),
-            "run": {"name": "quickstart-sft", "out_dir": str(runs_dir), "seed": config.seed},
-            "data": {"train": str(data_path), "seq_len": config.seq_len, "val_fraction": 0.05},
-            "optim": {"lr": config.sft_lr},
-            "schedule": {"warmup_steps": min(10, config.sft_steps)},
-            "train": {"max_steps": max(1, config.sft_steps), "global_batch_tokens": config.global_batch_tokens,
-                      "micro_batch_size": config.micro_batch_size, "eval_every": 0, "checkpoint_every": 0,
-                      "device": config.device, "progress": config.progress, "log_every": 10},
-        })
+def export_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
+    from lmforge.interop import export
 
-        def go() -> dict:
-            import gzip
-            import shutil
+    work = WorkDir(Path(config.out))
+    model_dir = work.out / "model"
+    source = work.sft_run if runs_sft(config) else work.pretrain_run
+    export_config = export.ExportConfig(model=str(source), out=str(model_dir), name="lmforge-quickstart", overwrite=True)
 
-            lines = []
-            for file in config.sft_data:
-                opener = gzip.open if file.endswith(".gz") else open
-                with opener(file, "rt", encoding="utf-8") as f:
-                    lines += [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
-            atomic.write_text(data_path, "".join(lines))
-            if sft_path.exists():
-                shutil.rmtree(sft_path)
-            result = run_sft(align_config)
-            return {"steps": result.step, "conversations": len(lines), "first_loss": result.losses[0],
-                    "final_loss": result.losses[-1], "val_loss": result.val_loss}
+    def go() -> dict:
+        result = export.run(export_config)
+        return {"model_dir": str(result.out), "files": result.files}
 
-        fingerprint = {"config": align_config.model_dump(), "data": config.sft_data, "train": results["train"].details}
-        return Stage("sft", fingerprint, [sft_path / "checkpoints" / "latest"], go)
+    fingerprint = {"config": export_config.model_dump(), "train": results["train"].details,
+                   "sft": results["sft"].details if "sft" in results else None}
+    return Stage("export", fingerprint, [model_dir / "config.json"], go)
 
-    def safety_stage() -> Stage:
-        from lmforge.eval.runner import EvalConfig
-        from lmforge.eval.runner import run as run_eval
 
-        models = {"pretrained": runs_dir / "quickstart"}
-        if do_sft:
-            models["sft"] = runs_dir / "quickstart-sft"
+StageFactory = Callable[[QuickstartConfig, dict[str, StageResult]], Stage]
 
-        def go() -> dict:
-            details = {}
-            for name, path in models.items():
-                found = run_eval(EvalConfig(model=str(path), tasks=["safety"], limit=config.safety_eval_limit, seed=config.seed))
-                details[name] = {f"{task}/{m}": v["value"] for task, r in found.items() for m, v in r["metrics"].items()}
-            return details
 
-        fingerprint = {"limit": config.safety_eval_limit, "models": {k: str(v) for k, v in models.items()},
-                       "train": results["train"].details, "sft": results["sft"].details if "sft" in results else None}
-        return Stage("safety", fingerprint, [path / "eval" / "safety_harmful.json" for path in models.values()], go)
-
-    def export_stage() -> Stage:
-        from lmforge.interop import export
-
-        model_dir = out / "model"
-        source = runs_dir / ("quickstart-sft" if do_sft else "quickstart")
-        export_config = export.ExportConfig(
-            model=str(source), out=str(model_dir), name="lmforge-quickstart", overwrite=True
-        )
-
-        def go() -> dict:
-            result = export.run(export_config)
-            return {"model_dir": str(result.out), "files": result.files}
-
-        fingerprint = {"config": export_config.model_dump(), "train": results["train"].details,
-                       "sft": results["sft"].details if "sft" in results else None}
-        return Stage("export", fingerprint, [model_dir / "config.json"], go)
-
-    stages_ = [*([curate_stage] if config.curate else []), tokenizer_stage, tokenize_stage, train_stage, sample_stage]
-    if do_sft:
-        stages_.append(sft_stage)
-    return [*stages_, safety_stage, export_stage]
+def stages(config: QuickstartConfig) -> list[StageFactory]:
+    """The spine in order; each factory reads what earlier stages produced via `results`."""
+    spine: list[StageFactory] = [tokenizer_stage, tokenize_stage, train_stage, sample_stage]
+    if config.curate:
+        spine.insert(0, curate_stage)
+    if runs_sft(config):
+        spine.append(sft_stage)
+    return [*spine, safety_stage, export_stage]
 
 
 def plant_duplicates(corpus: list[str], path: Path, count: int) -> None:
@@ -334,8 +388,8 @@ def run(config: QuickstartConfig) -> list[StageResult]:
     atomic.mark_output_dir(out, KIND)
     pipeline = Pipeline(out)
     results: dict[str, StageResult] = {}
-    for factory in stages(config, results):
-        stage = factory()
+    for factory in stages(config):
+        stage = factory(config, results)
         results[stage.name] = pipeline.run(stage)
     summary = {name: dataclasses.asdict(r) for name, r in results.items()}
     atomic.write_json(out / "summary.json", summary)

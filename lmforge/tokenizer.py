@@ -27,6 +27,7 @@ from lmforge import atomic
 from lmforge.config import Section
 from lmforge.data.readers import TextSplit, expand_inputs, read_documents
 from lmforge.errors import DataError, OutputError, TokenizerError
+from lmforge.store import hashes
 
 # One token marks document boundaries: it is placed before every document, so the model
 # learns to emit it when a document ends and generation can start from it (GPT-2 style).
@@ -197,7 +198,7 @@ class LmTokenizer:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def hash(self) -> str:
-        return atomic.sha256_json(json.loads(self.tk.to_str()))
+        return hashes.tokenizer_json_hash(self.tk.to_str())
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `tokenizer.json` into `directory` atomically."""

@@ -1,4 +1,4 @@
-"""Configs of `lmforge sft` and `lmforge dpo`: the pretraining sections plus data, LoRA and DPO."""
+"""Configs of `lmforge sft` and `lmforge dpo`: the shared training sections plus data, LoRA and DPO."""
 
 from __future__ import annotations
 
@@ -6,18 +6,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmforge.align.lora import LoraSettings
 from lmforge.config import Section
-from lmforge.monitor.alerts import AlertConfig
-from lmforge.monitor.trackers import TrackerConfig
-from lmforge.train.config import (
-    FaultConfig,
-    LoopConfig,
-    OptimConfig,
-    ParallelConfig,
-    RunConfig,
-    ScheduleConfig,
-)
+from lmforge.store.adapter import LoraSettings
+from lmforge.train.config import LoopConfig, OptimConfig, RunConfig, ScheduleConfig, TrainingRun
 
 
 class AlignDataConfig(Section):
@@ -34,19 +25,17 @@ class DPOSettings(Section):
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
 
 
-class AlignConfig(Section):
+class AlignConfig(TrainingRun):
+    """The shared training sections (fine-tuning defaults) plus the starting model, data, LoRA and DPO."""
+
     model: str = Field(description="model to start from: model dir, run dir or checkpoint")
-    run: RunConfig = RunConfig(name="align")
     data: AlignDataConfig
+    run: RunConfig = RunConfig(name="align")
     optim: OptimConfig = OptimConfig(lr=1e-4, weight_decay=0.0)
     schedule: ScheduleConfig = ScheduleConfig(warmup_steps=10)
     train: LoopConfig = LoopConfig(max_steps=200, global_batch_tokens=16384, micro_batch_size=8, eval_every=50, checkpoint_every=0)
     lora: LoraSettings = LoraSettings()
     dpo: DPOSettings = DPOSettings()
-    alerts: AlertConfig = AlertConfig()
-    trackers: TrackerConfig = TrackerConfig()
-    parallel: ParallelConfig = ParallelConfig()
-    faults: FaultConfig = FaultConfig()
 
     @model_validator(mode="after")
     def _check(self) -> AlignConfig:

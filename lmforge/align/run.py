@@ -1,7 +1,7 @@
 """`lmforge sft` and `lmforge dpo`: fine-tune a model through the shared trainer.
 
 Both start from any model (model dir, run dir or checkpoint), read chat data, build an
-objective (align/objectives.py) and hand it to `train.trainer.fit`, so they get the same
+objective (align/objectives.py) and hand it to `train.trainer.fit` (the `Trainer`), so they get the same
 checkpoints, exact resume, metrics, alerts and evals as pretraining. With `lora.enabled`,
 only adapters train and checkpoints hold only them; the run also writes `adapter/` in
 peft's layout for `lmforge lora merge`. The run records the sha256 of the starting
@@ -18,22 +18,23 @@ from pathlib import Path
 
 import torch
 
-from lmforge import atomic
 from lmforge.align import data as align_data
 from lmforge.align.config import AlignConfig
-from lmforge.align.lora import apply_lora, base_record, save_adapter, weights_hash
 from lmforge.align.objectives import DPOObjective, SFTObjective, reference_logprobs
 from lmforge.errors import ConfigError, DataError
 from lmforge.shipped import resolve_path
+from lmforge.store import hashes
+from lmforge.store.adapter import apply_lora, base_record, save_adapter, weights_hash
 from lmforge.train import distributed
+from lmforge.train.objective import accumulation
 from lmforge.train.parallel import resolve_dtype
-from lmforge.train.trainer import TrainResult, accumulation, fit, init_distributed
+from lmforge.train.trainer import TrainResult, fit, init_distributed
 
 log = logging.getLogger(__name__)
 
 
 def _start(config: AlignConfig):
-    from lmforge.loading import load_model
+    from lmforge.store.loading import load_model
 
     base, tokenizer, source = load_model(config.model, "cpu", torch.float32)
     if not tokenizer.native:
@@ -72,7 +73,7 @@ def _fit(config: AlignConfig, base, tokenizer, source: Path, objective, kind: st
         "kind": kind,
         "parent": str(Path(source).resolve()),
         "dataset": str(Path(resolve_path(config.data.train)).resolve()),
-        "dataset_sha256": atomic.sha256_file(resolve_path(config.data.train)),
+        "dataset_sha256": hashes.sha256_file(resolve_path(config.data.train)),
         "parent_weights_sha256": base_hash,
     }
     extra = {"init_from": record["path"], "init_from_relative": record["relative"],

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.data.tokenize import read_manifest
 from lmforge.errors import DataError
+from lmforge.store.token_dataset import read_manifest
 
 
 class TokenDataset:

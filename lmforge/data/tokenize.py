@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -27,14 +26,12 @@ from lmforge import __version__, atomic
 from lmforge.config import Section
 from lmforge.data.readers import TextSplit, expand_inputs, read_documents
 from lmforge.errors import DataError
+from lmforge.store import hashes
+from lmforge.store.token_dataset import FORMAT, KIND, MANIFEST, SPLITS
 from lmforge.tokenizer import LmTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = "lmforge.tokens.v1"
-SPLITS = ("train", "val")
-KIND = "token dataset"  # the output marker's kind (atomic.check_output_dir)
 
 
 class TokenizeConfig(Section):
@@ -128,9 +125,9 @@ def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
 
 def source_fingerprint(files: list[Path]) -> dict:
     entries = [
-        {"path": str(p), "bytes": p.stat().st_size, "sha256": atomic.sha256_file(p)} for p in files
+        {"path": str(p), "bytes": p.stat().st_size, "sha256": hashes.sha256_file(p)} for p in files
     ]
-    return {"files": entries, "hash": atomic.sha256_json([(e["bytes"], e["sha256"]) for e in entries])}
+    return {"files": entries, "hash": hashes.sha256_json([(e["bytes"], e["sha256"]) for e in entries])}
 
 
 def run(config: TokenizeConfig) -> dict:
@@ -205,16 +202,3 @@ def _encode_stream(
         while pending:
             texts, result = pending.popleft()
             yield texts, result.get()
-
-
-def read_manifest(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"not a token dataset (no {MANIFEST}): {directory}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON ({err.msg})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: unknown token dataset format {manifest.get('format')!r}")
-    return manifest

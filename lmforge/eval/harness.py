@@ -55,7 +55,7 @@ if TemplateLM is not None:
             import torch
 
             from lmforge.eval.scoring import Scorer
-            from lmforge.loading import load_model
+            from lmforge.store.loading import load_model
 
             torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "")
             if str(device).startswith("cuda") and not torch.cuda.is_available():

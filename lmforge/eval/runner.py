@@ -9,7 +9,6 @@ told apart. `compare` tabulates those files across models.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,8 @@ from lmforge.data.readers import expand_inputs, read_documents
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval import perplexity, tasks
 from lmforge.eval.scoring import Scorer
+from lmforge.store import hashes
+from lmforge.store.hashes import model_hash
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +56,12 @@ class EvalConfig(Section):
 
 def eval_dir(model_path: Path) -> Path:
     """Where a model's results live: its model dir, or the run dir of a checkpoint."""
-    from lmforge.interop.model_dir import is_model_dir
-    from lmforge.loading import resolve_checkpoint
+    from lmforge.store.loading import resolve_checkpoint
+    from lmforge.store.model_dir import is_model_dir
 
     if is_model_dir(model_path):
         return model_path / EVAL_DIR
     return resolve_checkpoint(model_path).parent.parent / EVAL_DIR
-
-
-def model_hash(model: torch.nn.Module) -> str:
-    """sha256 of every weight's bytes, in state-dict order: equal hashes, equal models."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _slug(text: str) -> str:
@@ -78,7 +70,7 @@ def _slug(text: str) -> str:
 
 def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
     """Evaluate; return {result name: result}, written to `eval/<name>.json` unless save=False."""
-    from lmforge.loading import load_model
+    from lmforge.store.loading import load_model
 
     if not config.requested():
         shipped = ", ".join(tasks.shipped_tasks())
@@ -115,7 +107,7 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
     for task in task_list:
         start = time.perf_counter()
         body = tasks.evaluate(task, scorer, config.limit, config.seed)
-        body["data"] = {"path": str(task.path), "sha256": atomic.sha256_file(task.path)}
+        body["data"] = {"path": str(task.path), "sha256": hashes.sha256_file(task.path)}
         record(task.spec.name, task.spec.type, body, time.perf_counter() - start, body["n"])
 
     for item in config.data:
@@ -160,7 +152,7 @@ def _finite(value: Any) -> float | None:
 
 
 def _step(source: Path) -> int | None:
-    from lmforge.train import checkpoint
+    from lmforge.store import checkpoint
 
     match = checkpoint.STEP_DIR.match(source.name)
     return int(match.group(1)) if match else None
@@ -190,7 +182,7 @@ def _bits_per_byte(item: str, config: EvalConfig, scorer: Scorer) -> dict[str, A
 
 def load_results(model: str) -> dict[str, dict[str, Any]]:
     """Results of a model dir, run dir or checkpoint (its eval/), or of a results dir itself."""
-    from lmforge.interop.model_dir import is_model_dir
+    from lmforge.store.model_dir import is_model_dir
 
     path = Path(model)
     is_results_dir = path.is_dir() and not is_model_dir(path) and not (path / "checkpoints").is_dir() and any(path.glob("*.json"))

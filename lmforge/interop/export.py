@@ -21,17 +21,21 @@ from pydantic import Field, field_validator
 from lmforge import __version__, atomic
 from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.interop import hf, model_card
-from lmforge.interop.model_dir import (
+from lmforge.interop import model_card
+from lmforge.model import Transformer
+from lmforge.store import hashes, hf
+from lmforge.store.adapter import is_adapter_dir
+from lmforge.store.loading import load_model, resolve_model
+from lmforge.store.model_dir import (
     MODEL_CARD_FILE,
     MODEL_DIR_KIND,
+    TOKENIZER_JSON_HASH,
     is_model_dir,
     load_model_dir,
+    read_card_lineage,
     save_model_dir,
 )
-from lmforge.loading import load_model, resolve_model
-from lmforge.model import Transformer
-from lmforge.runs import git_commit
+from lmforge.store.run_dir import git_commit
 from lmforge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,7 +43,6 @@ log = logging.getLogger(__name__)
 DType = Literal["float32", "bfloat16", "float16"]
 # Card key: the hash of the model dir's tokenizer.json as written (it differs from the training
 # tokenizer's `tokenizer_hash` by the BOS post-processor); loading checks the two agree.
-TOKENIZER_JSON_HASH = "tokenizer_json_hash"
 
 
 class ExportConfig(Section):
@@ -80,8 +83,6 @@ def source_lineage(source: Path) -> tuple[dict[str, Any], Path | None, int | Non
         card = source / MODEL_CARD_FILE
         parent = read_card_lineage(card) if card.is_file() else {}
         return {"parent": str(source.resolve()), "parent_lineage": parent or None}, None, None, None
-    from lmforge.loading import is_adapter_dir
-
     if is_adapter_dir(source):  # RUN/adapter of a LoRA run: lineage from the run, latest step
         run_dir = source.parent
         latest = run_dir / "checkpoints" / "latest"
@@ -121,18 +122,6 @@ def _trained_tokens(training_yaml: str, step: int) -> int | None:
         return None
 
 
-def read_card_lineage(card: Path) -> dict[str, Any]:
-    """The `lmforge:` block of a card's YAML front matter, if it has one."""
-    text = card.read_text(encoding="utf-8")
-    if not text.startswith("---\n"):
-        return {}
-    try:
-        meta = yaml.safe_load(text[4 : text.index("\n---", 4)])
-    except (ValueError, yaml.YAMLError):
-        return {}
-    return meta.get("lmforge", {}) if isinstance(meta, dict) else {}
-
-
 def verify_round_trip(directory: Path, model: Transformer, dtype: torch.dtype) -> None:
     """Reload `directory` and require the same logits as `model` in the saved dtype."""
     reloaded, _ = load_model_dir(directory, dtype=dtype)
@@ -167,7 +156,7 @@ def run(config: ExportConfig) -> ExportResult:
         if config.verify:
             verify_round_trip(tmp, model, dtype)
         lineage[TOKENIZER_JSON_HASH] = load_tokenizer(tmp).hash()
-        digests = {f: atomic.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
+        digests = {f: hashes.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
         return model_card.render(
             name, model.config, config.dtype, digests, lineage, model_card.collect_evals(run_dir, step), training
         )

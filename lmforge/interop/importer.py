@@ -19,16 +19,16 @@ from pydantic import Field, field_validator
 from lmforge import atomic
 from lmforge.config import Section
 from lmforge.errors import CheckpointError
-from lmforge.interop import hf, model_card
+from lmforge.interop import model_card
 from lmforge.interop.export import check_out_dir, verify_round_trip
-from lmforge.interop.model_dir import (
+from lmforge.store import checkpoint, hashes, hf
+from lmforge.store.model_dir import (
     MODEL_DIR_KIND,
     load_model_dir,
     save_model_dir,
     tokenizer_files,
 )
-from lmforge.runs import RunDir, lineage
-from lmforge.train import checkpoint
+from lmforge.store.run_dir import RunDir, lineage
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,13 @@ def run(config: ImportConfig) -> ImportResult:
     model, tokenizer = load_model_dir(source, dtype=dtype, max_seq_len=config.max_seq_len)
     dtype = next(model.parameters()).dtype
     origin = lineage(kind="import", parent=str(source.resolve()), architecture=architecture,
-                     source_config_sha256=atomic.sha256_file(source / hf.CONFIG_FILE),
+                     source_config_sha256=hashes.sha256_file(source / hf.CONFIG_FILE),
                      tokenizer_hash=tokenizer.hash())
     if config.to == "model":
 
         def finish(tmp: Path, files: list[str]) -> str:
             verify_round_trip(tmp, model, dtype)
-            digests = {f: atomic.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
+            digests = {f: hashes.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
             card_lineage = {k: origin[k] for k in ("kind", "parent", "architecture", "source_config_sha256",
                                                    "tokenizer_hash", "lmforge_version", "created_at")}
             return model_card.render(out.resolve().name, model.config, hf.dtype_name(dtype), digests,

@@ -27,6 +27,7 @@ from torch import nn
 
 from lmforge import atomic
 from lmforge.config import Section
+from lmforge.data.readers import load_jsonl
 from lmforge.errors import CheckpointError, DataError
 
 CLASSIFIER_FILE = "classifier.json"
@@ -49,10 +50,8 @@ class ClassifierConfig(Section):
 
 
 def read_labelled(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
-    from lmforge.align.data import read_jsonl  # JSONL(.gz) with line numbers in its errors
-
     records = []
-    for number, record in read_jsonl(path):
+    for number, record in load_jsonl(path):
         text = record.get("text")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}:{number}: record needs a non-empty string 'text'")
@@ -119,8 +118,8 @@ def _metrics(classifier: TextClassifier, items: list[tuple[str, list[str]]]) -> 
 
 def run(config: ClassifierConfig) -> dict[str, Any]:
     """Train, validate, save; return the validation metrics."""
-    from lmforge.interop.model_dir import save_model_dir
-    from lmforge.loading import load_model
+    from lmforge.store.loading import load_model
+    from lmforge.store.model_dir import save_model_dir
 
     atomic.check_output_dir(config.out, "moderation classifier", overwrite=config.overwrite,
                             inputs=[config.model, config.data])
@@ -171,7 +170,7 @@ def run(config: ClassifierConfig) -> dict[str, Any]:
 
 
 def load_classifier(directory: str | os.PathLike) -> TextClassifier:
-    from lmforge.loading import load_model
+    from lmforge.store.loading import load_model
 
     directory = Path(directory)
     try:

@@ -15,6 +15,13 @@ The gate runs them, compares, and writes `release.json` (results, thresholds, pa
 hashes of the model weights and the policy) into the model or run dir, plus a section of
 the model card. `lmforge serve` refuses a model whose release record is missing, failed,
 or was made for different weights.
+
+"These weights" means the weight files evaluated: the record's `weight_files` maps each
+file's name to its sha256 (a model dir's safetensors, a checkpoint's DCP `.metadata` and
+`*.distcp`), so `check_released` compares files without loading the model (serving loads it
+once, after the gate). A record from before `weight_files` existed (it has only
+`model_hash`, of the loaded tensors) is refused with a request to run `lmforge release`
+again, rather than loading the model a second time to hash it.
 """
 
 from __future__ import annotations
@@ -26,12 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from lmforge import __version__, atomic
-from lmforge.config import Section, read_yaml
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.config import Section, build, read_yaml
+from lmforge.errors import CheckpointError
+from lmforge.eval.runner import EvalConfig, eval_dir
+from lmforge.eval.runner import run as run_eval
 from lmforge.shipped import config_path
+from lmforge.store import hashes, hf
+from lmforge.store.adapter import is_adapter_dir
+from lmforge.store.loading import resolve_model
+from lmforge.store.model_dir import is_model_dir
 
 RELEASE_FILE = "release.json"
 
@@ -67,25 +80,32 @@ def load_policy(path: str | os.PathLike) -> tuple[ReleasePolicy, str]:
     """The policy and the sha256 of its file (a path, or a shipped policy by name: `release`)."""
     path = config_path(path)
     data = read_yaml(path)
-    try:
-        policy = ReleasePolicy.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    return policy, atomic.sha256_file(path)
+    policy = build(ReleasePolicy, data, str(path))
+    return policy, hashes.sha256_file(path)
 
 
 def record_dir(model: str | os.PathLike) -> Path:
     """Where a model's release record lives: its model dir, or the run dir of a checkpoint."""
-    from lmforge.eval.runner import eval_dir
-
     return eval_dir(Path(model)).parent
 
 
-def run(model: str, policy_path: str, device: str = "cpu") -> ReleaseResult:
-    from lmforge.eval.runner import EvalConfig
-    from lmforge.eval.runner import run as run_eval
+def weight_files(model: str | os.PathLike) -> list[Path]:
+    """The files a model's weights are read from: a model dir's (or adapter dir's) safetensors,
+    or the DCP files of a checkpoint (`.metadata` + shards; not its trainer state)."""
+    path = resolve_model(model)
+    if is_model_dir(path):
+        return hf.weight_files(path)
+    if is_adapter_dir(path):  # its base is checked by hash whenever the adapter loads
+        return sorted(path.glob("*.safetensors"))
+    return sorted([path / ".metadata", *path.glob("*.distcp")])
 
+
+def weight_file_hashes(model: str | os.PathLike) -> dict[str, str]:
+    """{file name: sha256} of `weight_files(model)`: what a release record vouches for."""
+    return {file.name: hashes.sha256_file(file) for file in weight_files(model)}
+
+
+def run(model: str, policy_path: str, device: str = "cpu") -> ReleaseResult:
     policy_path = config_path(policy_path)
     policy, policy_sha = load_policy(policy_path)
     results = run_eval(EvalConfig(
@@ -106,6 +126,7 @@ def run(model: str, policy_path: str, device: str = "cpu") -> ReleaseResult:
         "policy_sha256": policy_sha,
         "model": str(Path(model).resolve()),
         "model_hash": any_result["model_hash"],
+        "weight_files": weight_file_hashes(any_result["source"]),  # the files this evaluation loaded
         "checks": checks,
         "results": {k: v for k, v in values.items()},
         "lmforge_version": __version__,
@@ -138,8 +159,9 @@ def _append_to_card(card: Path, record: dict[str, Any]) -> None:
         atomic.write_text(readme, text)
 
 
-def check_released(model: str | os.PathLike, model_hash: str | None = None) -> dict[str, Any]:
-    """The passing release record of `model`, or CheckpointError saying why it cannot be served."""
+def check_released(model: str | os.PathLike) -> dict[str, Any]:
+    """The passing release record of `model`, made for its weight files as they are now;
+    CheckpointError saying why it cannot be served otherwise (the model is never loaded)."""
     path = record_dir(model) / RELEASE_FILE
     if not path.is_file():
         raise CheckpointError(f"{model} has no release record ({RELEASE_FILE}): run `lmforge release` or pass --allow-unreleased")
@@ -150,6 +172,10 @@ def check_released(model: str | os.PathLike, model_hash: str | None = None) -> d
     if not record.get("passed"):
         failed = [c["metric"] for c in record.get("checks", []) if not c.get("passed")]
         raise CheckpointError(f"{model} failed its release policy ({', '.join(failed)}): pass --allow-unreleased to serve it anyway")
-    if model_hash is not None and record.get("model_hash") != model_hash:
+    recorded = record.get("weight_files")
+    if not recorded:
+        raise CheckpointError(f"{path} predates weight-file hashes (lmforge {record.get('lmforge_version', '?')}): "
+                              "run `lmforge release` again")
+    if recorded != weight_file_hashes(model):
         raise CheckpointError(f"{model}'s release record was made for different weights: run `lmforge release` again")
     return record

@@ -29,7 +29,7 @@ from lmforge.device import resolve as resolve_device
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.serve.config import EngineConfig
-from lmforge.serve.kv_cache import SlotKVCache, forward_rows
+from lmforge.serve.kv_cache import SlotKVCache
 from lmforge.serve.sampling import (
     Sampler,
     SamplingParams,
@@ -243,8 +243,7 @@ class Engine(BaseEngine):
         self.device, self.dtype = param.device, param.dtype
         self.max_len = min(self.config.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
         self.vocab_size = model.config.vocab_size
-        self.cache = SlotKVCache(model.config, self.config.max_num_seqs, self.max_len, self.device, self.dtype)
-        self._free_slots = list(range(self.config.max_num_seqs))
+        self.slots = SlotKVCache(model.config, self.config.max_num_seqs, self.max_len, self.device, self.dtype)
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._incoming: deque[_Sequence] = deque()
@@ -273,7 +272,7 @@ class Engine(BaseEngine):
         """Load a model dir, run dir or checkpoint onto the configured device (bf16 on CUDA by default).
 
         With `backend: vllm`, the model dir is served by vLLM instead (`lmforge.serve.vllm_engine`)."""
-        from lmforge.loading import load_model
+        from lmforge.store.loading import load_model
 
         config = config or EngineConfig()
         if config.backend == "vllm":
@@ -378,9 +377,9 @@ class Engine(BaseEngine):
                 self._finish(seq, "cancelled")
             elif seq.deadline is not None and now > seq.deadline:
                 self._finish(seq, "timeout")
-        while self._waiting and self._free_slots:
+        while self._waiting and self.slots.has_free():
             seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop(0)
+            seq.slot = self.slots.allocate()
             self._running.append(seq)
         decoding = sorted((s for s in self._running if s.next_token is not None), key=lambda s: s.slot)
         prefilling = [s for s in self._running if s.computed < len(s.prompt_ids)]
@@ -394,7 +393,8 @@ class Engine(BaseEngine):
         tokens = torch.tensor([[s.next_token] for s in seqs], device=self.device)
         positions = torch.tensor([[s.computed] for s in seqs], device=self.device)
         slots = [s.slot for s in seqs]
-        hidden = forward_rows(self.model, self.cache, tokens, positions, slots, positions.new_tensor(slots)[:, None], self.blocks)
+        cache = self.slots.rows(slots, positions.new_tensor(slots)[:, None])
+        hidden = self.model.hidden_states(tokens, positions, cache, blocks=self.blocks)
         logits = self.model.output(hidden[:, -1]).float()
         for s in seqs:
             s.computed += 1
@@ -413,15 +413,13 @@ class Engine(BaseEngine):
         width = max(n for _, _, n in rows)
         tokens = torch.zeros(len(rows), width, dtype=torch.long)
         positions = torch.zeros(len(rows), width, dtype=torch.long)
-        write = torch.full((len(rows), width), self.cache.scratch, dtype=torch.long)
+        write = torch.full((len(rows), width), self.slots.scratch, dtype=torch.long)
         for b, (s, start, n) in enumerate(rows):
             tokens[b, :n] = torch.tensor(s.prompt_ids[start : start + n])
             positions[b, :n] = torch.arange(start, start + n)
             write[b, :n] = s.slot
-        hidden = forward_rows(
-            self.model, self.cache, tokens.to(self.device), positions.to(self.device),
-            [s.slot for s, _, _ in rows], write.to(self.device),
-        )
+        cache = self.slots.rows([s.slot for s, _, _ in rows], write.to(self.device))
+        hidden = self.model.hidden_states(tokens.to(self.device), positions.to(self.device), cache)
         done, last = [], []
         for b, (s, start, n) in enumerate(rows):
             s.computed += n
@@ -495,8 +493,7 @@ class Engine(BaseEngine):
     def _finish(self, s: _Sequence, reason: str) -> None:
         if s.slot is not None:
             self._running.remove(s)
-            self._free_slots.append(s.slot)
-            self._free_slots.sort()  # lowest slots first: running rows stay contiguous more often
+            self.slots.release(s.slot)
             s.slot = None
         elif s in self._waiting:
             self._waiting.remove(s)

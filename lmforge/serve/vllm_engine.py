@@ -50,7 +50,7 @@ class VllmEngine(BaseEngine):
             import vllm
         except ImportError:
             raise ConfigError("engine.backend=vllm needs vLLM: pip install vllm (CUDA)") from None
-        from lmforge.interop.model_dir import is_model_dir, read_model_config
+        from lmforge.store.model_dir import is_model_dir, read_model_config
         from lmforge.tokenizer import load_tokenizer
 
         path = Path(path)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from lmforge.align import data as align_data
-from lmforge.align.lora import LoraSettings, apply_lora, load_adapter, merge, save_adapter
 from lmforge.align.losses import preference_loss, sequence_logprobs
 from lmforge.chat import ChatSession
 from lmforge.errors import CheckpointError, DataError
@@ -18,6 +17,8 @@ from lmforge.model.losses import IGNORE_INDEX
 from lmforge.serve.config import EngineConfig
 from lmforge.serve.engine import Engine
 from lmforge.serve.sampling import SamplingParams
+from lmforge.store.adapter import LoraSettings, apply_lora, merge, save_adapter
+from lmforge.store.loading import load_adapter
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the bisect module for?"},
@@ -110,7 +111,7 @@ def test_sequence_logprobs_sum_only_the_reply_tokens(trained_tokenizer, model):
     pair = align_data.encode_preference(
         trained_tokenizer, prompt, [{"role": "assistant", "content": "bisect"}], [{"role": "assistant", "content": "os"}], 127
     )
-    rows = align_data.pad_sequences([pair.chosen, pair.rejected], trained_tokenizer.pad_id)
+    rows = align_data.build_rows_exact([pair.chosen, pair.rejected], 127, trained_tokenizer.pad_id)
     with torch.no_grad():
         got = sequence_logprobs(model(rows.inputs), rows.targets)
         ids = pair.chosen.ids

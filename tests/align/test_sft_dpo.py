@@ -15,7 +15,7 @@ import torch
 from lmforge.align.config import AlignConfig
 from lmforge.align.run import run_dpo, run_sft
 from lmforge.errors import DataError
-from lmforge.loading import load_model
+from lmforge.store.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,7 +133,7 @@ def test_lora_refuses_base_weights_it_was_not_trained_on_and_finds_a_moved_base(
                                                                                capsys):
     from lmforge.cli import main
     from lmforge.errors import CheckpointError
-    from lmforge.train import checkpoint
+    from lmforge.store import checkpoint
 
     base = shutil.copytree(trained_run, tmp_path / "base")
     cfg = config(base, tmp_path / "runs", {"train": str(chat_files / "sft.jsonl")}, lora={"enabled": True, "r": 4},

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge import atomic
 from lmforge.shipped import resolve_path
+from lmforge.store import hashes
 
 ROOT = Path(__file__).resolve().parents[2]
 # The test model is tiny (context 128): the recipes' own keys stay, only its size shrinks.
@@ -34,7 +34,7 @@ def test_sft_then_dpo_by_shipped_config_name_find_their_data_from_another_direct
     assert sft.returncode == 0, sft.stderr
     manifest = json.loads((tmp_path / "runs" / "sft" / "manifest.json").read_text())
     chat = resolve_path("lmforge://data/chat/python_docs_chat.jsonl.gz")
-    assert manifest["dataset"] == chat and manifest["dataset_sha256"] == atomic.sha256_file(chat)
+    assert manifest["dataset"] == chat and manifest["dataset_sha256"] == hashes.sha256_file(chat)
     # The saved config keeps the portable name of the data, not this machine's path.
     assert "train: lmforge://data/chat/python_docs_chat.jsonl.gz" in (tmp_path / "runs" / "sft" / "config.yaml").read_text()
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from lmforge.data.loader import TokenDataset, WindowLoader
-from lmforge.data.tokenize import MANIFEST, TokenizeConfig
+from lmforge.data.tokenize import TokenizeConfig
 from lmforge.data.tokenize import run as tokenize_run
 from lmforge.errors import DataError
+from lmforge.store.token_dataset import MANIFEST
 
 SEQ_LEN = 64
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge import atomic
-from lmforge.data.tokenize import MANIFEST, TokenizeConfig, is_validation, read_manifest, run
+from lmforge.data.tokenize import TokenizeConfig, is_validation, run
 from lmforge.errors import DataError
+from lmforge.store import hashes
+from lmforge.store.token_dataset import MANIFEST, read_manifest
 
 
 def split_stream(directory: Path, split: str) -> np.ndarray:
@@ -75,7 +76,7 @@ def test_manifest_counts_equal_the_sum_over_shards_and_the_shard_files(
         for shard in info["shards"]:
             path = token_dataset / shard["file"]
             assert path.stat().st_size == shard["tokens"] * 2
-            assert atomic.sha256_file(path) == shard["sha256"]
+            assert hashes.sha256_file(path) == shard["sha256"]
         assert len(split_stream(token_dataset, split)) == info["tokens"]
         total_documents += info["documents"]
         total_bytes += info["text_bytes"]

@@ -21,7 +21,7 @@ from lmforge.eval.runner import EvalConfig  # noqa: E402
 from lmforge.eval.scoring import Scorer  # noqa: E402
 from lmforge.interop import export  # noqa: E402
 from lmforge.interop.export import ExportConfig  # noqa: E402
-from lmforge.loading import load_model  # noqa: E402
+from lmforge.store.loading import load_model  # noqa: E402
 
 MC = [
     {"question": "Which keyword defines a function in Python?", "choices": ["def", "func", "define", "lambda"], "answer": 0},

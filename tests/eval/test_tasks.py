@@ -18,7 +18,7 @@ from lmforge.eval.perplexity import evaluate_texts, evaluate_token_split
 from lmforge.eval.runner import EvalConfig
 from lmforge.eval.scoring import Scorer
 from lmforge.eval.tasks import TaskSpec, resolve_task, score_generation
-from lmforge.loading import load_model
+from lmforge.store.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -176,7 +176,7 @@ def test_eval_writes_results_with_provenance_and_compare_tabulates_them(trained_
         ({"question": "q", "choices": ["a", ""], "answer": 0}, r"bad.jsonl:2: field 'choices'"),
         ({"question": "q", "choices": ["a", "b"], "answer": 5}, r"bad.jsonl:2: field 'answer' must be a choice index 0..1"),
         ({"choices": ["a", "b"], "answer": 0}, r"bad.jsonl:2: record lacks the field 'question'"),
-        ("{not json", r"bad.jsonl:2: not valid JSON"),
+        ("{not json", r"bad.jsonl:2: malformed JSON"),
     ],
 )
 def test_bad_task_files_name_the_file_and_line(tmp_path, line, message):

@@ -11,15 +11,15 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmforge import atomic
 from lmforge.errors import CheckpointError, OutputError
 from lmforge.generate import SamplingConfig, generate_tokens
 from lmforge.interop import export
 from lmforge.interop.export import ExportConfig
-from lmforge.interop.model_dir import save_model_dir
-from lmforge.loading import load_model
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.config import RopeScaling
+from lmforge.store import hashes
+from lmforge.store.loading import load_model
+from lmforge.store.model_dir import save_model_dir
 from tests.interop.conftest import auto_dtype, chat_ids, real_token_batch
 
 CHAT = [
@@ -92,14 +92,14 @@ def test_model_card_records_lineage_training_config_and_evals(trained_run, expor
     front = yaml.safe_load(card.split("---\n")[1])
     lineage = front["lmforge"]
     _, tokenizer, _ = load_model(trained_run)
-    assert lineage["dataset_manifest_sha256"] == atomic.sha256_file(pretrain_data["tokens"] / "manifest.json")
+    assert lineage["dataset_manifest_sha256"] == hashes.sha256_file(pretrain_data["tokens"] / "manifest.json")
     assert lineage["tokenizer_hash"] == tokenizer.hash()
     assert lineage["step"] == 150 and lineage["tokens_trained"] == 150 * 1024
     assert lineage["run_dir"] == str(trained_run.resolve())
     val = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
     assert f"{val['val_loss']:.4f}" in card and "val_bpb" in card
     assert "global_batch_tokens: 1024" in card  # the training config, verbatim
-    assert atomic.sha256_file(exported / "model.safetensors") in card
+    assert hashes.sha256_file(exported / "model.safetensors") in card
 
 
 def test_bf16_export_stays_bf16_in_lmforge_and_transformers(trained_run, tmp_path):
@@ -114,7 +114,7 @@ def test_bf16_export_stays_bf16_in_lmforge_and_transformers(trained_run, tmp_pat
     # Exporting the bf16 dir again (model dir -> model dir) keeps it bit-identical.
     again = tmp_path / "again"
     export.run(ExportConfig(model=str(out), out=str(again), dtype="bfloat16"))
-    assert atomic.sha256_file(again / "model.safetensors") == atomic.sha256_file(out / "model.safetensors")
+    assert hashes.sha256_file(again / "model.safetensors") == hashes.sha256_file(out / "model.safetensors")
 
 
 def test_sharded_export_writes_an_index_that_transformers_and_lmforge_read(trained_run, tmp_path, corpus_texts):

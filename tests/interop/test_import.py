@@ -21,7 +21,7 @@ from transformers import (
 from lmforge.errors import CheckpointError
 from lmforge.interop import importer
 from lmforge.interop.importer import ImportConfig
-from lmforge.loading import load_model
+from lmforge.store.loading import load_model
 from tests.interop.conftest import chat_ids, real_token_batch
 
 ROOT = Path(__file__).resolve().parents[2]

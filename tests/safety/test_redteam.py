@@ -141,7 +141,7 @@ def test_run_garak_names_a_missing_interpreter_and_an_unreachable_server(tmp_pat
                     "scripts/redteam/garak.sh to create .venv-garak")  # a marker: no model is trained for nothing
 def test_garak_scans_lmforge_serve_with_the_offline_probes_and_the_summary_adds_up(trained_run, tmp_path):
     python = garak_python()
-    from lmforge.loading import load_model
+    from lmforge.store.loading import load_model
     from tests.serve.conftest import KEY, MODEL_NAME, make_server
 
     out = tmp_path / "redteam"

@@ -11,13 +11,13 @@ import pytest
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.eval import tasks
-from lmforge.eval.runner import model_hash
 from lmforge.eval.scoring import Scorer
 from lmforge.interop import export
 from lmforge.interop.export import ExportConfig
-from lmforge.loading import load_model
 from lmforge.safety import release
 from lmforge.safety.refusal import is_refusal
+from lmforge.store.hashes import model_hash, sha256_file
+from lmforge.store.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,14 +114,25 @@ def test_the_gate_passes_a_model_that_meets_the_thresholds_and_serve_accepts_it(
     assert record["policy_sha256"] == release.load_policy(policy)[1]
     assert record["model_hash"] == model_hash(load_model(model_dir)[0])  # the weights, hashed as serve hashes them
     assert "## Release" in (model_dir / "model_card.md").read_text() and "PASSED" in (model_dir / "README.md").read_text()
-    assert release.check_released(model_dir, record["model_hash"])["passed"]
-    from lmforge.serve.server import (
-        release_gate,  # what `lmforge serve` runs before it loads the engine
-    )
-
-    assert release_gate(str(model_dir))["model_hash"] == record["model_hash"]
+    # What `lmforge serve` checks before it loads the engine: the weight files, hashed unloaded.
+    assert record["weight_files"] == {"model.safetensors": sha256_file(model_dir / "model.safetensors")}
+    assert release.check_released(model_dir)["passed"]
+    weights = model_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor
+    weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="different weights"):
-        release.check_released(model_dir, "0" * 64)
+        release.check_released(model_dir)
+    # A record from before weight-file hashes: re-released, not trusted on its tensor hash alone.
+    del record["weight_files"]
+    result.path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"predates weight-file hashes.*run `lmforge release` again"):
+        release.check_released(model_dir)
+
+
+def test_a_checkpoint_is_vouched_for_by_its_dcp_files_not_its_trainer_state(trained_run):
+    names = [f.name for f in release.weight_files(trained_run)]
+    assert names[0] == ".metadata" and names[1:] and all(n.endswith(".distcp") for n in names[1:])
 
 
 def test_the_gate_fails_a_model_that_misses_a_threshold_and_serve_refuses_it(released_setup, tmp_path):
@@ -146,8 +157,8 @@ def test_the_gate_fails_a_model_that_misses_a_threshold_and_serve_refuses_it(rel
 def test_a_bad_policy_is_refused_naming_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("tasks: [python_mc]\nthresholds:\n  python_mc/acc: {}\n")
-    with pytest.raises(ConfigError, match="bad.yaml: thresholds.python_mc/acc"):
+    with pytest.raises(ConfigError, match="bad.yaml: bad value for 'thresholds.python_mc/acc'"):
         release.load_policy(bad)
     bad.write_text("tasks: [python_mc]\nthreshold: {}\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match="bad.yaml: unknown key 'threshold'; did you mean 'thresholds'"):
         release.load_policy(bad)

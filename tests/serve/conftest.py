@@ -17,11 +17,11 @@ pytest.importorskip("openai")
 
 import uvicorn  # noqa: E402
 
-from lmforge.loading import load_model  # noqa: E402
+from lmforge.serve.app import create_app  # noqa: E402
 from lmforge.serve.auth import hash_key  # noqa: E402
 from lmforge.serve.config import ServeConfig  # noqa: E402
 from lmforge.serve.engine import Engine  # noqa: E402
-from lmforge.serve.server import create_app  # noqa: E402
+from lmforge.store.loading import load_model  # noqa: E402
 
 KEY = "sk-test-alice-0123456789"
 OTHER_KEY = "sk-test-bob-9876543210"

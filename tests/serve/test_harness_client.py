@@ -16,7 +16,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from lmforge.eval import tasks  # noqa: E402
 from lmforge.eval.scoring import Scorer  # noqa: E402
-from lmforge.interop.model_dir import tokenizer_files  # noqa: E402
+from lmforge.store.model_dir import tokenizer_files  # noqa: E402
 from tests.serve.conftest import KEY, MODEL_NAME  # noqa: E402
 
 MC = [

@@ -22,7 +22,7 @@ import yaml
 from lmforge.config import load_config
 from lmforge.data.loader import TokenDataset, WindowLoader
 from lmforge.monitor.alerts import ALERTS_FILE
-from lmforge.runs import RunDir
+from lmforge.store.run_dir import RunDir
 from lmforge.train import trainer
 from lmforge.train.config import TrainConfig
 

@@ -32,7 +32,7 @@ def test_bf16_fsdp_with_compiled_blocks_learns_and_resumes_exactly_from_async_ch
 
 
 def test_a_gpu_fsdp_checkpoint_loads_on_cpu_for_inference(make_config):
-    from lmforge.loading import load_model
+    from lmforge.store.loading import load_model
 
     result = trainer.run(make_config("gpu-export", parallel={"strategy": "fsdp"}, train={**GPU, "max_steps": 4}))
     model, _, checkpoint = load_model(result.run_dir)

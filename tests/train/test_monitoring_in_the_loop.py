@@ -10,10 +10,10 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.eval import tasks
 from lmforge.eval.scoring import Scorer
-from lmforge.loading import load_model
 from lmforge.monitor.alerts import ALERTS_FILE
-from lmforge.runs import RunDir
-from lmforge.train import trainer
+from lmforge.store.loading import load_model
+from lmforge.store.run_dir import RunDir
+from lmforge.train import pretrain, trainer
 
 
 def write_task(tmp_path):
@@ -57,21 +57,21 @@ def test_a_clean_run_raises_no_alert_and_a_planted_nan_does(make_config, monkeyp
     # Throughput alerts depend on machine load (tested on planted readings in tests/monitor).
     clean = trainer.run(make_config("clean", alerts={"throughput_fraction": 0.01}))
     assert not (clean.run_dir / ALERTS_FILE).exists()
-    original = trainer.PretrainObjective.loss
+    original = pretrain.PretrainObjective.loss
 
     def poisoned(self, model, batch):
         loss, extras = original(self, model, batch)
         return (loss * torch.nan if self.loader.samples(0, 0) and _step[0] == 7 else loss), extras
 
     _step = [0]
-    original_batch = trainer.PretrainObjective.batch
+    original_batch = pretrain.PretrainObjective.batch
 
     def batch(self, step, micro_step):
         _step[0] = step + 1
         return original_batch(self, step, micro_step)
 
-    monkeypatch.setattr(trainer.PretrainObjective, "loss", poisoned)
-    monkeypatch.setattr(trainer.PretrainObjective, "batch", batch)
+    monkeypatch.setattr(pretrain.PretrainObjective, "loss", poisoned)
+    monkeypatch.setattr(pretrain.PretrainObjective, "batch", batch)
     result = trainer.run(make_config("nan", train={"max_steps": 8}))
     alerts = [json.loads(line) for line in (result.run_dir / ALERTS_FILE).read_text().splitlines()]
     assert ("non_finite_loss", 7) in {(a["alert"], a["step"]) for a in alerts}

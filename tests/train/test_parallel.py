@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lmforge.monitor.alerts import ALERTS_FILE
-from lmforge.runs import RunDir
+from lmforge.store.run_dir import RunDir
 from lmforge.train import parallel, trainer
 from lmforge.train.config import FaultConfig
 from lmforge.train.faults import StepGuard

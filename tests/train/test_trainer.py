@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import lmforge
-from lmforge import atomic
 from lmforge.data.loader import TokenDataset
 from lmforge.errors import CheckpointError, ConfigError, DataError
-from lmforge.runs import RunDir
+from lmforge.store import hashes
+from lmforge.store.run_dir import RunDir
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train import trainer
 
@@ -161,7 +161,7 @@ def test_checkpoints_are_retained_and_latest_points_at_the_newest(make_config):
 def test_run_dir_records_config_lineage_and_tokenizer(make_config, pretrain_data):
     result = trainer.run(make_config("lineage", train={"max_steps": 2}))
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    assert manifest["dataset_manifest_sha256"] == atomic.sha256_file(pretrain_data["tokens"] / "manifest.json")
+    assert manifest["dataset_manifest_sha256"] == hashes.sha256_file(pretrain_data["tokens"] / "manifest.json")
     assert manifest["tokenizer_hash"] == load_tokenizer(pretrain_data["tokenizer"]).hash()
     assert (manifest["torch_version"], manifest["lmforge_version"]) == (torch.__version__, lmforge.__version__)
     assert (result.run_dir / "config.yaml").read_text().count("vocab_size: 1024") == 1
@@ -210,7 +210,7 @@ def other_dataset(pretrain_data, tmp_path):
 def test_a_rerun_with_another_tokenizer_and_no_checkpoint_is_refused_and_overwrite_starts_clean(
         make_config, other_dataset, tmp_path, capsys):
     from lmforge.cli import main
-    from lmforge.loading import load_model
+    from lmforge.store.loading import load_model
     from lmforge.tokenizer import load_tokenizer
 
     first = make_config("reuse", train={"max_steps": 5})
@@ -282,7 +282,7 @@ def test_resuming_with_another_tokenizer_is_refused(make_config, other_dataset):
 
 def test_a_checkpoint_state_missing_a_key_is_a_one_line_error(make_config, tmp_path, capsys):
     from lmforge.cli import main
-    from lmforge.loading import load_model
+    from lmforge.store.loading import load_model
 
     result = trainer.run(make_config("keys", train={"max_steps": 2}))
     state_file = result.checkpoint / "trainer_state.json"

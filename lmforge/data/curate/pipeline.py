@@ -39,6 +39,7 @@ from lmforge.data.curate.audit import Audited, Ledger, read_ledgers
 from lmforge.data.curate.config import CurateConfig
 from lmforge.data.curate.reader import CurationReader, expand_inputs
 from lmforge.errors import DataError
+from lmforge.store import hashes
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def fingerprint(config: CurateConfig, files: list[str]) -> str:
         fs, root = fsspec.core.url_to_fs(path)
         info = fs.info(root)
         sizes.append([path, info.get("size"), info.get("mtime") or info.get("LastModified") and str(info["LastModified"])])
-    return atomic.sha256_json({"recipe": recipe, "files": sizes, "tasks": config.tasks})
+    return hashes.sha256_json({"recipe": recipe, "files": sizes, "tasks": config.tasks})
 
 
 def _prepare_work(work: Path, key: str) -> None:

@@ -12,6 +12,7 @@ is refused rather than decoding garbage.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -21,8 +22,11 @@ from pydantic import ValidationError
 from lmforge.device import resolve as resolve_device
 from lmforge.errors import CheckpointError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.store import adapter, checkpoint, model_dir
+from lmforge.store.run_dir import RunDir
 from lmforge.tokenizer import LmTokenizer, load_tokenizer
-from lmforge.train import checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -43,15 +47,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def resolve_model(path: str | os.PathLike) -> Path:
     """The model dir or checkpoint dir that `path` names."""
-    from lmforge.interop.model_dir import is_model_dir
-
-    if is_model_dir(path) or is_adapter_dir(path):
+    if model_dir.is_model_dir(path) or adapter.is_adapter_dir(path):
         return Path(path)
     return resolve_checkpoint(path)
-
-
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
 
 
 def check_tokenizer(tokenizer: LmTokenizer, recorded: str | None, weights: Path) -> None:
@@ -68,17 +66,12 @@ def check_tokenizer(tokenizer: LmTokenizer, recorded: str | None, weights: Path)
 
 def _model_dir_tokenizer_hash(path: Path) -> str | None:
     """The hash of its tokenizer that `lmforge export` recorded in a model dir's card, if any."""
-    from lmforge.interop.export import TOKENIZER_JSON_HASH, read_card_lineage
-    from lmforge.interop.model_dir import MODEL_CARD_FILE
-
-    card = path / MODEL_CARD_FILE
-    return read_card_lineage(card).get(TOKENIZER_JSON_HASH) if card.is_file() else None
+    card = path / model_dir.MODEL_CARD_FILE
+    return model_dir.read_card_lineage(card).get(model_dir.TOKENIZER_JSON_HASH) if card.is_file() else None
 
 
 def _manifest_tokenizer_hash(run_dir: Path) -> str | None:
     """Checkpoints written before they recorded their tokenizer: the run's manifest did."""
-    from lmforge.runs import RunDir
-
     return RunDir(run_dir).read_manifest().get("tokenizer_hash")
 
 
@@ -93,18 +86,14 @@ def load_model(
     `dtype` None keeps what is stored: a model dir's safetensors dtype, fp32 for checkpoints.
     `base`: for LoRA adapters, where their base model is now (its weights' hash must match).
     """
-    from lmforge.interop.model_dir import is_model_dir, load_model_dir
-
     device = resolve_device(device)  # a device this machine lacks is a one-line error, before any loading
-    if is_model_dir(path):
-        model, tokenizer = load_model_dir(path, device, dtype)
+    if model_dir.is_model_dir(path):
+        model, tokenizer = model_dir.load_model_dir(path, device, dtype)
         check_tokenizer(tokenizer, _model_dir_tokenizer_hash(Path(path)), Path(path))
         return model, tokenizer, Path(path)
-    if is_adapter_dir(path):  # peft adapters over a base model, merged for inference
-        from lmforge.align.lora import load_adapter, merge
-
+    if adapter.is_adapter_dir(path):  # peft adapters over a base model, merged for inference
         wrapped, tokenizer, _ = load_adapter(path, base=base)
-        return merge(wrapped).to(device=device, dtype=dtype).eval(), tokenizer, Path(path)
+        return adapter.merge(wrapped).to(device=device, dtype=dtype).eval(), tokenizer, Path(path)
     ckpt = resolve_checkpoint(path)
     state = checkpoint.read_state(ckpt)
     run_dir = ckpt.parent.parent
@@ -127,11 +116,57 @@ def load_model(
 
 def _load_lora(ckpt: Path, state: dict, base: str | os.PathLike | None = None) -> Transformer:
     """A LoRA run's checkpoint holds only adapters: find its base (verified by hash), load them, merge."""
-    from lmforge.align.lora import LoraSettings, apply_lora, load_base, merge
-
     record = {"path": state.get("init_from"), "relative": state.get("init_from_relative"),
               "sha256": state.get("init_from_weights_sha256")}
     model, _, _ = load_base(f"checkpoint {ckpt} (LoRA adapters)", record, ckpt.parent.parent, base)
-    wrapped = apply_lora(model, LoraSettings.model_validate(state["lora"]))
+    wrapped = adapter.apply_lora(model, adapter.LoraSettings.model_validate(state["lora"]))
     checkpoint.load(ckpt, wrapped, trainable_only=True)
-    return merge(wrapped)
+    return adapter.merge(wrapped)
+
+
+def load_base(what: str, record: dict[str, str | None], anchor: Path, base: str | os.PathLike | None = None,
+              device="cpu"):
+    """(base model in fp32, tokenizer, path) for adapters described by `what`, verified by hash.
+
+    `record`: base_record's keys as stored; `anchor`: the dir its relative path starts from;
+    `base`: a path the user gives (a moved base), tried instead of the recorded ones."""
+    expected = record.get("sha256")
+    recorded = record.get("path")
+    if base is not None:
+        candidates = [Path(base)]
+    else:
+        candidates = [Path(p) for p in (recorded, record.get("relative") and anchor / record["relative"]) if p]
+    found = [c for c in dict.fromkeys(candidates) if c.exists()]
+    if not found:
+        where = base if base is not None else recorded
+        raise CheckpointError(f"{what} applies to base model {where!r}, which is not found: move it back, "
+                              "or give the base's new path as `base`")
+    mismatch = None
+    for path in found:
+        model, tokenizer, _ = load_model(path, device, torch.float32)
+        if expected is None:
+            log.warning("%s records no hash of its base weights (written by an older lmforge): "
+                        "trusting %s unchecked", what, path)
+            return model, tokenizer, path
+        actual = adapter.weights_hash(model)
+        if actual == expected:
+            return model, tokenizer, path
+        mismatch = mismatch or (path, actual)
+    path, actual = mismatch
+    raise CheckpointError(
+        f"{what} was trained on base weights {expected[:12]}, but {path} holds other weights ({actual[:12]}): "
+        "the base was overwritten or retrained; give the original base as `base`"
+    )
+
+
+def load_adapter(directory: str | os.PathLike, device="cpu", base: str | os.PathLike | None = None):
+    """(peft model over its base, tokenizer, base path) from an adapter dir; `base` overrides
+    where the base is looked for (its weights must still be the ones the adapters were trained on)."""
+    PeftModel = adapter.peft_module().PeftModel
+
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise CheckpointError(f"{directory} is not a LoRA adapter dir (no adapter_config.json)")
+    record = adapter.read_base_file(directory)
+    model, tokenizer, path = load_base(f"adapter {directory}", record, directory, base, device)
+    return PeftModel.from_pretrained(model, str(directory)), tokenizer, path

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from lmforge.errors import CheckpointError
-from lmforge.loading import load_model
+from lmforge.store.loading import load_model
 from lmforge.tokenizer import TokenizerTrainConfig, run_train
 
 
@@ -52,7 +52,7 @@ def test_a_checkpoint_from_before_tokenizer_hashes_is_checked_against_the_run_ma
 
 def test_a_model_dir_whose_tokenizer_was_swapped_is_refused(trained_run, other_tokenizer, tmp_path):
     from lmforge.interop import export
-    from lmforge.interop.model_dir import tokenizer_files
+    from lmforge.store.model_dir import tokenizer_files
 
     out = tmp_path / "model"
     export.run(export.ExportConfig(model=str(trained_run), out=str(out)))

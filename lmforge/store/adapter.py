@@ -20,13 +20,13 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from pydantic import Field
 from torch import nn
 
 from lmforge import atomic
 from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.store import hashes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class LoraSettings(Section):
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
 
 
-def _peft():
+def peft_module():
     try:
         import peft
     except ImportError:
@@ -52,7 +52,7 @@ def _peft():
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """The model wrapped with trainable adapters; base weights frozen."""
-    peft = _peft()
+    peft = peft_module()
     LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     unknown = [t for t in settings.target_modules if t not in LORA_TARGETS + ("output",)]
@@ -67,9 +67,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
 
 def weights_hash(model: nn.Module) -> str:
     """The sha256 of a base model's weights as LoRA trains on them (fp32)."""
-    from lmforge.eval.runner import model_hash
-
-    return model_hash(model)
+    return hashes.model_hash(model)
 
 
 def base_record(base: str | os.PathLike, base_hash: str | None, anchor: str | os.PathLike) -> dict[str, str | None]:
@@ -89,41 +87,8 @@ def save_adapter(directory: str | os.PathLike, model: nn.Module, base: str, base
     return directory
 
 
-def load_base(what: str, record: dict[str, str | None], anchor: Path, base: str | os.PathLike | None = None,
-              device="cpu"):
-    """(base model in fp32, tokenizer, path) for adapters described by `what`, verified by hash.
-
-    `record`: base_record's keys as stored; `anchor`: the dir its relative path starts from;
-    `base`: a path the user gives (a moved base), tried instead of the recorded ones."""
-    from lmforge.loading import load_model
-
-    expected = record.get("sha256")
-    recorded = record.get("path")
-    if base is not None:
-        candidates = [Path(base)]
-    else:
-        candidates = [Path(p) for p in (recorded, record.get("relative") and anchor / record["relative"]) if p]
-    found = [c for c in dict.fromkeys(candidates) if c.exists()]
-    if not found:
-        where = base if base is not None else recorded
-        raise CheckpointError(f"{what} applies to base model {where!r}, which is not found: move it back, "
-                              "or give the base's new path as `base`")
-    mismatch = None
-    for path in found:
-        model, tokenizer, _ = load_model(path, device, torch.float32)
-        if expected is None:
-            log.warning("%s records no hash of its base weights (written by an older lmforge): "
-                        "trusting %s unchecked", what, path)
-            return model, tokenizer, path
-        actual = weights_hash(model)
-        if actual == expected:
-            return model, tokenizer, path
-        mismatch = mismatch or (path, actual)
-    path, actual = mismatch
-    raise CheckpointError(
-        f"{what} was trained on base weights {expected[:12]}, but {path} holds other weights ({actual[:12]}): "
-        "the base was overwritten or retrained; give the original base as `base`"
-    )
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
 
 
 def read_base_file(directory: Path) -> dict[str, str | None]:
@@ -133,19 +98,6 @@ def read_base_file(directory: Path) -> dict[str, str | None]:
                 "sha256": data.get("base_weights_sha256")}
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{directory} lacks {BASE_FILE} naming its base model") from None
-
-
-def load_adapter(directory: str | os.PathLike, device="cpu", base: str | os.PathLike | None = None):
-    """(peft model over its base, tokenizer, base path) from an adapter dir; `base` overrides
-    where the base is looked for (its weights must still be the ones the adapters were trained on)."""
-    PeftModel = _peft().PeftModel
-
-    directory = Path(directory)
-    if not (directory / "adapter_config.json").is_file():
-        raise CheckpointError(f"{directory} is not a LoRA adapter dir (no adapter_config.json)")
-    record = read_base_file(directory)
-    model, tokenizer, path = load_base(f"adapter {directory}", record, directory, base, device)
-    return PeftModel.from_pretrained(model, str(directory)), tokenizer, path
 
 
 def merge(model: nn.Module) -> nn.Module:

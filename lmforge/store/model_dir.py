@@ -18,14 +18,16 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from tokenizers import Tokenizer, processors
 
 from lmforge import atomic
 from lmforge.errors import CheckpointError
-from lmforge.interop import hf
 from lmforge.model import ModelConfig, Transformer
+from lmforge.store import hf
 from lmforge.tokenizer import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
@@ -34,6 +36,7 @@ from lmforge.tokenizer import (
 )
 
 MODEL_CARD_FILE = "model_card.md"
+TOKENIZER_JSON_HASH = "tokenizer_json_hash"  # the card lineage key of the tokenizer.json hash
 MODEL_DIR_KIND = "model dir"  # the output marker's kind (atomic.check_output_dir)
 # Files of an imported tokenizer that are copied as they are when it is written again.
 _TOKENIZER_SIDE_FILES = (TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "chat_template.jinja")
@@ -154,3 +157,15 @@ def load_model_dir(
     model.init_rope()
     model.load_state_dict(state)  # copies, casting to the model's dtype
     return model.eval(), tokenizer
+
+
+def read_card_lineage(card: Path) -> dict[str, Any]:
+    """The `lmforge:` block of a card's YAML front matter, if it has one."""
+    text = card.read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        return {}
+    try:
+        meta = yaml.safe_load(text[4 : text.index("\n---", 4)])
+    except (ValueError, yaml.YAMLError):
+        return {}
+    return meta.get("lmforge", {}) if isinstance(meta, dict) else {}

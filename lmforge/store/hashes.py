@@ -1,0 +1,40 @@
+"""Content hashes: of files, of JSON-able objects, of model weights, of tokenizers.
+
+A hash recorded in a manifest, checkpoint, card or release record is compared later by
+someone else; each kind of hash is computed here, once, so the two sides always agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """sha256 of every weight's bytes, in state-dict order: equal hashes, equal models."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_json_hash(tokenizer_json: str) -> str:
+    """The hash of a tokenizer: of its `tokenizer.json` content, independent of key order and whitespace."""
+    return sha256_json(json.loads(tokenizer_json))
