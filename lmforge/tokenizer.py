@@ -14,6 +14,7 @@ chat template come from the model dir's `tokenizer_config.json`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,7 +28,6 @@ from lmforge import atomic
 from lmforge.config import Section
 from lmforge.data.readers import TextSplit, expand_inputs, read_documents
 from lmforge.errors import DataError, OutputError, TokenizerError
-from lmforge.store import hashes
 
 # One token marks document boundaries: it is placed before every document, so the model
 # learns to emit it when a document ends and generation can start from it (GPT-2 style).
@@ -198,7 +198,9 @@ class LmTokenizer:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def hash(self) -> str:
-        return hashes.tokenizer_json_hash(self.tk.to_str())
+        # sha256 of the canonical JSON (the rule of store.hashes.sha256_json, which sits a layer
+        # above): equal for equal tokenizers however their tokenizer.json was formatted.
+        return hashlib.sha256(json.dumps(json.loads(self.tk.to_str()), sort_keys=True).encode()).hexdigest()
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `tokenizer.json` into `directory` atomically."""

@@ -1,7 +1,8 @@
-"""Content hashes: of files, of JSON-able objects, of model weights, of tokenizers.
+"""Content hashes: of files, of JSON-able objects, of model weights.
 
 A hash recorded in a manifest, checkpoint, card or release record is compared later by
 someone else; each kind of hash is computed here, once, so the two sides always agree.
+A tokenizer's hash is `LmTokenizer.hash()` (the tokenizer sits a layer below store).
 """
 
 from __future__ import annotations
@@ -34,7 +35,3 @@ def model_hash(model: torch.nn.Module) -> str:
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
-
-def tokenizer_json_hash(tokenizer_json: str) -> str:
-    """The hash of a tokenizer: of its `tokenizer.json` content, independent of key order and whitespace."""
-    return sha256_json(json.loads(tokenizer_json))
