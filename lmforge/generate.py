@@ -59,7 +59,7 @@ def generate_tokens(
     budget = min(config.max_tokens, context - len(prompt_ids))
     cache = KVCache(model.config, 1, len(prompt_ids) + budget, device=device, dtype=next(model.parameters()).dtype)
     tokens = torch.tensor([prompt_ids], device=device)
-    logits = model(tokens, kv_cache=cache, start=0)[:, -1]
+    logits = model(tokens, kv_cache=cache)[:, -1]
     position = len(prompt_ids)
     for _ in range(budget):
         next_id = sample_next(logits, config, generator)
@@ -69,7 +69,7 @@ def generate_tokens(
         yield token
         if position >= cache.max_len:
             return
-        logits = model(next_id.view(1, 1), kv_cache=cache, start=position)[:, -1]
+        logits = model(next_id.view(1, 1), kv_cache=cache, positions=torch.tensor([position], device=device))[:, -1]
         position += 1
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.config import ModelConfig, RopeScaling
+from lmforge.model.kv_cache import KVCache, KVCacheRows
 from lmforge.model.losses import linear_cross_entropy
 
 
@@ -68,24 +69,6 @@ def packed_positions_and_mask(document_ids: torch.Tensor) -> tuple[torch.Tensor,
     return index - first, (same & causal)[:, None]
 
 
-class KVCache:
-    """Pre-allocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim]."""
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -96,9 +79,9 @@ class Attention(nn.Module):
         )
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.attn_out_bias)
 
-    def forward(
-        self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0, attn_mask=None
-    ):
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCacheRows | None = None, layer: int = 0):
+        """`attn_mask` None: causal over x itself. With `kv_cache`, x's keys/values are stored
+        and attention runs over the cached ones, which `attn_mask` then must cover."""
         batch, seq, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim],
@@ -111,21 +94,14 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, start, k, v)
+            k, v = kv_cache.update(layer, k, v)
         # GQA: each KV head serves n_heads / n_kv_heads query heads; SDPA broadcasts them
         # itself (enable_gqa) instead of materialising repeated keys and values.
         gqa = self.n_kv_heads != self.n_heads
-        if attn_mask is not None:  # packed sequences: causal within each document only
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-        elif start == 0:
+        if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif seq == 1:  # one new token sees the whole cache
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
-            # A chunk appended after cached positions: query i sees keys <= start + i.
-            keys = torch.arange(k.shape[2], device=x.device)
-            mask = keys[None, :] <= (start + torch.arange(seq, device=x.device))[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -150,8 +126,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, layer=0, start=0, attn_mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, layer, start, attn_mask)
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, kv_cache, layer)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -210,43 +186,71 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def _hidden(self, tokens, cos, sin, kv_cache, start, mask) -> torch.Tensor:
-        x = self.tok_embeddings(tokens)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, kv_cache, i, start, mask)
-        return self.norm(x)
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCache | KVCacheRows | None = None,
+        document_ids: torch.Tensor | None = None,
+        blocks: nn.ModuleList | list[nn.Module] | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states [batch, seq, dim]; `forward` documents the arguments.
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final normalised hidden states [batch, seq, dim] (features for classification heads)."""
-        seq = tokens.shape[1]
-        if seq > self.config.max_seq_len:
-            raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        return self._hidden(tokens, self.rope_cos[:seq], self.rope_sin[:seq], None, 0, None)
+        `blocks`: this model's blocks as the caller wrapped them (the engine's torch.compile'd
+        ones); by default `self.layers`.
+        """
+        batch, seq = tokens.shape
+        mask = None
+        if document_ids is not None:
+            positions, mask = packed_positions_and_mask(document_ids)
+            length = seq
+        elif positions is not None:
+            length = int(positions.max()) + 1  # positions may run ahead of seq (a cached prefix)
+        else:
+            length = seq
+        if length > self.config.max_seq_len:
+            raise ValueError(f"sequence of {length} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if positions is None:
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            if positions.dim() == 2:  # per row: [batch, 1, seq, head_dim]
+                cos, sin = cos[:, None], sin[:, None]
+        if kv_cache is not None:
+            if isinstance(kv_cache, KVCache):  # batch row b is cache row b
+                kv_cache = kv_cache.rows(range(batch))
+            if length > kv_cache.max_len:
+                raise ValueError(f"KV cache holds {kv_cache.max_len} positions, asked for {length}")
+            positions = (torch.arange(seq, device=tokens.device) if positions is None else positions).expand(batch, seq)
+            kv_cache = kv_cache.at(positions, length)
+            # Token (b, s) sees its row's cached keys up to its own position (its prefix and
+            # the earlier tokens of this chunk).
+            keys = torch.arange(length, device=tokens.device)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [batch, 1, seq, length]
+        x = self.tok_embeddings(tokens)
+        for layer, block in enumerate(self.layers if blocks is None else blocks):
+            x = block(x, cos, sin, mask, kv_cache, layer)
+        return self.norm(x)
 
     def forward(
         self,
         tokens: torch.Tensor,
         targets: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        start: int = 0,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCache | KVCacheRows | None = None,
         document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab], or the mean cross-entropy if `targets` are given.
 
+        `positions` [batch, seq] (or [seq], shared by the rows) are the tokens' RoPE positions,
+        0..seq-1 by default. With a `kv_cache`, each token's keys and values are stored at its
+        position and it attends to the cached ones at positions up to its own, so decoding feeds
+        only new tokens; rows may sit at different positions (continuous batching).
         `document_ids` [batch, seq] marks sequences packed into one row: each token attends
         only to earlier tokens of its own document, and RoPE positions restart at every
         document, so a packed row computes exactly what the documents would alone.
         """
-        seq = tokens.shape[1]
-        if start + seq > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        mask = None
-        if document_ids is not None:
-            positions, mask = packed_positions_and_mask(document_ids)
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        else:
-            cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
-        hidden = self._hidden(tokens, cos, sin, kv_cache, start, mask)
+        hidden = self.hidden_states(tokens, positions, kv_cache, document_ids)
         if targets is not None and torch.is_grad_enabled():
             # Training: head and loss fused per chunk of tokens, never holding all logits.
             return linear_cross_entropy(hidden, self.output.weight, targets)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.device import compile_unavailable, inference_dtype
 from lmforge.device import resolve as resolve_device
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
@@ -259,8 +260,6 @@ class Engine(BaseEngine):
     def _compiled_blocks(self):
         """The blocks wrapped by torch.compile (dynamic shapes: batch and cache length vary), or
         None with a warning where compile cannot run; the model itself is left as it is."""
-        from lmforge.train.parallel import compile_unavailable
-
         reason = compile_unavailable(self.device)
         if reason is not None:
             log.warning("engine.compile: torch.compile is unavailable here (%s); decoding uncompiled", reason)
@@ -280,9 +279,7 @@ class Engine(BaseEngine):
 
             return VllmEngine.from_path(path, config)
         device = resolve_device(config.device, "engine.device")  # one line, not a traceback, if it is missing
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = inference_dtype(config.dtype, device)
         model, tokenizer, _ = load_model(path, device, dtype)
         return cls(model, tokenizer, config)
 

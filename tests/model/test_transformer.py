@@ -26,6 +26,11 @@ def build_model(config: ModelConfig, seed: int = 0) -> Transformer:
     return model
 
 
+def span(start: int, length: int) -> torch.Tensor:
+    """RoPE positions start..start+length-1, shared by every row."""
+    return torch.arange(start, start + length)
+
+
 def tokens(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -60,16 +65,35 @@ def test_kv_cache_decoding_matches_the_full_forward(n_kv_heads):
     full = model(x)
 
     cache = KVCache(config, batch_size=2, max_len=48)
-    steps = [model(x[:, :20], kv_cache=cache, start=0)]
-    steps += [model(x[:, i : i + 1], kv_cache=cache, start=i) for i in range(20, 48)]
+    steps = [model(x[:, :20], kv_cache=cache)]
+    steps += [model(x[:, i : i + 1], kv_cache=cache, positions=span(i, 1)) for i in range(20, 48)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
     # A multi-token chunk after a cached prefix sees the prefix and itself causally.
     cache = KVCache(config, batch_size=2, max_len=48)
-    prefix = model(x[:, :11], kv_cache=cache, start=0)
-    chunk = model(x[:, 11:30], kv_cache=cache, start=11)
-    rest = model(x[:, 30:], kv_cache=cache, start=30)
+    prefix = model(x[:, :11], kv_cache=cache, positions=span(0, 11))
+    chunk = model(x[:, 11:30], kv_cache=cache, positions=span(11, 19))
+    rest = model(x[:, 30:], kv_cache=cache, positions=span(30, 18))
     torch.testing.assert_close(torch.cat([prefix, chunk, rest], dim=1), full, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_rows_at_different_positions_in_one_forward_match_each_rows_full_forward():
+    # Continuous batching: each row its own length, its own cache row, one forward for all.
+    config = tiny()
+    model = build_model(config)
+    x = tokens(3, 40)
+    full = model(x)
+    cache = KVCache(config, batch_size=4, max_len=40)  # rows 3, 0, 2 serve batch rows 0, 1, 2
+    rows, lengths = [3, 0, 2], [7, 19, 30]
+    for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        model(x[b : b + 1, :n], kv_cache=cache.rows([row]))
+    for step in range(10):
+        positions = torch.tensor([[n + step] for n in lengths])
+        new = x.gather(1, positions)
+        logits = model(new, positions=positions, kv_cache=cache.rows(rows))
+        expected = full.gather(1, positions[:, :, None].expand(-1, -1, full.shape[-1]))
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -179,7 +203,7 @@ def test_a_sequence_longer_than_max_seq_len_raises():
     with pytest.raises(ValueError, match="exceeds max_seq_len 16"):
         model(tokens(1, 17))
     with pytest.raises(ValueError, match="exceeds max_seq_len 16"):
-        model(tokens(1, 2), start=15)
+        model(tokens(1, 2), positions=span(15, 2))
 
 
 def test_writing_past_the_kv_cache_raises():
@@ -188,7 +212,7 @@ def test_writing_past_the_kv_cache_raises():
     cache = KVCache(config, batch_size=1, max_len=8)
     model(tokens(1, 8), kv_cache=cache)
     with pytest.raises(ValueError, match="KV cache holds 8 positions"):
-        model(tokens(1, 1), kv_cache=cache, start=8)
+        model(tokens(1, 1), kv_cache=cache, positions=span(8, 1))
 
 
 def test_building_without_a_vocab_size_raises():

@@ -152,7 +152,7 @@ def test_bf16_engine_on_cuda_batches_and_is_repeatable(serve_model):
     cuda = type(model)(model.config).to("cuda", torch.bfloat16)
     cuda.load_state_dict(model.state_dict())
     with Engine(cuda, tokenizer, EngineConfig(max_num_seqs=8)) as engine:
-        assert engine.cache.k.dtype == torch.bfloat16 and engine.cache.k.is_cuda
+        assert engine.slots.cache.k.dtype == torch.bfloat16 and engine.slots.cache.k.is_cuda
         params = SamplingParams(max_tokens=16, temperature=0.8, seed=11, ignore_eos=True)
         first = engine.generate(PROMPTS, params)
         again = engine.generate(PROMPTS, params)
@@ -162,7 +162,7 @@ def test_bf16_engine_on_cuda_batches_and_is_repeatable(serve_model):
 
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_eager_tokens(serve_model, caplog):
-    from lmforge.train.parallel import compile_unavailable
+    from lmforge.device import compile_unavailable
 
     model, tokenizer = serve_model
     if compile_unavailable(torch.device("cpu")):
