@@ -10,49 +10,18 @@ RoPE positions restart at each conversation, so packing changes no number) or on
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from lmforge.data import readers
 from lmforge.errors import DataError, LmforgeError
 from lmforge.model.losses import IGNORE_INDEX
-from lmforge.shipped import resolve_path
 from lmforge.tokenizer import LmTokenizer, check_messages
 
 LossOn = Literal["assistant", "all"]
-
-
-def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
-    path = Path(resolve_path(path))  # lmforge://data/chat/...: a file that ships with lmforge
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    records = []
-    try:
-        with _open(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object")
-                records.append((number, record))
-    except (OSError, UnicodeDecodeError, EOFError) as err:
-        raise DataError(f"{path}: unreadable ({err})") from None
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
 
 
 def _messages(value: Any, default_role: str, where: str) -> list[dict[str, str]]:
@@ -67,7 +36,7 @@ def _messages(value: Any, default_role: str, where: str) -> list[dict[str, str]]
 def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict[str, str]]]]:
     """(where, messages) per record; each conversation must contain an assistant turn."""
     out = []
-    for number, record in read_jsonl(path):
+    for number, record in readers.load_jsonl(path):
         where = f"{path}:{number}"
         if "messages" not in record:
             raise DataError(f"{where}: record has no 'messages' (fields: {', '.join(record) or 'none'})")
@@ -81,7 +50,7 @@ def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict[str
 def read_preferences(path: str | os.PathLike) -> list[tuple[str, list[dict], list[dict], list[dict]]]:
     """(where, prompt, chosen, rejected); strings become a user prompt / assistant replies."""
     out = []
-    for number, record in read_jsonl(path):
+    for number, record in readers.load_jsonl(path):
         where = f"{path}:{number}"
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
         if missing:
@@ -193,12 +162,6 @@ def encode_preference(
         return Sequence(ids[: max_len + 1], trained[: max_len + 1])
 
     return PreferencePair(reply(chosen), reply(rejected))
-
-
-def pad_sequences(sequences: list[Sequence], pad_id: int) -> Rows:
-    """One sequence per row, right-padded to the longest."""
-    width = max(len(s.ids) - 1 for s in sequences)
-    return build_rows_exact(sequences, width, pad_id)
 
 
 def build_rows_exact(sequences: list[Sequence], width: int, pad_id: int) -> Rows:

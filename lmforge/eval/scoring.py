@@ -8,7 +8,6 @@ minus one, and long texts are scored in disjoint rolling windows.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -129,7 +128,3 @@ class Scorer:
             if stop and stop in text:
                 text = text.split(stop, 1)[0]
         return text
-
-
-def bits_per_byte_of(nats: float, num_bytes: int) -> float:
-    return nats / math.log(2) / max(num_bytes, 1)

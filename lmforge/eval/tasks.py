@@ -15,7 +15,6 @@ Generation is greedy until a stop string, scored by exact match, a regex or a nu
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -23,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from lmforge.config import Section, read_yaml
+from lmforge.config import Section, build, read_yaml
+from lmforge.data import readers
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.scoring import Scorer
 from lmforge.shipped import resolve_path
@@ -103,11 +103,7 @@ def resolve_task(name_or_path: str) -> Task:
         shipped = ", ".join(shipped_tasks()) or "none"
         raise ConfigError(f"task {name_or_path!r} is neither a file nor a shipped task (shipped: {shipped})")
     if path.suffix in (".yaml", ".yml"):
-        try:
-            spec = TaskSpec.model_validate(read_yaml(path))
-        except ValidationError as err:
-            first = err.errors()[0]
-            raise ConfigError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        spec = build(TaskSpec, read_yaml(path), str(path))
         data = (path.parent / spec.data).resolve()
     else:
         data = path
@@ -115,28 +111,8 @@ def resolve_task(name_or_path: str) -> Task:
     return Task(spec, data, load_examples(spec, data))
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    if not path.is_file():
-        raise DataError(f"task data not found: {path}")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object")
-            records.append((number, record))
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
-
-
 def infer_spec(path: Path) -> TaskSpec:
-    number, first = read_jsonl(path)[0]
+    number, first = readers.load_jsonl(path, "task data")[0]
     name = path.name.split(".")[0]
     if "endings" in first:
         context = "context" if "context" in first else "ctx"
@@ -164,7 +140,7 @@ def _format(spec: TaskSpec, path: Path, line: int, record: dict[str, Any]) -> st
 
 def load_examples(spec: TaskSpec, path: Path) -> list[Example]:
     examples = []
-    for line, record in read_jsonl(path):
+    for line, record in readers.load_jsonl(path, "task data"):
         prompt = _format(spec, path, line, record)
         if spec.type == "refusal":
             examples.append(Example(line, record, prompt, answer=spec.expect))

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from lmforge.config import Section, read_yaml
-from lmforge.errors import ConfigError
+from lmforge.config import build as build_config
 from lmforge.safety import rules
 from lmforge.safety.moderation import ACTIONS, Decision, Moderation, ModerationResult, build, lookup
 from lmforge.shipped import config_path
@@ -41,12 +41,7 @@ class PolicyConfig(Section):
 def load_policy(source: str | os.PathLike | dict[str, Any]) -> PolicyConfig:
     """Inline keys, a YAML file, or a shipped policy by name (`moderation`)."""
     data = source if isinstance(source, dict) else read_yaml(config_path(source))
-    where = "moderation.policy" if isinstance(source, dict) else str(source)
-    try:
-        return PolicyConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"{where}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return build_config(PolicyConfig, data, "moderation.policy" if isinstance(source, dict) else str(source))
 
 
 class PolicyModerator:

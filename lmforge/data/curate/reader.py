@@ -12,7 +12,6 @@ still spreads over all workers.
 
 from __future__ import annotations
 
-import json
 import os
 
 import fsspec
@@ -21,7 +20,14 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.readers.base import BaseReader
 
 from lmforge.data.curate.audit import Ledger
-from lmforge.data.readers import JSONL_SUFFIXES, PARQUET_SUFFIXES, SUPPORTED, TEXT_SUFFIXES
+from lmforge.data.readers import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    SUPPORTED,
+    TEXT_SUFFIXES,
+    BadLine,
+    iter_jsonl,
+)
 from lmforge.errors import DataError
 from lmforge.shipped import resolve_path
 
@@ -124,29 +130,23 @@ class CurationReader(BaseReader):
             yield from self._text(path)
 
     def _jsonl(self, path: str):
-        with fsspec.open(path, "rb", compression="infer") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{os.path.basename(path)}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except UnicodeDecodeError:
-                    yield where, len(line), line[:200].decode("utf-8", "replace"), "binary"
-                    continue
-                except json.JSONDecodeError as err:
-                    yield f"{where} ({err.msg})", len(line), line[:200].decode("utf-8", "replace"), "malformed_json"
-                    continue
-                if not isinstance(record, dict) or self.text_key not in record:
-                    keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-                    yield where, len(line), f"keys: {keys}", "missing_text_field"
-                    continue
-                text = record[self.text_key]
-                if not isinstance(text, str):
-                    yield where, len(line), repr(text)[:200], "text_not_a_string"
-                    continue
-                record_id = record.get(self.id_key, where)
-                yield record_id, len(line), text, None
+        for lineno, size, record in iter_jsonl(path):
+            where = f"{os.path.basename(path)}:{lineno}"
+            if isinstance(record, BadLine):
+                if record.reason == "not_an_object":  # counted as a record without its text field
+                    yield where, size, f"keys: {record.detail}", "missing_text_field"
+                else:
+                    detail = f" ({record.detail})" if record.reason == "malformed_json" else ""
+                    yield where + detail, size, record.shown, record.reason
+                continue
+            if self.text_key not in record:
+                yield where, size, f"keys: {', '.join(map(str, record))}", "missing_text_field"
+                continue
+            text = record[self.text_key]
+            if not isinstance(text, str):
+                yield where, size, repr(text)[:200], "text_not_a_string"
+                continue
+            yield record.get(self.id_key, where), size, text, None
 
     def _parquet(self, path: str):
         import pyarrow.parquet as pq
