@@ -21,21 +21,20 @@ import torch
 from lmforge.align import data as align_data
 from lmforge.align.config import AlignConfig
 from lmforge.align.objectives import DPOObjective, SFTObjective, reference_logprobs
+from lmforge.device import compute_dtype
 from lmforge.errors import ConfigError, DataError
 from lmforge.shipped import resolve_path
 from lmforge.store import hashes
 from lmforge.store.adapter import apply_lora, base_record, save_adapter, weights_hash
+from lmforge.store.loading import load_model
 from lmforge.train import distributed
 from lmforge.train.objective import accumulation
-from lmforge.train.parallel import resolve_dtype
 from lmforge.train.trainer import TrainResult, fit, init_distributed
 
 log = logging.getLogger(__name__)
 
 
 def _start(config: AlignConfig):
-    from lmforge.store.loading import load_model
-
     base, tokenizer, source = load_model(config.model, "cpu", torch.float32)
     if not tokenizer.native:
         raise DataError(f"{config.model}: fine-tuning needs a tokenizer with lmforge's chat tokens")
@@ -130,7 +129,7 @@ def _dpo(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite:
     records = align_data.read_preferences(config.data.train)
     train, val = _split(records, config.data.val, config.data.val_fraction, config.run.seed, align_data.read_preferences)
     device = env.device
-    dtype = resolve_dtype(config.train.dtype, device)
+    dtype = compute_dtype(config.train.dtype, device)
 
     def rows(items):
         pairs = [align_data.encode_preference(tokenizer, p, c, r, config.data.seq_len) for _, p, c, r in items]

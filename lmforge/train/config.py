@@ -48,7 +48,7 @@ class LoopConfig(Section):
     global_batch_tokens: int = Field(65536, ge=1, description="tokens per optimizer step, all ranks")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward pass per rank")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "bf16", "fp32"] = Field(
+    dtype: Literal["auto", "bf16", "bfloat16", "fp32", "float32"] = Field(
         "auto", description="auto: bf16 autocast where the device has fast bf16 matmul"
     )
     compile: bool = Field(False, description="torch.compile each block (eager, with a warning, where unavailable)")
@@ -109,10 +109,14 @@ class FaultConfig(Section):
     )
 
 
-class TrainConfig(Section):
+class TrainingRun(Section):
+    """The sections every training verb shares (pretraining, SFT, DPO): the trainer reads these.
+
+    A verb subclasses it, adds its own `model` and `data` (and whatever else it needs), and
+    redeclares a section only to change its defaults; a new section is added here, once.
+    """
+
     run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig(preset="small")
-    data: DataConfig
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: LoopConfig = LoopConfig()
@@ -120,6 +124,11 @@ class TrainConfig(Section):
     faults: FaultConfig = FaultConfig()
     alerts: AlertConfig = AlertConfig()
     trackers: TrackerConfig = TrackerConfig()
+
+
+class TrainConfig(TrainingRun):
+    model: ModelConfig = ModelConfig(preset="small")
+    data: DataConfig
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from typing import Any
 
+from lmforge.errors import LmforgeError
 from lmforge.train.config import FaultConfig
 
 # Fault injection for tests, on the first launch only (a torchrun relaunch runs clean):
@@ -28,6 +29,10 @@ from lmforge.train.config import FaultConfig
 #   "hang:RANK:STEP"   that rank sleeps HANG_SECONDS there (a stuck one: peers time out)
 FAULT_ENV = "LMFORGE_DEBUG_FAULT"
 HANG_SECONDS = 30.0
+
+
+class TrainingError(LmforgeError):
+    """The run cannot go on: bad steps that do not recover, or a peer rank that is gone."""
 
 
 class StepGuard:

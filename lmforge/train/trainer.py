@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.device import autocast, compute_dtype
 from lmforge.errors import ConfigError
 from lmforge.eval.scoring import Scorer
 from lmforge.eval.tasks import evaluate, resolve_tasks
@@ -39,13 +40,11 @@ from lmforge.train.monitoring import RunMonitors
 from lmforge.train.objective import Objective, accumulation
 from lmforge.train.optim import build_optimizers
 from lmforge.train.parallel import (
-    autocast,
     clip_gradients,
     grad_norm,
     gradient_sync,
     inner_model,
     parallelize,
-    resolve_dtype,
 )
 from lmforge.train.schedules import lr_factor
 from lmforge.train.stop import StopFlag
@@ -93,7 +92,7 @@ class Trainer:
         self.loop, self.parallel = config.train, config.parallel
         self.guard = StepGuard(config.faults)
         self.device = env.device
-        self.dtype = resolve_dtype(self.loop.dtype, self.device)
+        self.dtype = compute_dtype(self.loop.dtype, self.device)
         # FSDP2's mixed-precision policy casts weights itself; autocast is for single and DDP.
         self.compute_dtype = torch.float32 if self.parallel.strategy == "fsdp" else self.dtype
         self.run_dir = RunDir(Path(config.run.out_dir) / config.run.name)
