@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmforge.generate import SamplingConfig, generate_tokens
 from lmforge.model import Transformer
+from lmforge.model.decode import generate_tokens
 from lmforge.tokenizer import LmTokenizer
 
 
@@ -116,10 +116,9 @@ class Scorer:
         prompt = ids[-(self.max_length - max_tokens):] if max_tokens < self.max_length else []
         if not prompt:
             prompt = [self.prefix_token_id]
-        sampling = SamplingConfig(max_tokens=max_tokens, temperature=0)
         new: list[int] = []
         text = ""
-        for token in generate_tokens(self.model, prompt, sampling, stop_ids=self.tokenizer.stop_ids):
+        for token in generate_tokens(self.model, prompt, max_tokens, temperature=0, stop_ids=self.tokenizer.stop_ids):
             new.append(token)
             text = self.tokenizer.decode(new)
             if any(stop in text for stop in until):

@@ -1,8 +1,8 @@
 """Per-request sampling: parameters, penalties, log-probs, and text that stops at stop strings.
 
 Each request samples from its own row of the batch's logits with its own
-`torch.Generator`, through the same `lmforge.generate.sample_next` that `lmforge generate`
-uses: a seeded request draws the same tokens whatever else shares its batch.
+`torch.Generator`, through `lmforge.model.decode.sample_next` (which the reference decoder
+uses too): a seeded request draws the same tokens whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -10,9 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
 
-from lmforge.generate import SamplingConfig, sample_next
+from lmforge.config import Section
+from lmforge.model.decode import sample_next
 from lmforge.tokenizer import LmTokenizer
+
+
+class SamplingConfig(Section):
+    """Sampling settings as a config-file section (quickstart's `sampling`); `params()` is the request."""
+
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.8, ge=0, description="0 is greedy")
+    top_k: int | None = Field(None, ge=1)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, seed=self.seed)
 
 
 @dataclass
@@ -54,17 +70,13 @@ SAMPLING_EPS = 1e-5  # temperatures below this are greedy, as in vLLM
 
 
 class Sampler:
-    """One request's sampling state: its generator, token counts for penalties, its config."""
+    """One request's sampling state: its generator, token counts for penalties, its parameters."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device):
         self.params = params
         # Dividing logits by a temperature near 0 overflows them to inf, and the softmax to NaN,
         # which would fail the whole batch's step; the limit of such a temperature is greedy anyway.
-        temperature = 0.0 if params.temperature < SAMPLING_EPS else params.temperature
-        # sample_next's own config; max_tokens is not used there (echo requests may have 0).
-        self.config = SamplingConfig(
-            max_tokens=1, temperature=temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed
-        )
+        self.temperature = 0.0 if params.temperature < SAMPLING_EPS else params.temperature
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -75,15 +87,15 @@ class Sampler:
     @property
     def greedy_plain(self) -> bool:
         """Greedy with nothing per-row to apply: can share one batched argmax."""
-        return self.config.temperature == 0 and self.counts is None
+        return self.temperature == 0 and self.counts is None
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits [vocab] (fp32) -> token id."""
+        p = self.params
         if self.counts is not None:
             # OpenAI's penalties: subtract count * frequency + (count > 0) * presence, over output tokens.
-            p = self.params
             logits = logits - self.counts * p.frequency_penalty - (self.counts > 0).float() * p.presence_penalty
-        return int(sample_next(logits[None], self.config, self.generator)[0])
+        return int(sample_next(logits[None], self.temperature, p.top_k, p.top_p, self.generator)[0])
 
     def observe(self, token: int) -> None:
         if self.counts is not None:

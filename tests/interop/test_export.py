@@ -12,11 +12,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.errors import CheckpointError, OutputError
-from lmforge.generate import SamplingConfig, generate_tokens
 from lmforge.interop import export
 from lmforge.interop.export import ExportConfig
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.config import RopeScaling
+from lmforge.model.decode import generate_tokens
 from lmforge.store import hashes
 from lmforge.store.loading import load_model
 from lmforge.store.model_dir import save_model_dir
@@ -54,7 +54,7 @@ def test_greedy_generation_gives_the_same_tokens_in_transformers(trained_run, ex
     theirs = AutoModelForCausalLM.from_pretrained(exported).eval()
     for text in corpus_texts[:3]:
         prompt = tokenizer.encode_prompt(text)[:24]
-        mine = list(generate_tokens(ours, prompt, SamplingConfig(max_tokens=30, temperature=0), tokenizer.stop_ids))
+        mine = list(generate_tokens(ours, prompt, 30, temperature=0, stop_ids=tokenizer.stop_ids))
         with torch.no_grad():
             out = theirs.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)[0, len(prompt):].tolist()
         stops = [i for i, t in enumerate(out) if t in tokenizer.stop_ids]

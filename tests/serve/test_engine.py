@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import SamplingConfig, generate_tokens
+from lmforge.model.decode import generate_tokens
 from lmforge.serve.config import EngineConfig
 from lmforge.serve.engine import Engine, RequestError
 from lmforge.serve.sampling import SamplingParams
@@ -25,8 +25,7 @@ PROMPTS = [
 
 
 def reference(model, tokenizer, prompt: str, **sampling) -> list[int]:
-    config = SamplingConfig(**sampling)
-    return list(generate_tokens(model, tokenizer.encode_prompt(prompt), config, stop_ids=tokenizer.stop_ids))
+    return list(generate_tokens(model, tokenizer.encode_prompt(prompt), stop_ids=tokenizer.stop_ids, **sampling))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def engine(serve_model):
         yield engine
 
 
-def test_batched_greedy_and_seeded_sampling_equal_lmforge_generate(engine, serve_model):
+def test_batched_greedy_and_seeded_sampling_equal_the_reference_decoder(engine, serve_model):
     model, tokenizer = serve_model
     greedy = engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))
     seeded = engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, top_k=50, seed=7))

@@ -13,7 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmforge.generate import SamplingConfig, generate_tokens
+from lmforge.model.decode import generate_tokens
 from lmforge.serve.hooks import Decision
 from tests.serve.conftest import KEY, MODEL_NAME, OTHER_KEY, make_server
 
@@ -30,8 +30,8 @@ def client(served, key=KEY, **kwargs) -> openai.OpenAI:
 
 
 def greedy_ids(served, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    config = SamplingConfig(max_tokens=max_tokens, temperature=0)
-    return list(generate_tokens(served.engine.model, prompt_ids, config, stop_ids=served.engine.tokenizer.stop_ids))
+    return list(generate_tokens(served.engine.model, prompt_ids, max_tokens, temperature=0,
+                                stop_ids=served.engine.tokenizer.stop_ids))
 
 
 def greedy_text(served, prompt_ids: list[int], max_tokens: int) -> str:
@@ -44,7 +44,7 @@ def wait_idle(served, timeout=10.0) -> None:
         time.sleep(0.02)
 
 
-def test_models_health_and_greedy_completion_equal_lmforge_generate(served):
+def test_models_health_and_greedy_completion_equal_the_reference_decoder(served):
     c = client(served)
     assert [m.id for m in c.models.list().data] == [MODEL_NAME]
     assert httpx.get(served.url + "/health").json()["status"] == "ok"

@@ -1,4 +1,4 @@
-"""Sampling with a KV cache: greedy, seeded temperature / top-k / top-p, stop ids and limits."""
+"""The reference decoder and sample_next: greedy, seeded temperature / top-k / top-p, stop ids and limits."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.generate import SamplingConfig, generate, generate_tokens, sample_next
 from lmforge.model import ModelConfig, Transformer
+from lmforge.model.decode import generate_tokens, sample_next
 
 CONTEXT = 48
 PROMPT = [0, 17, 230, 5, 999, 42]
@@ -23,8 +23,8 @@ def model() -> Transformer:
     return model
 
 
-def run(model, prompt=PROMPT, stop_ids=None, **sampling) -> list[int]:
-    return list(generate_tokens(model, prompt, SamplingConfig(**sampling), stop_ids=stop_ids))
+def run(model, prompt=PROMPT, stop_ids=None, max_tokens=128, **sampling) -> list[int]:
+    return list(generate_tokens(model, prompt, max_tokens, stop_ids=stop_ids, **sampling))
 
 
 def test_greedy_is_deterministic_and_each_token_is_the_argmax_of_a_full_forward(model):
@@ -59,7 +59,7 @@ def test_tiny_top_p_equals_greedy(model):
 def test_top_k_samples_only_the_k_most_likely_tokens():
     logits = torch.tensor([[2.0, 1.9, 1.8, 0.5, 0.4, 0.3]]).expand(4000, -1)
     generator = torch.Generator().manual_seed(0)
-    drawn = sample_next(logits, SamplingConfig(temperature=1.0, top_k=2), generator)
+    drawn = sample_next(logits, temperature=1.0, top_k=2, generator=generator)
     assert set(drawn.tolist()) == {0, 1}
 
 
@@ -67,7 +67,7 @@ def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p():
     probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
     logits = probs.log().expand(4000, -1)
     generator = torch.Generator().manual_seed(0)
-    drawn = sample_next(logits, SamplingConfig(temperature=1.0, top_p=0.6), generator)
+    drawn = sample_next(logits, temperature=1.0, top_p=0.6, generator=generator)
     assert set(drawn.tolist()) == {0, 1}
     # Within the nucleus, tokens keep their relative odds (0.4 : 0.3).
     share = (drawn == 0).float().mean().item()
@@ -102,21 +102,3 @@ def test_a_prompt_that_fills_the_context_is_a_config_error(model, length):
 def test_an_empty_prompt_is_a_config_error(model):
     with pytest.raises(ConfigError, match="prompt is empty"):
         run(model, prompt=[], temperature=0)
-
-
-def test_generate_continues_the_prompt_after_the_document_separator(trained_tokenizer):
-    config = ModelConfig(
-        preset="tiny", vocab_size=trained_tokenizer.vocab_size, max_seq_len=CONTEXT, init_std=0.1
-    )
-    model = Transformer(config).eval()
-    model.init_weights(generator=torch.Generator().manual_seed(1))
-    prompt = "The interpreter"
-    prompt_ids = [trained_tokenizer.eos_id, *trained_tokenizer.encode(prompt)]
-    sampling = SamplingConfig(temperature=0, max_tokens=12)
-    expected = run(
-        model, prompt=prompt_ids, stop_ids={trained_tokenizer.eos_id}, temperature=0, max_tokens=12
-    )
-    assert expected
-    assert generate(model, trained_tokenizer, prompt, sampling) == trained_tokenizer.decode(
-        expected
-    )
