@@ -32,13 +32,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.sections import write_section  # noqa: E402
+from lmforge.device import autocast  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.presets import PRESETS  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 from lmforge.train.config import OptimConfig  # noqa: E402
 from lmforge.train.mfu import MEASURED, measured_matmul_peak  # noqa: E402
 from lmforge.train.optim import build_optimizers  # noqa: E402
-from lmforge.train.parallel import apply_compile, autocast  # noqa: E402
+from lmforge.train.parallel import apply_compile  # noqa: E402
 
 DEVICE = torch.device("cpu")
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lmforge import __version__
 from lmforge.errors import OutputError
 
 # Beside every output dir lmforge publishes: {"kind": ..., "created_by": ...}.
@@ -90,8 +91,6 @@ def atomic_dir(path: str | os.PathLike, kind: str | None = None) -> Iterator[Pat
 
 
 def _created_by() -> str:
-    from lmforge import __version__
-
     return f"lmforge {__version__}"
 
 

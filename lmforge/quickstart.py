@@ -21,9 +21,10 @@ from pydantic import Field
 
 from lmforge import atomic
 from lmforge.config import Section
-from lmforge.generate import SamplingConfig
 from lmforge.model.config import ModelConfig
-from lmforge.store import hashes, token_dataset
+from lmforge.serve.sampling import SamplingConfig
+from lmforge.store import checkpoint, hashes, token_dataset
+from lmforge.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -241,18 +242,20 @@ def train_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> St
         }
 
     fingerprint = {"config": train_config.model_dump(), "dataset": token_dataset.manifest_hash(work.tokens)}
-    return Stage("train", fingerprint, [work.pretrain_run / "checkpoints" / "latest"], go)
+    return Stage("train", fingerprint, [RunDir(work.pretrain_run).checkpoints / checkpoint.LATEST], go)
 
 
 def sample_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
-    from lmforge.generate import generate
+    from lmforge.serve.config import EngineConfig
+    from lmforge.serve.engine import Engine
     from lmforge.store.loading import load_model
 
     work = WorkDir(Path(config.out))
 
     def go() -> dict:
         model, tokenizer, _ = load_model(work.pretrain_run)
-        text = generate(model, tokenizer, config.prompt, config.sampling)
+        with Engine(model, tokenizer, EngineConfig(max_num_seqs=1)) as engine:
+            text = engine.generate([config.prompt], config.sampling.params())[0].text
         atomic.write_text(work.out / "sample.txt", config.prompt + text + "\n")
         return {"prompt": config.prompt, "completion": text}
 
@@ -292,7 +295,7 @@ def sft_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stag
                 "final_loss": result.losses[-1], "val_loss": result.val_loss}
 
     fingerprint = {"config": align_config.model_dump(), "data": config.sft_data, "train": results["train"].details}
-    return Stage("sft", fingerprint, [work.sft_run / "checkpoints" / "latest"], go)
+    return Stage("sft", fingerprint, [RunDir(work.sft_run).checkpoints / checkpoint.LATEST], go)
 
 
 def safety_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
@@ -313,7 +316,7 @@ def safety_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> S
 
     fingerprint = {"limit": config.safety_eval_limit, "models": {k: str(v) for k, v in models.items()},
                    "train": results["train"].details, "sft": results["sft"].details if "sft" in results else None}
-    return Stage("safety", fingerprint, [path / "eval" / "safety_harmful.json" for path in models.values()], go)
+    return Stage("safety", fingerprint, [RunDir(path).eval_dir / "safety_harmful.json" for path in models.values()], go)
 
 
 def export_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:

@@ -13,8 +13,8 @@ import torch
 
 from lmforge.align.data import Rows
 from lmforge.align.losses import preference_loss, sequence_logprobs
+from lmforge.device import autocast
 from lmforge.errors import DataError
-from lmforge.train.parallel import autocast
 
 
 class RowLoader:

@@ -56,7 +56,7 @@ def _split(records: list, val_path: str | None, fraction: float, seed: int, read
     return [r for i, r in enumerate(records) if i not in held_out], [r for i, r in enumerate(records) if i in held_out]
 
 
-def _fit(config: AlignConfig, base, tokenizer, source: Path, objective, kind: str, resume: bool,
+def _train(config: AlignConfig, base, tokenizer, source: Path, objective, kind: str, resume: bool,
          env: distributed.DistEnv, overwrite: bool = False) -> TrainResult:
     built = []
     # The starting weights by content (a path may later hold others): before any training.
@@ -115,7 +115,7 @@ def _sft(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite:
                              config.train.micro_batch_size, accum, config.run.seed, env.rank, env.world_size)
     log.info("sft: %d conversations -> %d rows (%s), %d held out", len(train), len(objective.train_rows),
              "packed" if config.data.pack else "padded", len(val))
-    return _fit(config, base, tokenizer, source, objective, "sft", resume, env, overwrite)
+    return _train(config, base, tokenizer, source, objective, "sft", resume, env, overwrite)
 
 
 def run_dpo(config: AlignConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -147,4 +147,4 @@ def _dpo(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite:
                              env.rank, env.world_size)
     base.to("cpu").train()
     log.info("dpo: %d pairs, %d held out, beta %.3g, %s loss", len(train), len(val), config.dpo.beta, config.dpo.loss)
-    return _fit(config, base, tokenizer, source, objective, "dpo", resume, env, overwrite)
+    return _train(config, base, tokenizer, source, objective, "dpo", resume, env, overwrite)

@@ -17,7 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lmforge import device as devices
 from lmforge.errors import ConfigError
+from lmforge.eval.scoring import Scorer
+from lmforge.store.loading import load_model
 
 try:
     # The built-in backends first: the registry only loads them itself while it is empty.
@@ -52,12 +57,7 @@ if TemplateLM is not None:
             **_: Any,
         ):
             super().__init__()
-            import torch
-
-            from lmforge.eval.scoring import Scorer
-            from lmforge.store.loading import load_model
-
-            torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "")
+            torch_dtype = devices.DTYPES.get(dtype or "")
             if str(device).startswith("cuda") and not torch.cuda.is_available():
                 device = "cpu"  # the harness CLI defaults to cuda; run where we can
             model, tokenizer, _ = load_model(pretrained, device, torch_dtype)

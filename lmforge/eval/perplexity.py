@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lmforge.data.loader import WindowLoader
+from lmforge.device import autocast
 from lmforge.errors import DataError
-from lmforge.train.parallel import autocast
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:

@@ -14,24 +14,26 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
 
 from lmforge import __version__, atomic
+from lmforge import device as devices
 from lmforge.config import Section
+from lmforge.data.loader import TokenDataset
 from lmforge.data.readers import expand_inputs, read_documents
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval import perplexity, tasks
 from lmforge.eval.scoring import Scorer
-from lmforge.store import hashes
+from lmforge.store import checkpoint, hashes, token_dataset
 from lmforge.store.hashes import model_hash
+from lmforge.store.loading import eval_dir, load_model
+from lmforge.store.model_dir import is_model_dir
+from lmforge.store.run_dir import CHECKPOINTS_DIR
 
 log = logging.getLogger(__name__)
-
-EVAL_DIR = "eval"
-
 
 class EvalConfig(Section):
     model: str = Field(description="model dir, run dir or checkpoint dir")
@@ -45,7 +47,7 @@ class EvalConfig(Section):
     max_windows: int | None = Field(None, ge=1, description="token datasets: at most N windows")
     batch_size: int = Field(16, ge=1)
     device: str = "cpu"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: devices.DtypeName = "auto"
     seed: int = 1234
     out: str | None = Field(None, description="results dir; default: eval/ of the run or model dir")
     save: bool = True
@@ -54,30 +56,18 @@ class EvalConfig(Section):
         return bool(self.tasks or self.data or self.harness)
 
 
-def eval_dir(model_path: Path) -> Path:
-    """Where a model's results live: its model dir, or the run dir of a checkpoint."""
-    from lmforge.store.loading import resolve_checkpoint
-    from lmforge.store.model_dir import is_model_dir
-
-    if is_model_dir(model_path):
-        return model_path / EVAL_DIR
-    return resolve_checkpoint(model_path).parent.parent / EVAL_DIR
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
 def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
     """Evaluate; return {result name: result}, written to `eval/<name>.json` unless save=False."""
-    from lmforge.store.loading import load_model
-
     if not config.requested():
         shipped = ", ".join(tasks.shipped_tasks())
         raise ConfigError(f"nothing to evaluate: give --tasks (shipped: {shipped}), --data or --harness")
     # Resolve every task before loading the model: a bad file fails in a second.
     task_list = [task for name in config.tasks for task in tasks.resolve_tasks(name)]
-    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+    dtype = devices.stored_or(config.dtype, "eval.dtype")
     model, tokenizer, source = load_model(config.model, config.device, dtype)
     scorer = Scorer(model, tokenizer, config.batch_size)
     common = {
@@ -90,7 +80,7 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
         "lmforge_version": __version__,
         "torch_version": torch.__version__,
         "device": config.device,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": devices.dtype_name(next(model.parameters()).dtype),
     }
     results: dict[str, dict[str, Any]] = {}
 
@@ -152,17 +142,13 @@ def _finite(value: Any) -> float | None:
 
 
 def _step(source: Path) -> int | None:
-    from lmforge.store import checkpoint
-
     match = checkpoint.STEP_DIR.match(source.name)
     return int(match.group(1)) if match else None
 
 
 def _bits_per_byte(item: str, config: EvalConfig, scorer: Scorer) -> dict[str, Any]:
     path = Path(item)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        from lmforge.data.loader import TokenDataset
-
+    if path.is_dir() and token_dataset.manifest_path(path).is_file():
         dataset = TokenDataset(path, config.split)
         if dataset.tokenizer_hash != scorer.tokenizer.hash():
             raise DataError(f"{path} was tokenized with a different tokenizer than the model's; give the raw text instead")
@@ -182,10 +168,8 @@ def _bits_per_byte(item: str, config: EvalConfig, scorer: Scorer) -> dict[str, A
 
 def load_results(model: str) -> dict[str, dict[str, Any]]:
     """Results of a model dir, run dir or checkpoint (its eval/), or of a results dir itself."""
-    from lmforge.store.model_dir import is_model_dir
-
     path = Path(model)
-    is_results_dir = path.is_dir() and not is_model_dir(path) and not (path / "checkpoints").is_dir() and any(path.glob("*.json"))
+    is_results_dir = path.is_dir() and not is_model_dir(path) and not (path / CHECKPOINTS_DIR).is_dir() and any(path.glob("*.json"))
     directory = path if is_results_dir else eval_dir(path)
     results = {}
     for file in sorted(directory.glob("*.json")):

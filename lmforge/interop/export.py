@@ -19,11 +19,12 @@ import yaml
 from pydantic import Field, field_validator
 
 from lmforge import __version__, atomic
+from lmforge import device as devices
 from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.interop import model_card
 from lmforge.model import Transformer
-from lmforge.store import hashes, hf
+from lmforge.store import checkpoint, hashes, hf
 from lmforge.store.adapter import is_adapter_dir
 from lmforge.store.loading import load_model, resolve_model
 from lmforge.store.model_dir import (
@@ -35,14 +36,12 @@ from lmforge.store.model_dir import (
     read_card_lineage,
     save_model_dir,
 )
-from lmforge.store.run_dir import git_commit
+from lmforge.store.run_dir import RunDir, git_commit
 from lmforge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 DType = Literal["float32", "bfloat16", "float16"]
-# Card key: the hash of the model dir's tokenizer.json as written (it differs from the training
-# tokenizer's `tokenizer_hash` by the BOS post-processor); loading checks the two agree.
 
 
 class ExportConfig(Section):
@@ -84,20 +83,24 @@ def source_lineage(source: Path) -> tuple[dict[str, Any], Path | None, int | Non
         parent = read_card_lineage(card) if card.is_file() else {}
         return {"parent": str(source.resolve()), "parent_lineage": parent or None}, None, None, None
     if is_adapter_dir(source):  # RUN/adapter of a LoRA run: lineage from the run, latest step
-        run_dir = source.parent
-        latest = run_dir / "checkpoints" / "latest"
-        state = _read_json(run_dir / "checkpoints" / latest.read_text().strip() / "trainer_state.json") if latest.is_file() else {}
+        run = RunDir(source.parent)
+        try:
+            latest = checkpoint.latest_checkpoint(run.checkpoints)
+        except CheckpointError:
+            latest = None
+        state = _read_json(latest / checkpoint.STATE_FILE) if latest is not None else {}
     else:
-        run_dir = source.parent.parent
-        state = _read_json(source / "trainer_state.json")
-    manifest = _read_json(run_dir / "manifest.json")
+        run = RunDir.of_checkpoint(source)
+        state = _read_json(source / checkpoint.STATE_FILE)
+    run_dir = run.path
+    manifest = _read_json(run.manifest_path)
     step = state.get("step")
     keys = ("kind", "lmforge_version", "git_commit", "torch_version", "dataset", "dataset_manifest_sha256",
             "tokenizer_hash", "parent", "created_at")
     lineage = {"run_dir": str(run_dir.resolve()), "checkpoint": source.name, "step": step}
     lineage.update({f"train_{k}" if k in ("lmforge_version", "git_commit", "torch_version", "created_at") else k:
                     manifest.get(k) for k in keys})
-    config_file = run_dir / "config.yaml"
+    config_file = run.config_path
     training = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
     if step is not None and training is not None:
         tokens = _trained_tokens(training, step)
@@ -140,7 +143,7 @@ def run(config: ExportConfig) -> ExportResult:
     source = resolve_model(config.model)
     check_out_dir(out, source, config.overwrite)
     max_shard_bytes = hf.parse_size(config.max_shard_size)
-    dtype = hf.DTYPES[config.dtype]
+    dtype = devices.dtype(config.dtype, "export.dtype")
     model, tokenizer, source = load_model(source, base=config.base)
     lineage, run_dir, step, training = source_lineage(source)
     lineage.update(

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, field_validator
 
 from lmforge import atomic
+from lmforge import device as devices
 from lmforge.config import Section
 from lmforge.errors import CheckpointError
 from lmforge.interop import model_card
@@ -68,7 +69,7 @@ def run(config: ImportConfig) -> ImportResult:
     architecture = (hf_config.get("architectures") or ["?"])[0]
     check_out_dir(out, source, config.overwrite, MODEL_DIR_KIND if config.to == "model" else CHECKPOINT_RUN_KIND)
     if config.dtype != "auto":
-        dtype = hf.DTYPES[config.dtype]
+        dtype = devices.dtype(config.dtype, "import.dtype")
     else:
         dtype = torch.float32 if config.to == "checkpoint" else None
     model, tokenizer = load_model_dir(source, dtype=dtype, max_seq_len=config.max_seq_len)
@@ -83,14 +84,14 @@ def run(config: ImportConfig) -> ImportResult:
             digests = {f: hashes.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
             card_lineage = {k: origin[k] for k in ("kind", "parent", "architecture", "source_config_sha256",
                                                    "tokenizer_hash", "lmforge_version", "created_at")}
-            return model_card.render(out.resolve().name, model.config, hf.dtype_name(dtype), digests,
+            return model_card.render(out.resolve().name, model.config, devices.dtype_name(dtype), digests,
                                      card_lineage, {}, None)
 
         save_model_dir(out, model, tokenizer, dtype, hf.parse_size(config.max_shard_size), finish)
     else:
         write_checkpoint_run(out, model, tokenizer, origin)
     log.info("imported %s (%s) -> %s", source, architecture, out)
-    return ImportResult(out, architecture, model.config.num_params(), hf.dtype_name(dtype))
+    return ImportResult(out, architecture, model.config.num_params(), devices.dtype_name(dtype))
 
 
 def write_checkpoint_run(out: Path, model, tokenizer, origin: dict) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from lmforge.model import ModelConfig
+from lmforge.store.run_dir import RunDir
 
 
 def _front_matter(lineage: dict[str, Any]) -> str:
@@ -119,7 +120,7 @@ def collect_evals(run_dir: Path | None, step: int | None) -> dict[str, Any]:
     if run_dir is None:
         return {}
     evals: dict[str, Any] = {}
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunDir(run_dir).metrics_path
     if metrics.is_file():
         last = None
         for line in metrics.read_text(encoding="utf-8").splitlines():
@@ -131,7 +132,7 @@ def collect_evals(run_dir: Path | None, step: int | None) -> dict[str, Any]:
                 last = record
         if last is not None:
             evals["validation"] = {k: last[k] for k in ("step", "val_loss", "val_bpb") if k in last}
-    for file in sorted((run_dir / "eval").glob("*.json")):
+    for file in sorted(RunDir(run_dir).eval_dir.glob("*.json")):
         try:
             evals[file.stem] = json.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):

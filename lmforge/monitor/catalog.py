@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from lmforge.errors import DataError
+from lmforge.store.checkpoint import LATEST
+from lmforge.store.run_dir import RunDir
 
 
 @dataclass
@@ -37,7 +39,8 @@ class RunSummary:
 
 
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / "config.yaml").is_file() or (path / "manifest.json").is_file())
+    run = RunDir(path)
+    return path.is_dir() and (run.config_path.is_file() or run.manifest_path.is_file())
 
 
 def find_runs(root: str | os.PathLike) -> list[Path]:
@@ -53,7 +56,7 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    file = path / "metrics.jsonl"
+    file = RunDir(path).metrics_path
     if not file.is_file():
         return []
     records = []
@@ -85,12 +88,13 @@ def summarize(path: str | os.PathLike) -> RunSummary:
     path = Path(path)
     if not is_run_dir(path):
         raise DataError(f"{path} is not a run dir (no config.yaml or manifest.json)")
-    config = _read_yaml(path / "config.yaml")
-    manifest = _read_json(path / "manifest.json")
+    run = RunDir(path)
+    config = _read_yaml(run.config_path)
+    manifest = _read_json(run.manifest_path)
     metrics = read_metrics(path)
     train = [r for r in metrics if "loss" in r]
     val = [r for r in metrics if "val_loss" in r]
-    latest = path / "checkpoints" / "latest"
+    latest = run.checkpoints / LATEST
     checkpoint = latest.read_text().strip() if latest.is_file() else None
     max_steps = config.get("train", {}).get("max_steps")
     step = train[-1]["step"] if train else None
@@ -98,7 +102,7 @@ def summarize(path: str | os.PathLike) -> RunSummary:
         step = max(step or 0, int(checkpoint.removeprefix("step-")))
     status = "no steps" if step is None else "completed" if max_steps and step >= max_steps else "partial"
     evals = {}
-    for file in sorted((path / "eval").glob("*.json")):
+    for file in sorted(run.eval_dir.glob("*.json")):
         result = _read_json(file)
         for metric, value in result.get("metrics", {}).items():
             if isinstance(value, dict) and isinstance(value.get("value"), (int, float)):

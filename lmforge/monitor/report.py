@@ -19,6 +19,9 @@ from typing import Any
 from lmforge import atomic
 from lmforge.errors import ConfigError
 from lmforge.monitor.catalog import _read_json, fmt, read_metrics, summarize
+from lmforge.store import token_dataset
+from lmforge.store.model_dir import MODEL_CARD_FILE
+from lmforge.store.run_dir import RunDir
 
 CURVES = [
     ("loss", "train loss", ["loss"]),
@@ -66,7 +69,7 @@ def _lineage(path: Path, manifest: dict[str, Any]) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     dataset = manifest.get("dataset")
     if dataset:
-        data_manifest = _read_json(Path(dataset) / "manifest.json")
+        data_manifest = _read_json(token_dataset.manifest_path(dataset))
         source = data_manifest.get("source", {})
         if isinstance(source, dict):
             files = source.get("files") or []
@@ -112,7 +115,7 @@ def _curation(manifest: dict[str, Any]) -> str:
 
 
 def _curation_reports(dataset: Path) -> list[Path]:
-    manifest = _read_json(dataset / "manifest.json")
+    manifest = _read_json(token_dataset.manifest_path(dataset))
     source = manifest.get("source", {})
     files = source.get("files", []) if isinstance(source, dict) else []
     dirs = {Path(f.get("path", "") if isinstance(f, dict) else f).parent for f in files}
@@ -133,7 +136,7 @@ def render(run: str | os.PathLike, out: str | os.PathLike | None = None, overwri
     records = read_metrics(path)
     if not records:
         raise ConfigError(f"{path} has no metrics.jsonl records to report")
-    manifest = _read_json(path / "manifest.json")
+    manifest = _read_json(RunDir(path).manifest_path)
     images = []
     with atomic.atomic_dir(out, "report") as tmp:
         for name, title, keys in CURVES:
@@ -148,7 +151,7 @@ def render(run: str | os.PathLike, out: str | os.PathLike | None = None, overwri
             ("best val bits/byte", summary.best_val_bpb), ("latest checkpoint", summary.checkpoint), ("created", summary.created_at),
         ])
         evals = _table(sorted(summary.evals.items())) if summary.evals else "<p>No evaluation results in eval/.</p>"
-        card = path / "model_card.md"
+        card = path / MODEL_CARD_FILE
         card_html = f"<h2>Model card</h2><pre>{html.escape(card.read_text(encoding='utf-8'))}</pre>" if card.is_file() else ""
         config = json.dumps(summary.config, indent=2)
         page = f"""<!doctype html>

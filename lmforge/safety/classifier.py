@@ -27,8 +27,10 @@ from torch import nn
 
 from lmforge import atomic
 from lmforge.config import Section
-from lmforge.data.readers import load_jsonl
 from lmforge.errors import CheckpointError, DataError
+from lmforge.jsonl import load_jsonl
+from lmforge.store.loading import load_model
+from lmforge.store.model_dir import save_model_dir
 
 CLASSIFIER_FILE = "classifier.json"
 SAFE = "safe"
@@ -118,9 +120,6 @@ def _metrics(classifier: TextClassifier, items: list[tuple[str, list[str]]]) -> 
 
 def run(config: ClassifierConfig) -> dict[str, Any]:
     """Train, validate, save; return the validation metrics."""
-    from lmforge.store.loading import load_model
-    from lmforge.store.model_dir import save_model_dir
-
     atomic.check_output_dir(config.out, "moderation classifier", overwrite=config.overwrite,
                             inputs=[config.model, config.data])
     records = read_labelled(config.data)
@@ -170,8 +169,6 @@ def run(config: ClassifierConfig) -> dict[str, Any]:
 
 
 def load_classifier(directory: str | os.PathLike) -> TextClassifier:
-    from lmforge.store.loading import load_model
-
     directory = Path(directory)
     try:
         meta = json.loads((directory / CLASSIFIER_FILE).read_text(encoding="utf-8"))

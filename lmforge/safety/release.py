@@ -17,8 +17,8 @@ the model card. `lmforge serve` refuses a model whose release record is missing,
 or was made for different weights.
 
 "These weights" means the weight files evaluated: the record's `weight_files` maps each
-file's name to its sha256 (a model dir's safetensors, a checkpoint's DCP `.metadata` and
-`*.distcp`), so `check_released` compares files without loading the model (serving loads it
+file's name to its sha256 (`store.weights`: a model dir's safetensors, a checkpoint's DCP
+files), so `check_released` compares files without loading the model (serving loads it
 once, after the gate). A record from before `weight_files` existed (it has only
 `model_hash`, of the loaded tensors) is refused with a request to run `lmforge release`
 again, rather than loading the model a second time to hash it.
@@ -38,13 +38,12 @@ from pydantic import Field, model_validator
 from lmforge import __version__, atomic
 from lmforge.config import Section, build, read_yaml
 from lmforge.errors import CheckpointError
-from lmforge.eval.runner import EvalConfig, eval_dir
+from lmforge.eval.runner import EvalConfig
 from lmforge.eval.runner import run as run_eval
 from lmforge.shipped import config_path
-from lmforge.store import hashes, hf
-from lmforge.store.adapter import is_adapter_dir
-from lmforge.store.loading import resolve_model
-from lmforge.store.model_dir import is_model_dir
+from lmforge.store import hashes
+from lmforge.store.loading import records_dir
+from lmforge.store.weights import weight_file_hashes
 
 RELEASE_FILE = "release.json"
 
@@ -86,23 +85,7 @@ def load_policy(path: str | os.PathLike) -> tuple[ReleasePolicy, str]:
 
 def record_dir(model: str | os.PathLike) -> Path:
     """Where a model's release record lives: its model dir, or the run dir of a checkpoint."""
-    return eval_dir(Path(model)).parent
-
-
-def weight_files(model: str | os.PathLike) -> list[Path]:
-    """The files a model's weights are read from: a model dir's (or adapter dir's) safetensors,
-    or the DCP files of a checkpoint (`.metadata` + shards; not its trainer state)."""
-    path = resolve_model(model)
-    if is_model_dir(path):
-        return hf.weight_files(path)
-    if is_adapter_dir(path):  # its base is checked by hash whenever the adapter loads
-        return sorted(path.glob("*.safetensors"))
-    return sorted([path / ".metadata", *path.glob("*.distcp")])
-
-
-def weight_file_hashes(model: str | os.PathLike) -> dict[str, str]:
-    """{file name: sha256} of `weight_files(model)`: what a release record vouches for."""
-    return {file.name: hashes.sha256_file(file) for file in weight_files(model)}
+    return records_dir(model)
 
 
 def run(model: str, policy_path: str, device: str = "cpu") -> ReleaseResult:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lmforge.config import Section
+from lmforge.device import DtypeName
 
 
 class EngineConfig(Section):
@@ -14,7 +15,7 @@ class EngineConfig(Section):
     max_model_len: int | None = Field(None, ge=2, description="tokens per sequence; None: the model's context")
     prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens computed per step, over all prefills")
     device: str = Field("auto", description="auto: cuda if available, else cpu")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    dtype: DtypeName = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the blocks for decoding (falls back with a warning)")
     backend: Literal["lmforge", "vllm"] = Field("lmforge", description="vllm: serve an exported model dir with vLLM (GPU)")
     vllm_args: dict[str, Any] = Field(default_factory=dict, description="backend vllm: extra vllm.AsyncEngineArgs keywords")

@@ -11,6 +11,7 @@ import logging
 
 import uvicorn
 
+from lmforge.device import dtype_name
 from lmforge.device import resolve as resolve_device
 from lmforge.safety.release import check_released
 from lmforge.serve.app import create_app
@@ -35,6 +36,6 @@ def run(config: ServeConfig) -> None:
     engine = Engine.from_path(config.model, config.engine)
     app = create_app(engine, config, moderator=moderator)
     log.info("serving %s as %r on http://%s:%d (device %s, %s)", config.model, app.state.gateway.model_name,
-             config.server.host, config.server.port, engine.device, str(engine.dtype).removeprefix("torch."))
+             config.server.host, config.server.port, engine.device, dtype_name(engine.dtype))
     uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
                 timeout_graceful_shutdown=int(config.server.graceful_shutdown_s) or None)

@@ -22,10 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lmforge import device as devices
 from lmforge.errors import ConfigError
+from lmforge.serve.backend import BaseEngine, EngineStats, RequestHandle, RequestOutput
 from lmforge.serve.config import EngineConfig
-from lmforge.serve.engine import BaseEngine, EngineStats, RequestHandle, RequestOutput
 from lmforge.serve.sampling import SamplingParams, TokenLogprob
+from lmforge.store.model_dir import is_model_dir, read_model_config
+from lmforge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +55,6 @@ class VllmEngine(BaseEngine):
             import vllm
         except ImportError:
             raise ConfigError("engine.backend=vllm needs vLLM: pip install vllm (CUDA)") from None
-        from lmforge.store.model_dir import is_model_dir, read_model_config
-        from lmforge.tokenizer import load_tokenizer
 
         path = Path(path)
         if not is_model_dir(path):
@@ -61,7 +64,7 @@ class VllmEngine(BaseEngine):
         self.tokenizer = load_tokenizer(path)
         self.max_len = min(config.max_model_len or model_config.max_seq_len, model_config.max_seq_len)
         self.vocab_size = model_config.vocab_size
-        self.device, self.dtype = "cuda", config.dtype if config.dtype != "auto" else "bfloat16"
+        self.device, self.dtype = "cuda", devices.dtype_name(devices.inference_dtype(config.dtype, torch.device("cuda")))
         self.model = None
         args = {"model": str(path), "tokenizer": str(path), "max_model_len": self.max_len,
                 "max_num_seqs": config.max_num_seqs, "dtype": self.dtype, "seed": 0,

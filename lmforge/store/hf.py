@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmforge import atomic
+from lmforge.device import dtype_name
 from lmforge.errors import CheckpointError
 from lmforge.model.config import ModelConfig, RopeScaling
 
@@ -36,13 +37,6 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 # ---------------------------------------------------------------------------- config.json
 
 

@@ -23,7 +23,7 @@ from lmforge.device import resolve as resolve_device
 from lmforge.errors import CheckpointError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.store import adapter, checkpoint, model_dir
-from lmforge.store.run_dir import RunDir
+from lmforge.store.run_dir import EVAL_DIR, RunDir
 from lmforge.tokenizer import LmTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,20 @@ def resolve_model(path: str | os.PathLike) -> Path:
     return resolve_checkpoint(path)
 
 
+def records_dir(path: str | os.PathLike) -> Path:
+    """The dir that holds a model's records (eval results, release record, card): a model dir
+    itself, or the run dir of a run dir or checkpoint."""
+    path = Path(path)
+    if model_dir.is_model_dir(path):
+        return path
+    return RunDir.of_checkpoint(resolve_checkpoint(path)).path
+
+
+def eval_dir(path: str | os.PathLike) -> Path:
+    """Where a model's evaluation results live: `eval/` in its model dir or run dir."""
+    return records_dir(path) / EVAL_DIR
+
+
 def check_tokenizer(tokenizer: LmTokenizer, recorded: str | None, weights: Path) -> None:
     """Refuse weights whose recorded tokenizer hash is not the hash of the tokenizer beside them."""
     if not recorded:
@@ -68,11 +82,6 @@ def _model_dir_tokenizer_hash(path: Path) -> str | None:
     """The hash of its tokenizer that `lmforge export` recorded in a model dir's card, if any."""
     card = path / model_dir.MODEL_CARD_FILE
     return model_dir.read_card_lineage(card).get(model_dir.TOKENIZER_JSON_HASH) if card.is_file() else None
-
-
-def _manifest_tokenizer_hash(run_dir: Path) -> str | None:
-    """Checkpoints written before they recorded their tokenizer: the run's manifest did."""
-    return RunDir(run_dir).read_manifest().get("tokenizer_hash")
 
 
 def load_model(
@@ -96,9 +105,9 @@ def load_model(
         return adapter.merge(wrapped).to(device=device, dtype=dtype).eval(), tokenizer, Path(path)
     ckpt = resolve_checkpoint(path)
     state = checkpoint.read_state(ckpt)
-    run_dir = ckpt.parent.parent
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    check_tokenizer(tokenizer, state.get("tokenizer_hash") or _manifest_tokenizer_hash(run_dir), ckpt)
+    run_dir = RunDir.of_checkpoint(ckpt)
+    tokenizer = load_tokenizer(run_dir.tokenizer)
+    check_tokenizer(tokenizer, state.get("tokenizer_hash") or run_dir.read_manifest().get("tokenizer_hash"), ckpt)
     if state.get("lora"):
         return _load_lora(ckpt, state, base).to(device=device, dtype=dtype).eval(), tokenizer, ckpt
     try:
@@ -118,7 +127,7 @@ def _load_lora(ckpt: Path, state: dict, base: str | os.PathLike | None = None) -
     """A LoRA run's checkpoint holds only adapters: find its base (verified by hash), load them, merge."""
     record = {"path": state.get("init_from"), "relative": state.get("init_from_relative"),
               "sha256": state.get("init_from_weights_sha256")}
-    model, _, _ = load_base(f"checkpoint {ckpt} (LoRA adapters)", record, ckpt.parent.parent, base)
+    model, _, _ = load_base(f"checkpoint {ckpt} (LoRA adapters)", record, RunDir.of_checkpoint(ckpt).path, base)
     wrapped = adapter.apply_lora(model, adapter.LoraSettings.model_validate(state["lora"]))
     checkpoint.load(ckpt, wrapped, trainable_only=True)
     return adapter.merge(wrapped)

@@ -36,7 +36,9 @@ from lmforge.tokenizer import (
 )
 
 MODEL_CARD_FILE = "model_card.md"
-TOKENIZER_JSON_HASH = "tokenizer_json_hash"  # the card lineage key of the tokenizer.json hash
+# Card lineage key: the hash of the model dir's tokenizer.json as written (it differs from the
+# training tokenizer's `tokenizer_hash` by the BOS post-processor); loading checks the two agree.
+TOKENIZER_JSON_HASH = "tokenizer_json_hash"
 MODEL_DIR_KIND = "model dir"  # the output marker's kind (atomic.check_output_dir)
 # Files of an imported tokenizer that are copied as they are when it is written again.
 _TOKENIZER_SIDE_FILES = (TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "chat_template.jinja")

@@ -31,11 +31,18 @@ import yaml
 from lmforge import __version__, atomic
 from lmforge.config import to_yaml
 
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+TOKENIZER_DIR = "tokenizer"
+EVAL_DIR = "eval"
+
 # What lmforge writes into a run dir (the trainer, eval, report, release, alerts and
 # trackers): what `--overwrite` removes. Files a user put there are left alone.
 RUN_ENTRIES = (
-    "config.yaml", "manifest.json", "metrics.jsonl", "tb", "tokenizer", "checkpoints", "alerts.jsonl",
-    "profile", "adapter", "eval", "report", "release.json", "model_card.md", "mlflow.db", "wandb",
+    CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, "tb", TOKENIZER_DIR, CHECKPOINTS_DIR, "alerts.jsonl",
+    "profile", "adapter", EVAL_DIR, "report", "release.json", "model_card.md", "mlflow.db", "wandb",
 )
 
 
@@ -67,30 +74,49 @@ def lineage(**extra: Any) -> dict[str, Any]:
 
 
 class RunDir:
+    """Paths inside `runs/<name>/` and the reads and writes of its files."""
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | os.PathLike) -> RunDir:
+        """The run dir a checkpoint dir (`RUN/checkpoints/step-N`) belongs to."""
+        return cls(Path(checkpoint).parent.parent)
+
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS_DIR
 
     @property
     def tokenizer(self) -> Path:
-        return self.path / "tokenizer"
+        return self.path / TOKENIZER_DIR
 
     @property
     def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / METRICS_FILE
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_FILE
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / EVAL_DIR
 
     def write_config(self, config) -> None:
-        atomic.write_text(self.path / "config.yaml", to_yaml(config))
+        atomic.write_text(self.config_path, to_yaml(config))
 
     def write_manifest(self, manifest: dict) -> None:
-        atomic.write_json(self.path / "manifest.json", manifest)
+        atomic.write_json(self.manifest_path, manifest)
 
     def read_config(self) -> dict | None:
         """The resolved config the run was started with, as plain data; None without config.yaml."""
-        path = self.path / "config.yaml"
+        path = self.config_path
         if not path.is_file():
             return None
         try:
@@ -101,7 +127,7 @@ class RunDir:
 
     def read_manifest(self) -> dict:
         try:
-            data = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}

@@ -1,5 +1,4 @@
-"""Device, precision, compilation, activation checkpointing and data parallelism (DDP or
-FSDP2), applied to the model from outside (torchtitan style): the model file holds none of it.
+"""Compilation, activation checkpointing and data parallelism (DDP or FSDP2), applied to the model from outside (torchtitan style): the model file holds none of it.
 
 Order matters and follows torchtitan: activation checkpointing wraps each block, then
 torch.compile compiles each (wrapped) block, then DDP or FSDP2 wraps the whole. State-dict
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lmforge import device as devices
+from lmforge.device import compile_unavailable
 from lmforge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -24,51 +23,6 @@ if TYPE_CHECKING:
     from lmforge.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    return devices.resolve(name, "train.device")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on CPU."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX512_BF16", "AMX"):
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("train.dtype=bf16 but this GPU has no bf16 support (allowed: fp32)")
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision: weights and optimizer state stay fp32, matmuls run in `dtype`."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def compile_unavailable(device: torch.device) -> str | None:
-    """Why torch.compile cannot run here (e.g. no C++ compiler for inductor on CPU), or None."""
-    try:
-        probe = torch.compile(lambda x: x * 2 + 1)
-        probe(torch.ones(4, device=device))
-    except Exception as err:  # noqa: BLE001 - any failure means: train without it
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        return f"{type(err).__name__}: {first}"
-    return None
 
 
 def apply_compile(model: nn.Module) -> None:

@@ -107,7 +107,7 @@ class Trainer:
 
     def setup(self, resume: bool = False, overwrite: bool = False) -> None:
         """Check the config, claim the run dir, build the model and optimizers, load the checkpoint
-        to resume from, record the run and open its monitors. Errors here leave the run dir as it was."""
+        to resume from, record the run and open its monitors."""
         env, objective = self.env, self.objective
         if env.world_size > 1 and not objective.sharded:
             raise ConfigError(f"{objective.kind} runs on one process for now (got {env.world_size}; use parallel.strategy=single)")
