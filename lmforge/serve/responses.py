@@ -1,9 +1,91 @@
-"""Log-probs in the two OpenAI layouts: legacy completions and chat."""
+"""OpenAI's response shapes: whole completions and chat replies, refusals, SSE events, and
+log-probs in the two layouts (legacy completions and chat)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from lmforge.serve.engine import RequestOutput
+from lmforge.serve.gateway import Job
 from lmforge.serve.sampling import TokenLogprob
 from lmforge.tokenizer import LmTokenizer
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event: a JSON object, or the literal `[DONE]`."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def completion_response(job: Job, body, results: list[list[RequestOutput]], texts: list[str],
+                              prompts: list[list[int]]) -> dict:
+    g = job.gateway
+    choices = []
+    for index, outs in enumerate(results):
+        p = index // body.n
+        text, reason = await job.moderated_output("".join(o.text for o in outs), outs[-1].finish_reason)
+        logprobs = None
+        if body.logprobs is not None:
+            prompt_lp = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
+            logprobs = completion_logprobs(
+                g.tokenizer, [lp for o in outs for lp in (o.logprobs or [])],
+                prompts[p] if body.echo else None, prompt_lp,
+            )
+        if body.echo:
+            text = texts[p] + text
+        choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
+    return {"id": job.id, "object": "text_completion", "created": job.created, "model": g.model_name,
+            "choices": choices, "usage": job.usage}
+
+
+async def chat_response(job: Job, body, results: list[list[RequestOutput]]) -> dict:
+    g = job.gateway
+    choices = []
+    for index, outs in enumerate(results):
+        text, reason = await job.moderated_output("".join(o.text for o in outs), outs[-1].finish_reason)
+        logprobs = None
+        if body.logprobs:
+            logprobs = {"content": chat_logprobs(g.tokenizer, [lp for o in outs for lp in (o.logprobs or [])])}
+        choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                        "logprobs": logprobs, "finish_reason": reason})
+    return {"id": job.id, "object": "chat.completion", "created": job.created, "model": g.model_name,
+            "choices": choices, "usage": job.usage}
+
+
+def refusal(job: Job, body, choices: int) -> dict | StreamingResponse:
+    """A blocked input answered as a reply (`moderation.on_block: refusal`): the engine never runs."""
+    g = job.gateway
+    message = g.config.moderation.refusal_message
+    job.finish_reasons = ["content_filter"] * choices
+    g.metrics.finished.labels("content_filter").inc(choices)
+    head = {"id": job.id, "created": job.created, "model": g.model_name}
+    if job.chat:
+        whole = [{"index": i, "message": {"role": "assistant", "content": message}, "logprobs": None,
+                  "finish_reason": "content_filter"} for i in range(choices)]
+        parts = [{"index": i, "delta": {"role": "assistant", "content": message}, "logprobs": None,
+                  "finish_reason": "content_filter"} for i in range(choices)]
+    else:
+        whole = parts = [{"index": i, "text": message, "logprobs": None, "finish_reason": "content_filter"}
+                         for i in range(choices)]
+    job.audit(200)
+    if not body.stream:
+        return {**head, "object": "chat.completion" if job.chat else "text_completion", "choices": whole,
+                "usage": job.usage}
+    kind = "chat.completion.chunk" if job.chat else "text_completion"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        for part in parts:
+            yield sse({**head, "object": kind, "choices": [part], **({"usage": None} if include_usage else {})})
+        if include_usage:
+            yield sse({**head, "object": kind, "choices": [], "usage": job.usage})
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def completion_logprobs(

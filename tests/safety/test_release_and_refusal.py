@@ -112,7 +112,7 @@ def test_the_gate_passes_a_model_that_meets_the_thresholds_and_serve_accepts_it(
     assert [(c["metric"], c["value"], c["passed"]) for c in record["checks"]] == [
         ("mc/acc", pytest.approx(scores["mc/acc"]), True), ("mc/acc_norm", pytest.approx(scores["mc/acc_norm"]), True)]
     assert record["policy_sha256"] == release.load_policy(policy)[1]
-    assert record["model_hash"] == model_hash(load_model(model_dir)[0])  # the weights, hashed as serve hashes them
+    assert record["model_hash"] == model_hash(load_model(model_dir)[0])  # the loaded tensors, as eval records them
     assert "## Release" in (model_dir / "model_card.md").read_text() and "PASSED" in (model_dir / "README.md").read_text()
     # What `lmforge serve` checks before it loads the engine: the weight files, hashed unloaded.
     assert record["weight_files"] == {"model.safetensors": sha256_file(model_dir / "model.safetensors")}

@@ -37,7 +37,7 @@ def model_dir(trained_run, tmp_path_factory):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM and CUDA")
 def test_vllm_backend_matches_the_builtin_engine_and_serves_the_openai_client(model_dir, tmp_path):
-    from lmforge.serve.server import create_app
+    from lmforge.serve.app import create_app
     from tests.serve.conftest import KEY, MODEL_NAME, start
 
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)

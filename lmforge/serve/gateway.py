@@ -1,0 +1,134 @@
+"""What the routes share (`Gateway`), and one generation request's bookkeeping (`Job`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import Request
+
+from lmforge.serve.admission import Admission
+from lmforge.serve.audit import AuditLog
+from lmforge.serve.config import ServeConfig
+from lmforge.serve.engine import Engine, RequestOutput
+from lmforge.serve.hooks import AllowAll, Decision, Moderator, load_moderator
+from lmforge.serve.metrics import ServeMetrics
+from lmforge.serve.output_checks import OutputCheckBatcher
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """The engine, admission checks, metrics, audit log and moderator, shared by every route."""
+
+    def __init__(self, engine: Engine, config: ServeConfig, moderator: Moderator | None = None,
+                 model_name: str | None = None):
+        self.engine, self.config, self.tokenizer = engine, config, engine.tokenizer
+        self.model_name = model_name or config.server.model_name or Path(config.model or "lmforge").name
+        self.metrics = ServeMetrics(engine)
+        self.admission = Admission(engine, config, self.metrics, self.model_name)
+        self.audit = AuditLog(config.audit.path) if config.audit.path else None
+        m = config.moderation
+        self.moderator = moderator or load_moderator(m.hook, m.options, m.policy)
+        batched = getattr(self.moderator, "check_outputs", None)
+        self.output_checks = OutputCheckBatcher(batched) if callable(batched) else None
+        self.created = int(time.time())
+
+    @property
+    def moderates(self) -> bool:
+        return not isinstance(self.moderator, AllowAll)
+
+    async def moderate(self, job: Job, direction: str, texts: list[str], final: bool = True) -> Decision:
+        """The moderator's decision on a request's input texts or one choice's output so far.
+
+        Counted (Prometheus, audit) when `final` or blocking: a stream is checked at every
+        window, but only its last check or its block is a decision about the reply."""
+        if direction == "input":
+            decision = await self._call(self.moderator.check_input, texts)
+        elif self.output_checks is not None:
+            decision = await self.output_checks.check(texts[0])
+        else:
+            decision = await self._call(self.moderator.check_output, texts[0])
+        if final or not decision.allowed:
+            for category, action in decision.actions.items():
+                self.metrics.moderation.labels(direction, category, action).inc()
+            if not decision.allowed and not decision.actions:  # a hook that gives no categories
+                for category in decision.categories or ["unspecified"]:
+                    self.metrics.moderation.labels(direction, category, "block").inc()
+            if decision.action != "allow":
+                job.moderation.append(f"{direction} {decision.action}: {decision.reason or ', '.join(decision.categories)}")
+        return decision
+
+    async def _call(self, fn, arg):
+        if not self.moderates:
+            return fn(arg)
+        return await asyncio.to_thread(fn, arg)  # a classifier must not block the event loop
+
+    def record(self, **fields) -> None:
+        if self.audit is not None:
+            self.audit.record(model=self.model_name, **fields)
+
+
+class Job:
+    """One generation request in flight: its prompts, handles and bookkeeping for metrics/audit."""
+
+    def __init__(self, gateway: Gateway, request: Request, chat: bool):
+        self.gateway, self.request, self.chat = gateway, request, chat
+        self.arrival = time.monotonic()
+        self.route = "/v1/chat/completions" if chat else "/v1/completions"
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.key_id: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.moderation: list[str] = []  # what moderation did, for the audit log
+        self.finish_reasons: list[str] = []
+        self.ticket = None
+        self.first_token_at: float | None = None
+
+    @property
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def audit(self, status: int, error: str | None = None) -> None:
+        g = self.gateway
+        g.admission.settle(self.ticket, self.prompt_tokens + self.completion_tokens)
+        g.record(request_id=self.id, key_id=self.key_id, route=self.route, prompt_tokens=self.prompt_tokens,
+                 completion_tokens=self.completion_tokens, latency_ms=(time.monotonic() - self.arrival) * 1000,
+                 status=status, finish_reason=",".join(sorted(set(self.finish_reasons))) or None,
+                 moderation="; ".join(self.moderation) or "allowed", error=error)
+
+    def observe(self, output: RequestOutput, last_at: dict[int, float], index: int) -> None:
+        now = time.monotonic()
+        m = self.gateway.metrics
+        if output.token_ids:
+            if self.first_token_at is None:
+                self.first_token_at = now
+                m.ttft.observe(now - self.arrival)
+            elif index in last_at:
+                m.itl.observe((now - last_at[index]) / len(output.token_ids))
+            last_at[index] = now
+            self.completion_tokens += len(output.token_ids)
+            m.generation_tokens.inc(len(output.token_ids))
+        if output.finished and output.finish_reason:
+            self.finish(output.finish_reason)
+
+    def finish(self, reason: str) -> None:
+        self.finish_reasons.append(reason)
+        self.gateway.metrics.finished.labels(reason).inc()
+
+    async def moderated_output(self, text: str, reason: str | None) -> tuple[str, str | None]:
+        """A whole (non-streamed) choice's text and finish reason after output moderation."""
+        if not self.gateway.moderates:
+            return text, reason
+        decision = await self.gateway.moderate(self, "output", [text])
+        if not decision.allowed:
+            if reason in self.finish_reasons:
+                self.finish_reasons.remove(reason)
+            self.finish("content_filter")
+            return "", "content_filter"
+        return (decision.redacted[0] if decision.redacted else text), reason
