@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from lmforge.data import readers
+from lmforge import jsonl
 from lmforge.errors import DataError, LmforgeError
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import LmTokenizer, check_messages
@@ -36,7 +36,7 @@ def _messages(value: Any, default_role: str, where: str) -> list[dict[str, str]]
 def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict[str, str]]]]:
     """(where, messages) per record; each conversation must contain an assistant turn."""
     out = []
-    for number, record in readers.load_jsonl(path):
+    for number, record in jsonl.load_jsonl(path):
         where = f"{path}:{number}"
         if "messages" not in record:
             raise DataError(f"{where}: record has no 'messages' (fields: {', '.join(record) or 'none'})")
@@ -50,7 +50,7 @@ def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict[str
 def read_preferences(path: str | os.PathLike) -> list[tuple[str, list[dict], list[dict], list[dict]]]:
     """(where, prompt, chosen, rejected); strings become a user prompt / assistant replies."""
     out = []
-    for number, record in readers.load_jsonl(path):
+    for number, record in jsonl.load_jsonl(path):
         where = f"{path}:{number}"
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
         if missing:

@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from lmforge import jsonl
 from lmforge.config import Section, build, read_yaml
-from lmforge.data import readers
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.scoring import Scorer
 from lmforge.shipped import resolve_path
@@ -112,7 +112,7 @@ def resolve_task(name_or_path: str) -> Task:
 
 
 def infer_spec(path: Path) -> TaskSpec:
-    number, first = readers.load_jsonl(path, "task data")[0]
+    number, first = jsonl.load_jsonl(path, "task data")[0]
     name = path.name.split(".")[0]
     if "endings" in first:
         context = "context" if "context" in first else "ctx"
@@ -140,7 +140,7 @@ def _format(spec: TaskSpec, path: Path, line: int, record: dict[str, Any]) -> st
 
 def load_examples(spec: TaskSpec, path: Path) -> list[Example]:
     examples = []
-    for line, record in readers.load_jsonl(path, "task data"):
+    for line, record in jsonl.load_jsonl(path, "task data"):
         prompt = _format(spec, path, line, record)
         if spec.type == "refusal":
             examples.append(Example(line, record, prompt, answer=spec.expect))

@@ -20,15 +20,9 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.readers.base import BaseReader
 
 from lmforge.data.curate.audit import Ledger
-from lmforge.data.readers import (
-    JSONL_SUFFIXES,
-    PARQUET_SUFFIXES,
-    SUPPORTED,
-    TEXT_SUFFIXES,
-    BadLine,
-    iter_jsonl,
-)
+from lmforge.data.readers import JSONL_SUFFIXES, PARQUET_SUFFIXES, SUPPORTED, TEXT_SUFFIXES
 from lmforge.errors import DataError
+from lmforge.jsonl import BadLine, iter_jsonl
 from lmforge.shipped import resolve_path
 
 # A text whose share of control characters (other than \n \r \t \f) passes this is binary junk.
