@@ -1,0 +1,119 @@
+"""Inference verbs: `generate`, `chat` and `serve` (the OpenAI-compatible gateway)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from lmforge.cli.common import ConfigArgs, build_config, flags
+from lmforge.errors import ConfigError
+
+Model = Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+Compile = Annotated[bool, typer.Option(help="torch.compile the decode step")]
+
+
+def _engine_and_params(model: str, device: str, compile: bool, **sampling):
+    """The inference engine (one sequence) on MODEL and validated sampling parameters."""
+    from lmforge.serve.config import EngineConfig
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(**sampling)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    engine = Engine.from_path(model, EngineConfig(max_num_seqs=1, device=device, compile=compile))
+    return engine, params
+
+
+def generate(
+    model: Model,
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "",
+    max_tokens: int = 128,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    device: Device = "cpu",
+    compile: Compile = False,
+):
+    """Sample a continuation of PROMPT with the inference engine (KV cache, streaming)."""
+    engine, params = _engine_and_params(model, device, compile, max_tokens=max_tokens, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, seed=seed, stop=stop or [],
+                                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+    with engine:
+        handle = engine.submit(prompt, params)
+        typer.echo(prompt, nl=False)
+        for output in handle:
+            typer.echo(output.text, nl=False)
+        typer.echo()
+
+
+def chat(
+    model: Model,
+    system: Annotated[str | None, typer.Option(help="system message")] = None,
+    max_tokens: int = 256,
+    temperature: float = 0.7,
+    top_k: int | None = None,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    device: Device = "cpu",
+    compile: Compile = False,
+):
+    """Chat in the terminal (or over a pipe: one user turn per line). /reset clears, /exit quits."""
+    from lmforge.chat import ChatSession
+
+    engine, params = _engine_and_params(model, device, compile, max_tokens=max_tokens, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, seed=seed)
+    session = ChatSession(engine, params, system)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            typer.echo("you> ", nl=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            session.reset()
+            continue
+        if not text.strip():
+            continue
+        typer.echo("assistant> ", nl=False)
+        for piece in session.send(text):
+            typer.echo(piece, nl=False)
+        typer.echo()
+    engine.shutdown(drain=False)
+
+
+def serve(
+    model: Model,
+    args: ConfigArgs = None,
+    host: Annotated[str | None, typer.Option(help="address to bind (server.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (server.port)")] = None,
+    api_keys_file: Annotated[str | None, typer.Option(help="lines of name:key or name:sha256:HEX")] = None,
+    device: Annotated[str | None, typer.Option(help="engine.device: auto, cpu, cuda")] = None,
+    allow_unreleased: Annotated[bool, typer.Option(
+        "--allow-unreleased", help="serve without a passing `lmforge release` record (allow_unreleased)")] = False,
+):
+    """OpenAI-compatible server: /v1/completions, /v1/chat/completions, /metrics, ... (Ctrl-C drains).
+
+    The model needs a passing release record for its weights (`lmforge release MODEL --policy ...`)
+    unless --allow-unreleased is given."""
+    from lmforge.serve import server
+    from lmforge.serve.config import ServeConfig
+
+    given: dict[str, Any] = flags(model=model, allow_unreleased=allow_unreleased)  # ServeConfig nests the rest
+    if host is not None or port is not None:
+        given["server"] = flags(host=host, port=port)
+    if api_keys_file is not None:
+        given["auth"] = {"api_keys_file": api_keys_file}
+    if device is not None:
+        given["engine"] = {"device": device}
+    server.run(build_config(ServeConfig, args, given))

@@ -1,0 +1,79 @@
+"""Safety verbs: `release` (the gate's record), `redteam` (garak against a server), `train-classifier`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmforge.cli.common import ConfigArgs, build_config, flags, print_table, split_list
+
+
+def release(
+    model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")],
+    policy: Annotated[str, typer.Option(help="release policy YAML (evals and thresholds)")],
+    device: str = "cpu",
+):
+    """Run a release policy's evals and thresholds; write release.json (exit 1 if it fails)."""
+    from lmforge.safety import release as gate
+
+    result = gate.run(model, policy, device)
+    rows = [[c["metric"], "-" if c["value"] is None else f"{c['value']:.4f}",
+             "" if c["min"] is None else str(c["min"]), "" if c["max"] is None else str(c["max"]),
+             "pass" if c["passed"] else "FAIL"] for c in result.record["checks"]]
+    print_table(f"release policy {result.record['policy']}", ["metric", "value", "min", "max", "result"], rows)
+    typer.echo(f"{'PASSED' if result.passed else 'FAILED'}: {result.path}")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def redteam(
+    url: Annotated[str, typer.Argument(help="the server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")],
+    out: Annotated[str, typer.Option(help="dir for redteam.json/.md and garak's files")],
+    model_name: Annotated[str, typer.Option(help="the model id the server serves")] = "lmforge",
+    probes: Annotated[str, typer.Option(help="default, smoke, or comma-separated garak probes")] = "default",
+    garak: Annotated[str | None, typer.Option(help="python of garak's venv (default: $LMFORGE_GARAK_PYTHON or .venv-garak/bin/python)")] = None,
+    api_key_env: Annotated[str, typer.Option(help="env var holding the server's API key")] = "LMFORGE_REDTEAM_KEY",
+    generations: int = 1,
+    prompt_cap: Annotated[int | None, typer.Option(help="at most this many prompts per probe")] = None,
+    max_tokens: int = 150,
+    report: Annotated[str | None, typer.Option(help="summarize this garak report.jsonl instead of running garak")] = None,
+):
+    """Red-team a running `lmforge serve` with garak's offline probes; summarize its report (docs/redteam.md)."""
+    from lmforge.safety import redteam as rt
+
+    if report is not None:
+        summary = rt.summarize(Path(report))
+        rt.write_summary(summary, Path(out))
+    else:
+        chosen = {"default": rt.DEFAULT_PROBES, "smoke": rt.SMOKE_PROBES}.get(probes) or split_list([probes])
+        python = garak or os.environ.get("LMFORGE_GARAK_PYTHON") or ".venv-garak/bin/python"
+        summary = rt.run_garak(url, model_name, Path(out), chosen, python, generations, os.environ.get(api_key_env),
+                               prompt_cap=prompt_cap, max_tokens=max_tokens)
+    typer.echo(rt.summary_markdown(summary))
+
+
+def train_classifier(
+    model: Annotated[str, typer.Argument(help="base lmforge model: model dir, run dir or checkpoint")],
+    args: ConfigArgs = None,
+    data: Annotated[str | None, typer.Option(help="labelled JSONL: text + labels / label")] = None,
+    out: Annotated[str | None, typer.Option(help="classifier dir to write")] = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    train_base: Annotated[bool, typer.Option(help="fine-tune the whole model, not only the head")] = False,
+    threshold: float | None = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an --out dir that is not an lmforge classifier")] = False,
+):
+    """Train a moderation classifier (a head on an lmforge model) from labelled JSONL."""
+    from lmforge.safety import classifier
+
+    config = build_config(classifier.ClassifierConfig, args, flags(
+        model=model, data=data, out=out, epochs=epochs, lr=lr, train_base=train_base, threshold=threshold,
+        overwrite=overwrite,
+    ))
+    metrics = classifier.run(config)
+    for name, values in metrics.get("categories", {}).items():
+        typer.echo(f"{name}: precision {values['precision']}, recall {values['recall']} (support {values['support']})")
+    typer.echo(f"classifier -> {config.out}")
