@@ -43,6 +43,7 @@ from lmforge.eval.runner import run as run_eval
 from lmforge.shipped import config_path
 from lmforge.store import hashes
 from lmforge.store.loading import records_dir
+from lmforge.store.model_dir import MODEL_CARD_FILE
 from lmforge.store.weights import weight_file_hashes
 
 RELEASE_FILE = "release.json"
@@ -118,7 +119,7 @@ def run(model: str, policy_path: str, device: str = "cpu") -> ReleaseResult:
     directory = record_dir(model)
     path = directory / RELEASE_FILE
     atomic.write_json(path, record)
-    _append_to_card(directory / "model_card.md", record)
+    _append_to_card(directory / MODEL_CARD_FILE, record)
     return ReleaseResult(record["passed"], record, path)
 
 
