@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.sections import write_section  # noqa: E402
+from lmforge import device as devices  # noqa: E402
 from lmforge.device import autocast  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.presets import PRESETS  # noqa: E402
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = devices.dtype(args.dtype, "--dtype")
     config = build_config(args)
     tokens_per_step = args.batch_size * args.seq_len
     fpt = config.flops_per_token(args.seq_len)
