@@ -43,6 +43,15 @@ def resolve(name: str | torch.device, key: str = "device") -> torch.device:
     return device
 
 
+def rank_device(name: str, local_rank: int, key: str = "train.device") -> torch.device:
+    """A training rank's device: `cuda` (or `auto` where CUDA is present) -> cuda:LOCAL_RANK
+    (modulo this node's GPUs), else cpu."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}=cuda but no CUDA device is available (allowed: auto, cpu)")
+    use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+
+
 # ------------------------------------------------------------------------------ dtypes
 
 

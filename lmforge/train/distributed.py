@@ -18,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from lmforge.device import rank_device
 from lmforge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,8 @@ def init(device_name: str, backend: str = "auto", timeout_seconds: float = 600.0
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available (allowed: auto, cpu)")
-    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    device = rank_device(device_name, local_rank)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     if dist.is_initialized():  # the caller made the group: use it as it is
