@@ -173,7 +173,7 @@ def curate_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> S
 
 def tokenizer_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
     from lmforge.data import tokenize
-    from lmforge.tokenizer import TokenizerTrainConfig, run_train
+    from lmforge.data.tokenizer_train import TokenizerTrainConfig, run_train
 
     work, corpus = WorkDir(Path(config.out)), training_corpus(config)
     tk_config = TokenizerTrainConfig(inputs=corpus, out=str(work.tokenizer), vocab_size=config.vocab_size,

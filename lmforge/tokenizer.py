@@ -21,13 +21,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge import atomic
-from lmforge.config import Section
-from lmforge.data.readers import TextSplit, expand_inputs, read_documents
-from lmforge.errors import DataError, OutputError, TokenizerError
+from lmforge.errors import DataError, TokenizerError
 
 # One token marks document boundaries: it is placed before every document, so the model
 # learns to emit it when a document ends and generation can start from it (GPT-2 style).
@@ -278,36 +275,3 @@ def load_tokenizer(path: str | os.PathLike) -> LmTokenizer:
             chat_template=template if isinstance(template, str) else None,
         )
     return LmTokenizer(tk, file, **extra)
-
-
-class TokenizerTrainConfig(Section):
-    inputs: list[str] = Field(min_length=1, description="files or directories of txt/jsonl/parquet")
-    out: str = Field(description="directory to write tokenizer.json into")
-    vocab_size: int = Field(8192, ge=256 + len(SPECIAL_TOKENS))
-    min_frequency: int = Field(2, ge=1)
-    text_field: str = "text"
-    text_split: TextSplit = "file"
-    overwrite: bool = Field(False, description="replace a tokenizer.json in `out` that lmforge did not train")
-
-
-def run_train(config: TokenizerTrainConfig) -> LmTokenizer:
-    """`lmforge tokenizer train`: stream the inputs through the BPE trainer, save atomically."""
-    existing = Path(config.out) / TOKENIZER_FILE
-    if existing.exists() and atomic.output_kind(config.out) != TOKENIZER_KIND and not config.overwrite:
-        raise OutputError(f"refusing to replace {existing}: lmforge did not train it "
-                          "(pass --overwrite to replace it, or choose another --out)")
-    files = expand_inputs(config.inputs)
-    counter = {"documents": 0}
-
-    def documents() -> Iterator[str]:
-        for text in read_documents(files, config.text_field, config.text_split):
-            if text:
-                counter["documents"] += 1
-                yield text
-
-    tokenizer = train_tokenizer(documents(), config.vocab_size, config.min_frequency)
-    if counter["documents"] == 0:
-        raise TokenizerError(f"no non-empty documents in {', '.join(config.inputs)}")
-    tokenizer.save(config.out)
-    atomic.mark_output_dir(config.out, TOKENIZER_KIND)
-    return tokenizer

@@ -15,7 +15,8 @@ import pytest
 
 from lmforge.data.tokenize import TokenizeConfig
 from lmforge.data.tokenize import run as tokenize_run
-from lmforge.tokenizer import LmTokenizer, TokenizerTrainConfig, run_train
+from lmforge.data.tokenizer_train import TokenizerTrainConfig, run_train
+from lmforge.tokenizer import LmTokenizer
 from lmforge.train import trainer
 from lmforge.train.config import TrainConfig
 

@@ -12,14 +12,13 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models
 
 from lmforge.config import build
+from lmforge.data.tokenizer_train import TokenizerTrainConfig, run_train
 from lmforge.errors import ConfigError, LmforgeError, TokenizerError
 from lmforge.tokenizer import (
     ENDOFTEXT,
     SPECIAL_TOKENS,
     TOKENIZER_FILE,
-    TokenizerTrainConfig,
     load_tokenizer,
-    run_train,
     train_tokenizer,
 )
 

@@ -24,12 +24,13 @@ def tokenizer_train(
 ):
     """Train a byte-level BPE tokenizer with lmforge's special tokens."""
     from lmforge import tokenizer as tk
+    from lmforge.data import tokenizer_train
 
-    config = build_config(tk.TokenizerTrainConfig, args, flags(
+    config = build_config(tokenizer_train.TokenizerTrainConfig, args, flags(
         inputs=inputs, out=out, vocab_size=vocab_size, min_frequency=min_frequency,
         text_field=text_field, text_split=text_split, overwrite=overwrite,
     ))
-    trained = tk.run_train(config)
+    trained = tokenizer_train.run_train(config)
     typer.echo(f"tokenizer with {trained.vocab_size} tokens -> {Path(config.out) / tk.TOKENIZER_FILE}")
 
 

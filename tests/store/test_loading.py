@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
+from lmforge.data.tokenizer_train import TokenizerTrainConfig, run_train
 from lmforge.errors import CheckpointError
 from lmforge.store.loading import load_model
-from lmforge.tokenizer import TokenizerTrainConfig, run_train
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,7 @@ def test_a_corrupt_checkpoint_gives_a_clear_error(make_config):
 
 
 def test_a_tokenizer_that_does_not_match_the_dataset_is_refused(make_config, pretrain_data, tmp_path):
-    from lmforge.tokenizer import TokenizerTrainConfig, run_train
+    from lmforge.data.tokenizer_train import TokenizerTrainConfig, run_train
 
     other = tmp_path / "other-tokenizer"
     run_train(TokenizerTrainConfig(inputs=[str(pretrain_data["docs"])], out=str(other), vocab_size=600))
@@ -199,7 +199,7 @@ def other_dataset(pretrain_data, tmp_path):
     """The same documents tokenized with another (smaller) tokenizer."""
     from lmforge.data.tokenize import TokenizeConfig
     from lmforge.data.tokenize import run as tokenize_run
-    from lmforge.tokenizer import TokenizerTrainConfig, run_train
+    from lmforge.data.tokenizer_train import TokenizerTrainConfig, run_train
 
     run_train(TokenizerTrainConfig(inputs=[str(pretrain_data["docs"])], out=str(tmp_path / "tok600"), vocab_size=600))
     tokenize_run(TokenizeConfig(inputs=[str(pretrain_data["docs"])], tokenizer=str(tmp_path / "tok600"),
