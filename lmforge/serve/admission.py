@@ -16,8 +16,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from lmforge.serve.auth import KeyStore, RateLimiter, retry_after_header
+from lmforge.serve.backend import BaseEngine, RequestError
 from lmforge.serve.config import ServeConfig
-from lmforge.serve.engine import Engine, RequestError
 from lmforge.serve.errors import OpenAIError, short, validation_error
 from lmforge.serve.metrics import ServeMetrics
 
@@ -83,7 +83,7 @@ def _is_utf8(text: str) -> bool:
 class Admission:
     """The checks every route shares, with the state they need: keys, rate limiter, limits, queue."""
 
-    def __init__(self, engine: Engine, config: ServeConfig, metrics: ServeMetrics, model_name: str):
+    def __init__(self, engine: BaseEngine, config: ServeConfig, metrics: ServeMetrics, model_name: str):
         self.engine, self.metrics, self.model_name = engine, metrics, model_name
         self.keys = KeyStore.load(config.auth.api_keys_file, config.auth.api_keys_env)
         if not self.keys.enabled:

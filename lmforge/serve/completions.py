@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from lmforge.serve.engine import RequestError, RequestHandle, RequestOutput
+from lmforge.serve.backend import RequestError, RequestHandle, RequestOutput
 from lmforge.serve.errors import OpenAIError
 from lmforge.serve.gateway import Gateway, Job
 from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest

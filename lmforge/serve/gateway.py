@@ -12,8 +12,8 @@ from fastapi import Request
 
 from lmforge.serve.admission import Admission
 from lmforge.serve.audit import AuditLog
+from lmforge.serve.backend import BaseEngine, RequestOutput
 from lmforge.serve.config import ServeConfig
-from lmforge.serve.engine import Engine, RequestOutput
 from lmforge.serve.hooks import AllowAll, Decision, Moderator, load_moderator
 from lmforge.serve.metrics import ServeMetrics
 from lmforge.serve.output_checks import OutputCheckBatcher
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Gateway:
     """The engine, admission checks, metrics, audit log and moderator, shared by every route."""
 
-    def __init__(self, engine: Engine, config: ServeConfig, moderator: Moderator | None = None,
+    def __init__(self, engine: BaseEngine, config: ServeConfig, moderator: Moderator | None = None,
                  model_name: str | None = None):
         self.engine, self.config, self.tokenizer = engine, config, engine.tokenizer
         self.model_name = model_name or config.server.model_name or Path(config.model or "lmforge").name

@@ -12,12 +12,12 @@ blocked output ends its choice with `finish_reason: "content_filter"`.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from lmforge.errors import ConfigError
-from lmforge.safety.moderation import ALLOW, Decision
+from lmforge.safety.moderation import ALLOW, Decision, load_factory
+from lmforge.safety.policy import PolicyModerator
 
 __all__ = ["ALLOW", "AllowAll", "Decision", "Moderator", "load_moderator"]
 
@@ -47,19 +47,7 @@ def load_moderator(hook: str | None, options: dict[str, Any] | None = None,
     if policy is not None and hook:
         raise ConfigError("give moderation.policy or moderation.hook, not both")
     if policy is not None:
-        from lmforge.safety.policy import PolicyModerator
-
         return PolicyModerator.from_source(policy)
     if not hook:
         return AllowAll()
-    module_name, sep, attr = hook.partition(":")
-    if not sep or not attr:
-        raise ConfigError(f"bad value for 'moderation.hook': expected module:factory (got {hook!r})")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"moderation.hook {hook!r} cannot be loaded: {err}") from None
-    moderator = factory(**(options or {}))
-    if not isinstance(moderator, Moderator):
-        raise ConfigError(f"moderation.hook {hook!r} did not return an object with check_input and check_output")
-    return moderator
+    return load_factory(hook, options or {}, Moderator, "moderation.hook")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
-from lmforge.serve.engine import RequestOutput
+from lmforge.serve.backend import RequestOutput
 from lmforge.serve.gateway import Job
 from lmforge.serve.sampling import TokenLogprob
 from lmforge.tokenizer import LmTokenizer

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from lmforge.serve.engine import RequestHandle, RequestOutput
+from lmforge.serve.backend import RequestHandle, RequestOutput
 from lmforge.serve.gateway import Job
 from lmforge.serve.responses import chat_logprobs, completion_logprobs, sse
 
