@@ -21,6 +21,7 @@ classifiers judge short spans better than whole pages) and take their worst chun
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -155,18 +156,30 @@ def load_moderator(name: str, **options) -> Moderator:
             return MODERATORS[name](**options)
         except TypeError as err:
             raise ConfigError(f"moderator {name!r}: {err}") from None
-    module_name, sep, attr = name.partition(":")
-    if not sep:
+    if ":" not in name:
         raise ConfigError(f"unknown moderator {name!r} (built in: {', '.join(MODERATORS)}; or module:factory)")
-    import importlib
+    return load_factory(name, options, Moderator, "moderator")
 
+
+def load_factory(spec: str, options: dict[str, Any], protocol: type, what: str) -> Any:
+    """`package.module:factory` called with `options`; what it returns must meet `protocol`.
+
+    The one loader of user-supplied moderators: curation's and the policy's backends
+    (`Moderator`) and the gateway's `moderation.hook` (`lmforge.serve.hooks.Moderator`).
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"bad value for {what!r}: expected module:factory (got {spec!r})")
     try:
-        moderator = getattr(importlib.import_module(module_name), attr)(**options)
+        factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"moderator {name!r} cannot be loaded: {err}") from None
-    if not isinstance(moderator, Moderator):
-        raise ConfigError(f"moderator {name!r} has no `categories` and `scores(texts)`")
-    return moderator
+        raise ConfigError(f"{what} {spec!r} cannot be loaded: {err}") from None
+    loaded = factory(**options)
+    if not isinstance(loaded, protocol):
+        members = ", ".join([*getattr(protocol, "__annotations__", {}),
+                             *(m for m, v in vars(protocol).items() if callable(v) and not m.startswith("_"))])
+        raise ConfigError(f"{what} {spec!r} did not return an object with {members}")
+    return loaded
 
 
 def profanity_moderator(threshold: float = 0.8) -> ProfanityModerator:
