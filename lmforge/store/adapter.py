@@ -87,8 +87,11 @@ def save_adapter(directory: str | os.PathLike, model: nn.Module, base: str, base
     return directory
 
 
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # peft's
+
+
 def is_adapter_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
 
 
 def read_base_file(directory: Path) -> dict[str, str | None]:

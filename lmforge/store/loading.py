@@ -35,7 +35,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"model not found: {path}")
     if checkpoint.STEP_DIR.match(path.name):
         return path
-    for directory in (path / "checkpoints", path):
+    for directory in (RunDir(path).checkpoints, path):
         if directory.is_dir():
             latest = checkpoint.latest_checkpoint(directory)
             if latest is not None:
@@ -174,7 +174,7 @@ def load_adapter(directory: str | os.PathLike, device="cpu", base: str | os.Path
     PeftModel = adapter.peft_module().PeftModel
 
     directory = Path(directory)
-    if not (directory / "adapter_config.json").is_file():
+    if not adapter.is_adapter_dir(directory):
         raise CheckpointError(f"{directory} is not a LoRA adapter dir (no adapter_config.json)")
     record = adapter.read_base_file(directory)
     model, tokenizer, path = load_base(f"adapter {directory}", record, directory, base, device)
