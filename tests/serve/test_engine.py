@@ -12,7 +12,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.decode import generate_tokens
 from lmforge.serve.config import EngineConfig
 from lmforge.serve.engine import Engine, RequestError
-from lmforge.serve.sampling import SamplingParams
+from lmforge.serve.sampling import SamplingConfig, SamplingParams
 
 PROMPTS = [
     "The list type",
@@ -46,6 +46,14 @@ def test_batched_greedy_and_seeded_sampling_equal_the_reference_decoder(engine, 
         assert s.token_ids == reference(model, tokenizer, prompt, max_tokens=24, temperature=0.9, top_p=0.9, top_k=50, seed=7)
         assert g.text == tokenizer.decode(g.token_ids) and s.text == tokenizer.decode(s.token_ids)
         assert g.finish_reason in ("stop", "length")
+
+
+def test_a_sampling_config_section_samples_as_the_reference_decoder_does(engine, serve_model):
+    # quickstart's `sampling` section: a config-file form of one request's parameters.
+    model, tokenizer = serve_model
+    section = SamplingConfig(max_tokens=16, temperature=0.8, top_k=50, seed=0)
+    out = engine.generate([PROMPTS[0]], section.params())[0]
+    assert out.token_ids == reference(model, tokenizer, PROMPTS[0], max_tokens=16, temperature=0.8, top_k=50, seed=0)
 
 
 def test_prompt_logprobs_equal_a_full_forward(engine, serve_model):
