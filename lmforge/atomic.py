@@ -53,6 +53,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object that lmforge wrote, or {} when it is absent, unreadable or not an object.
+
+    For records a reader can do without (manifests, trainer state, eval results in a listing).
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, kind: str | None = None) -> Iterator[Path]:
     """Yield a temp dir beside `path`; on success it replaces `path`, on failure it is removed.

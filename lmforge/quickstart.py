@@ -1,8 +1,9 @@
 """`lmforge quickstart`: every stage of the spine on the bundled corpus, in minutes on a CPU.
 
 Stages run in order; each has a fingerprint of its config and its inputs' hashes, and is
-skipped when the fingerprint matches the last run and its outputs still exist. A later
-issue's stage (curation, SFT, export, serving) is one more stage function in `stages()`.
+skipped when the fingerprint matches the last run and its outputs still exist. Each stage
+is a function `(config, results) -> Stage` that reads what earlier stages produced from
+`results`; a new stage is one more function in `stages()`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ source model's, so a directory that exists is one that round-trips.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,12 +87,12 @@ def source_lineage(source: Path) -> tuple[dict[str, Any], Path | None, int | Non
             latest = checkpoint.latest_checkpoint(run.checkpoints)
         except CheckpointError:
             latest = None
-        state = _read_json(latest / checkpoint.STATE_FILE) if latest is not None else {}
+        state = atomic.read_json(latest / checkpoint.STATE_FILE) if latest is not None else {}
     else:
         run = RunDir.of_checkpoint(source)
-        state = _read_json(source / checkpoint.STATE_FILE)
+        state = atomic.read_json(source / checkpoint.STATE_FILE)
     run_dir = run.path
-    manifest = _read_json(run.manifest_path)
+    manifest = atomic.read_json(run.manifest_path)
     step = state.get("step")
     keys = ("kind", "lmforge_version", "git_commit", "torch_version", "dataset", "dataset_manifest_sha256",
             "tokenizer_hash", "parent", "created_at")
@@ -107,14 +106,6 @@ def source_lineage(source: Path) -> tuple[dict[str, Any], Path | None, int | Non
         if tokens:
             lineage["tokens_trained"] = tokens
     return lineage, run_dir, step, training
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _trained_tokens(training_yaml: str, step: int) -> int | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from lmforge import atomic
 from lmforge.errors import DataError
 from lmforge.store.checkpoint import LATEST
 from lmforge.store.run_dir import RunDir
@@ -68,14 +69,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -90,7 +83,7 @@ def summarize(path: str | os.PathLike) -> RunSummary:
         raise DataError(f"{path} is not a run dir (no config.yaml or manifest.json)")
     run = RunDir(path)
     config = _read_yaml(run.config_path)
-    manifest = _read_json(run.manifest_path)
+    manifest = atomic.read_json(run.manifest_path)
     metrics = read_metrics(path)
     train = [r for r in metrics if "loss" in r]
     val = [r for r in metrics if "val_loss" in r]
@@ -103,7 +96,7 @@ def summarize(path: str | os.PathLike) -> RunSummary:
     status = "no steps" if step is None else "completed" if max_steps and step >= max_steps else "partial"
     evals = {}
     for file in sorted(run.eval_dir.glob("*.json")):
-        result = _read_json(file)
+        result = atomic.read_json(file)
         for metric, value in result.get("metrics", {}).items():
             if isinstance(value, dict) and isinstance(value.get("value"), (int, float)):
                 evals[f"{file.stem}/{metric}"] = value["value"]

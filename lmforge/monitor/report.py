@@ -18,7 +18,7 @@ from typing import Any
 
 from lmforge import atomic
 from lmforge.errors import ConfigError
-from lmforge.monitor.catalog import _read_json, fmt, read_metrics, summarize
+from lmforge.monitor.catalog import fmt, read_metrics, summarize
 from lmforge.store import token_dataset
 from lmforge.store.model_dir import MODEL_CARD_FILE
 from lmforge.store.run_dir import RunDir
@@ -69,7 +69,7 @@ def _lineage(path: Path, manifest: dict[str, Any]) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     dataset = manifest.get("dataset")
     if dataset:
-        data_manifest = _read_json(token_dataset.manifest_path(dataset))
+        data_manifest = atomic.read_json(token_dataset.manifest_path(dataset))
         source = data_manifest.get("source", {})
         if isinstance(source, dict):
             files = source.get("files") or []
@@ -90,7 +90,7 @@ def _curation(manifest: dict[str, Any]) -> str:
     if not dataset:
         return ""
     for candidate in _curation_reports(Path(dataset)):
-        report = _read_json(candidate)
+        report = atomic.read_json(candidate)
         steps = report.get("steps")
         if not isinstance(steps, list) or not steps:
             continue
@@ -115,7 +115,7 @@ def _curation(manifest: dict[str, Any]) -> str:
 
 
 def _curation_reports(dataset: Path) -> list[Path]:
-    manifest = _read_json(token_dataset.manifest_path(dataset))
+    manifest = atomic.read_json(token_dataset.manifest_path(dataset))
     source = manifest.get("source", {})
     files = source.get("files", []) if isinstance(source, dict) else []
     dirs = {Path(f.get("path", "") if isinstance(f, dict) else f).parent for f in files}
@@ -136,7 +136,7 @@ def render(run: str | os.PathLike, out: str | os.PathLike | None = None, overwri
     records = read_metrics(path)
     if not records:
         raise ConfigError(f"{path} has no metrics.jsonl records to report")
-    manifest = _read_json(RunDir(path).manifest_path)
+    manifest = atomic.read_json(RunDir(path).manifest_path)
     images = []
     with atomic.atomic_dir(out, "report") as tmp:
         for name, title, keys in CURVES:
