@@ -28,6 +28,7 @@ from lmforge import jsonl
 from lmforge.config import Section, build, read_yaml
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.scoring import Scorer
+from lmforge.safety.refusal import is_refusal
 from lmforge.shipped import resolve_path
 
 SHIPPED_DIR = Path(__file__).parent / "tasks"
@@ -222,8 +223,6 @@ def evaluate(task: Task, scorer: Scorer, limit: int | None = None, seed: int = 1
     contexts = [fewshot_prefix(task, i, rng) + ex.prompt for i, ex in enumerate(examples)]
     samples = []
     if task.spec.type == "refusal":
-        from lmforge.safety.refusal import is_refusal
-
         refused = []
         for ex in examples:
             ids = scorer.tokenizer.encode_chat([{"role": "user", "content": ex.prompt}], add_generation_prompt=True)

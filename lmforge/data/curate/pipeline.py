@@ -38,7 +38,7 @@ from lmforge.config import to_yaml
 from lmforge.data.curate.audit import Audited, Ledger, read_ledgers
 from lmforge.data.curate.config import CurateConfig
 from lmforge.data.curate.reader import CurationReader, expand_inputs
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.store import hashes
 
 log = logging.getLogger(__name__)
@@ -358,8 +358,6 @@ def _init_ray(config: CurateConfig) -> None:
     try:
         import ray
     except ImportError:
-        from lmforge.errors import ConfigError
-
         raise ConfigError("executor.kind=ray needs ray: pip install 'lmforge[ray]'") from None
     if not ray.is_initialized():
         if config.executor.ray_address:
