@@ -97,7 +97,8 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
-    first = err.errors()[0]
+    # An unknown key first: a misspelt required key also reports the real one as missing.
+    first = next((e for e in err.errors() if e["type"] == "extra_forbidden"), err.errors()[0])
     loc = tuple(first["loc"])
     key = ".".join(str(p) for p in loc)
     if not key:  # a whole-model check (e.g. seq_len vs max_seq_len): its message names the keys

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import Transformer
-from lmforge.model.decode import generate_tokens
+from lmforge.serve.config import EngineConfig
+from lmforge.serve.engine import Engine
+from lmforge.serve.sampling import SamplingParams
 from lmforge.tokenizer import LmTokenizer
 
 
@@ -36,6 +38,7 @@ class Scorer:
         # Documents start with BOS in lmforge's training data, so contexts do too.
         self.add_bos_token = add_bos_token and tokenizer.bos_id is not None
         self.device = next(model.parameters()).device
+        self._engine: Engine | None = None  # built on the first generation
 
     @property
     def prefix_token_id(self) -> int:
@@ -111,19 +114,16 @@ class Scorer:
         return [(total, count) for total, count in totals]
 
     def generate_until(self, context: str | list[int], until: Sequence[str], max_tokens: int) -> str:
-        """Greedy continuation of `context` (text, or token ids as given), cut at the first stop string."""
+        """Greedy continuation of `context` (text, or token ids as given), cut at the first stop string.
+
+        Generation runs on lmforge's inference engine, the one decoder users get everywhere
+        (`generate`, `chat`, `serve`), over this scorer's model.
+        """
         ids = self.encode(context) if isinstance(context, str) else list(context)
         prompt = ids[-(self.max_length - max_tokens):] if max_tokens < self.max_length else []
         if not prompt:
             prompt = [self.prefix_token_id]
-        new: list[int] = []
-        text = ""
-        for token in generate_tokens(self.model, prompt, max_tokens, temperature=0, stop_ids=self.tokenizer.stop_ids):
-            new.append(token)
-            text = self.tokenizer.decode(new)
-            if any(stop in text for stop in until):
-                break
-        for stop in until:
-            if stop and stop in text:
-                text = text.split(stop, 1)[0]
-        return text
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tokenizer, EngineConfig(max_num_seqs=1))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[s for s in until if s])
+        return self._engine.run_to_completion([prompt], params)[0].text

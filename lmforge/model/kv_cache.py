@@ -29,9 +29,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.batch_size, self.max_len = batch_size, max_len
 
-    def bytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
     def rows(self, read: Sequence[int], write: torch.Tensor | None = None) -> KVCacheRows:
         """Batch row b reads cache row `read[b]`; token (b, s) writes row `write[b, s]`
         ([batch, seq] or [batch, 1]; default: the row it reads)."""

@@ -96,9 +96,6 @@ class RequestHandle:
     def result(self) -> Completion:
         return gather(self.request_id, self.prompt_ids, list(self))
 
-    async def aresult(self) -> Completion:
-        return gather(self.request_id, self.prompt_ids, [out async for out in self])
-
 
 def gather(request_id: str, prompt_ids: list[int], outputs: Sequence[RequestOutput]) -> Completion:
     logprobs = None

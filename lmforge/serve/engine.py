@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from lmforge.device import resolve as resolve_device
 from lmforge.model import Transformer
 from lmforge.serve.backend import (
     BaseEngine,
+    Completion,
     EngineStats,
     RequestError,
     RequestHandle,
@@ -65,10 +67,6 @@ class _Sequence:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
-
-    @property
-    def output_budget(self) -> int:
-        return self.params.max_tokens
 
 
 class Engine(BaseEngine):
@@ -180,6 +178,22 @@ class Engine(BaseEngine):
         )
 
     # -- the step loop (engine thread only) ------------------------------------------------
+
+    def run_to_completion(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        """Offline batch generation in the calling thread, as vLLM's `LLM.generate`: no engine
+        thread, so evaluation on ranks that step in lock-step (FSDP) stays in step."""
+        if self._thread is not None:
+            return self.generate(prompts, params)
+        handles = [self.submit(prompt, params) for prompt in prompts]
+        while True:
+            with self._cond:
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                cancels, self._cancels = self._cancels, set()
+                if not (self._running or self._waiting):
+                    break
+            self._step(cancels)
+        return [handle.result() for handle in handles]
 
     def _loop(self) -> None:
         while True:

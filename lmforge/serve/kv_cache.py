@@ -25,9 +25,6 @@ class SlotKVCache:
         self.scratch = num_slots
         self._free = list(range(num_slots))
 
-    def bytes(self) -> int:
-        return self.cache.bytes()
-
     def has_free(self) -> bool:
         return bool(self._free)
 

@@ -48,6 +48,15 @@ def test_batched_greedy_and_seeded_sampling_equal_the_reference_decoder(engine, 
         assert g.finish_reason in ("stop", "length")
 
 
+def test_offline_generation_runs_in_the_calling_thread_and_equals_the_reference(serve_model):
+    model, tokenizer = serve_model
+    offline = Engine(model, tokenizer, EngineConfig(max_num_seqs=2, prefill_chunk_tokens=5))
+    greedy = offline.run_to_completion(PROMPTS, SamplingParams(max_tokens=16, temperature=0))
+    assert offline._thread is None and offline.stats().running == 0  # no engine thread was started
+    for prompt, g in zip(PROMPTS, greedy, strict=True):
+        assert g.token_ids == reference(model, tokenizer, prompt, max_tokens=16, temperature=0)
+
+
 def test_a_sampling_config_section_samples_as_the_reference_decoder_does(engine, serve_model):
     # quickstart's `sampling` section: a config-file form of one request's parameters.
     model, tokenizer = serve_model
