@@ -321,3 +321,14 @@ def test_an_unexpected_error_names_the_verb_and_the_log_and_debug_shows_it(monke
     assert "Traceback" in logs[0].read_text() and "an lmforge bug" in logs[0].read_text()
     with pytest.raises(RuntimeError, match="an lmforge bug"):
         main([*args, "--debug"])
+
+
+def test_a_usage_mistake_is_clicks_message_and_exit_2_not_a_crash(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("LMFORGE_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setenv("LMFORGE_DEBUG", "0")
+    for args, message in ((["runs", "compare"], "Missing argument"), (["train", "--bogus"], "No such option: --bogus"),
+                          (["nosuchverb"], "No such command 'nosuchverb'"), (["release", "x"], "Missing option '--policy'")):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "unexpected" not in err and "Traceback" not in err
+    assert not (tmp_path / "logs").exists()

@@ -101,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         code = command.main(args=argv, prog_name="lmforge", standalone_mode=False)
         if isinstance(code, int):
             return code
-    except click.exceptions.Exit as err:
+    except _EXIT as err:
         return err.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*_ABORT, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         return 130
-    except click.ClickException as err:
+    except _USAGE as err:  # a bad option or a missing argument: click's own message, exit 2
         err.show()
         return 2
     except Exception as err:
@@ -127,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
               f"(traceback in {log_path}; rerun with --debug to see it)", file=sys.stderr)
         return 1
     return 0
+
+
+# typer >= 0.25 raises its own Exit/Abort and carries its own copy of click, whose usage errors
+# derive from typer.exceptions.TyperException; plain click's are caught too.
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_USAGE = (click.ClickException, typer.exceptions.TyperException)
 
 
 def entry() -> None:
