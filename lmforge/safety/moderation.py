@@ -165,7 +165,7 @@ def load_factory(spec: str, options: dict[str, Any], protocol: type, what: str) 
     """`package.module:factory` called with `options`; what it returns must meet `protocol`.
 
     The one loader of user-supplied moderators: curation's and the policy's backends
-    (`Moderator`) and the gateway's `moderation.hook` (`lmforge.serve.hooks.Moderator`).
+    (`Moderator`) and the gateway's `moderation.hook` (`lmforge.serve.hooks.ModerationHook`).
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:

@@ -22,12 +22,12 @@ from lmforge.serve.completions import chat_messages, handle_generation
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.errors import OpenAIError, add_error_handlers
 from lmforge.serve.gateway import Gateway
-from lmforge.serve.hooks import Moderator
+from lmforge.serve.hooks import ModerationHook
 from lmforge.serve.middleware import BodyLimitMiddleware, RequestCountMiddleware
 from lmforge.serve.protocol import DetokenizeRequest, TokenizeRequest
 
 
-def create_app(engine: BaseEngine, config: ServeConfig, moderator: Moderator | None = None,
+def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHook | None = None,
                model_name: str | None = None) -> FastAPI:
     """The app over a loaded engine; the engine starts with the app and drains when it stops."""
     gateway = Gateway(engine, config, moderator, model_name)

@@ -14,7 +14,7 @@ from lmforge.serve.admission import Admission
 from lmforge.serve.audit import AuditLog
 from lmforge.serve.backend import BaseEngine, RequestOutput
 from lmforge.serve.config import ServeConfig
-from lmforge.serve.hooks import AllowAll, Decision, Moderator, load_moderator
+from lmforge.serve.hooks import AllowAll, Decision, ModerationHook, load_hook
 from lmforge.serve.metrics import ServeMetrics
 from lmforge.serve.output_checks import OutputCheckBatcher
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Gateway:
     """The engine, admission checks, metrics, audit log and moderator, shared by every route."""
 
-    def __init__(self, engine: BaseEngine, config: ServeConfig, moderator: Moderator | None = None,
+    def __init__(self, engine: BaseEngine, config: ServeConfig, moderator: ModerationHook | None = None,
                  model_name: str | None = None):
         self.engine, self.config, self.tokenizer = engine, config, engine.tokenizer
         self.model_name = model_name or config.server.model_name or Path(config.model or "lmforge").name
@@ -32,7 +32,7 @@ class Gateway:
         self.admission = Admission(engine, config, self.metrics, self.model_name)
         self.audit = AuditLog(config.audit.path) if config.audit.path else None
         m = config.moderation
-        self.moderator = moderator or load_moderator(m.hook, m.options, m.policy)
+        self.moderator = moderator or load_hook(m.hook, m.options, m.policy)
         batched = getattr(self.moderator, "check_outputs", None)
         self.output_checks = OutputCheckBatcher(batched) if callable(batched) else None
         self.created = int(time.time())

@@ -19,11 +19,11 @@ from lmforge.errors import ConfigError
 from lmforge.safety.moderation import ALLOW, Decision, load_factory
 from lmforge.safety.policy import PolicyModerator
 
-__all__ = ["ALLOW", "AllowAll", "Decision", "Moderator", "load_moderator"]
+__all__ = ["ALLOW", "AllowAll", "Decision", "ModerationHook", "load_hook"]
 
 
 @runtime_checkable
-class Moderator(Protocol):
+class ModerationHook(Protocol):
     def check_input(self, texts: Sequence[str]) -> Decision:
         """The prompt texts (or chat message contents) of one request."""
         ...
@@ -41,8 +41,8 @@ class AllowAll:
         return ALLOW
 
 
-def load_moderator(hook: str | None, options: dict[str, Any] | None = None,
-                   policy: str | dict[str, Any] | None = None) -> Moderator:
+def load_hook(hook: str | None, options: dict[str, Any] | None = None,
+              policy: str | dict[str, Any] | None = None) -> ModerationHook:
     """A policy (file or inline) -> PolicyModerator; `module:factory` -> factory(**options); neither -> AllowAll."""
     if policy is not None and hook:
         raise ConfigError("give moderation.policy or moderation.hook, not both")
@@ -50,4 +50,4 @@ def load_moderator(hook: str | None, options: dict[str, Any] | None = None,
         return PolicyModerator.from_source(policy)
     if not hook:
         return AllowAll()
-    return load_factory(hook, options or {}, Moderator, "moderation.hook")
+    return load_factory(hook, options or {}, ModerationHook, "moderation.hook")

@@ -17,7 +17,7 @@ from lmforge.safety.release import check_released
 from lmforge.serve.app import create_app
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.engine import Engine
-from lmforge.serve.hooks import load_moderator
+from lmforge.serve.hooks import load_hook
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def run(config: ServeConfig) -> None:
     """Check, load the model, start the engine and serve until SIGINT/SIGTERM (which drain first)."""
     m = config.moderation
-    moderator = load_moderator(m.hook, m.options, m.policy)  # a bad policy fails before the model loads
+    moderator = load_hook(m.hook, m.options, m.policy)  # a bad policy fails before the model loads
     if config.engine.backend == "lmforge":
         resolve_device(config.engine.device, "engine.device")  # so does a device this machine lacks
     if config.allow_unreleased:
