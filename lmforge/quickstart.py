@@ -21,11 +21,26 @@ from typing import Any
 from pydantic import Field
 
 from lmforge import atomic
+from lmforge.align.config import AlignConfig
+from lmforge.align.run import run_sft
 from lmforge.config import Section
+from lmforge.data import curate, tokenize
+from lmforge.data.curate import CurateConfig
+from lmforge.data.readers import expand_inputs, read_documents
+from lmforge.data.tokenizer_train import TokenizerTrainConfig, run_train
+from lmforge.eval.runner import EvalConfig
+from lmforge.eval.runner import run as run_eval
+from lmforge.interop import export
 from lmforge.model.config import ModelConfig
+from lmforge.serve.config import EngineConfig
+from lmforge.serve.engine import Engine
 from lmforge.serve.sampling import SamplingConfig
 from lmforge.store import checkpoint, hashes, token_dataset
+from lmforge.store.loading import load_model
 from lmforge.store.run_dir import RunDir
+from lmforge.tokenizer import load_tokenizer
+from lmforge.train import pretrain, trainer
+from lmforge.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +104,6 @@ class StageResult:
 
 class Pipeline:
     """Runs stages in order, skipping those whose fingerprint and outputs are unchanged."""
-
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.state_path = workdir / STATE_FILE
@@ -116,7 +130,6 @@ class Pipeline:
 @dataclasses.dataclass(frozen=True)
 class WorkDir:
     """Where each stage writes inside the quickstart's own work dir."""
-
     out: Path
 
     @property
@@ -154,7 +167,6 @@ def runs_sft(config: QuickstartConfig) -> bool:
 
 
 def curate_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
-    from lmforge.data import curate, tokenize
 
     work = WorkDir(Path(config.out))
     planted = work.out / "curate_input.jsonl.gz"
@@ -173,8 +185,6 @@ def curate_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> S
 
 
 def tokenizer_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
-    from lmforge.data import tokenize
-    from lmforge.data.tokenizer_train import TokenizerTrainConfig, run_train
 
     work, corpus = WorkDir(Path(config.out)), training_corpus(config)
     tk_config = TokenizerTrainConfig(inputs=corpus, out=str(work.tokenizer), vocab_size=config.vocab_size,
@@ -190,8 +200,6 @@ def tokenizer_stage(config: QuickstartConfig, results: dict[str, StageResult]) -
 
 
 def tokenize_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
-    from lmforge.data import tokenize
-    from lmforge.tokenizer import load_tokenizer
 
     work = WorkDir(Path(config.out))
     tok_config = tokenize.TokenizeConfig(
@@ -210,9 +218,6 @@ def tokenize_stage(config: QuickstartConfig, results: dict[str, StageResult]) ->
 
 
 def train_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
-    from lmforge.tokenizer import load_tokenizer
-    from lmforge.train import pretrain, trainer
-    from lmforge.train.config import TrainConfig
 
     work = WorkDir(Path(config.out))
     train_config = TrainConfig.model_validate({
@@ -247,9 +252,6 @@ def train_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> St
 
 
 def sample_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
-    from lmforge.serve.config import EngineConfig
-    from lmforge.serve.engine import Engine
-    from lmforge.store.loading import load_model
 
     work = WorkDir(Path(config.out))
 
@@ -266,8 +268,6 @@ def sample_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> S
 
 
 def sft_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
-    from lmforge.align.config import AlignConfig
-    from lmforge.align.run import run_sft
 
     work = WorkDir(Path(config.out))
     data_path = work.out / "sft_data.jsonl"
@@ -300,8 +300,6 @@ def sft_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stag
 
 
 def safety_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
-    from lmforge.eval.runner import EvalConfig
-    from lmforge.eval.runner import run as run_eval
 
     work = WorkDir(Path(config.out))
     models = {"pretrained": work.pretrain_run}
@@ -321,7 +319,6 @@ def safety_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> S
 
 
 def export_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stage:
-    from lmforge.interop import export
 
     work = WorkDir(Path(config.out))
     model_dir = work.out / "model"
@@ -352,8 +349,6 @@ def stages(config: QuickstartConfig) -> list[StageFactory]:
 
 def plant_duplicates(corpus: list[str], path: Path, count: int) -> None:
     """The corpus plus `count` exact copies and `count` copies with one word changed (for dedup to find)."""
-    from lmforge.data.readers import expand_inputs, read_documents
-
     texts = list(read_documents(expand_inputs(corpus)))
     lines = [{"id": f"doc-{i:05d}", "text": t} for i, t in enumerate(texts)]
     for i in range(min(count, len(texts) // 2)):
@@ -372,7 +367,6 @@ def curate_recipe(config: QuickstartConfig, source: Path, out: Path):
     code) they remove 40-70% of the documents (alpha-word ratio, curly brackets, duplicated
     characters), so the quickstart leaves them off; `lmforge curate` runs them by default.
     """
-    from lmforge.data.curate import CurateConfig
 
     off = {"enabled": False}
     return CurateConfig.model_validate({
