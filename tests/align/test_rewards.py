@@ -214,3 +214,9 @@ def test_bad_reward_configs_fail_naming_the_key():
                                           {"name": "format", "options": {"pattern": "b"}}]}, "rl.yaml")
     with pytest.raises(ConfigError, match="cannot be loaded"):
         rewards_of({"name": "no_such_module_here:fn"})
+
+
+def test_a_function_reward_that_cannot_take_its_options_fails_before_training(monkeypatch):
+    name = _install_module(monkeypatch)
+    with pytest.raises(ConfigError, match="brevity.*max_word"):
+        rewards_of({"name": f"{name}:brevity", "options": {"max_word": 3}})

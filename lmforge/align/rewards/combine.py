@@ -8,6 +8,7 @@ first failing prompt's index, and the counts are metrics (`reward/<label>/errors
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import os
@@ -86,6 +87,12 @@ def _import_function(spec: RewardSpec) -> Callable[..., Any]:
         raise ConfigError(f"reward {spec.name!r} cannot be loaded: {err}") from None
     if not callable(function):
         raise ConfigError(f"reward {spec.name!r} is not a function")
+    try:  # options a function does not take would fail every call; say so before training
+        inspect.signature(function).bind({}, "", **spec.options)
+    except TypeError as err:
+        raise ConfigError(f"reward {spec.name!r} cannot take (record, completion, **options): {err}") from None
+    except ValueError:  # a builtin without a signature: nothing to check
+        pass
     return function
 
 
