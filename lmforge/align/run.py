@@ -1,4 +1,4 @@
-"""`lmforge sft` and `lmforge dpo`: fine-tune a model through the shared trainer.
+"""`lmforge sft`, `lmforge dpo` and `lmforge rm`: fine-tune a model through the shared trainer.
 
 Both start from any model (model dir, run dir or checkpoint), read chat data, build an
 objective (align/objectives.py) and hand it to `train.trainer.fit` (the `Trainer`), so they get the same
@@ -21,17 +21,22 @@ import torch
 from lmforge.align import data as align_data
 from lmforge.align.config import AlignConfig
 from lmforge.align.objectives import DPOObjective, SFTObjective, reference_logprobs
+from lmforge.align.reward_model import RewardModelObjective, encode_pairs
 from lmforge.device import compute_dtype
 from lmforge.errors import ConfigError, DataError
+from lmforge.model.reward import RewardModel
 from lmforge.shipped import resolve_path
 from lmforge.store import hashes
 from lmforge.store.adapter import apply_lora, base_record, save_adapter, weights_hash
 from lmforge.store.loading import load_model
+from lmforge.store.reward_model_dir import save_reward_model_dir
 from lmforge.train import distributed
 from lmforge.train.objective import accumulation
 from lmforge.train.trainer import TrainResult, fit, init_distributed
 
 log = logging.getLogger(__name__)
+
+REWARD_MODEL_DIR = "reward_model"  # in the run dir: the final weights, transformers' layout
 
 
 def _start(config: AlignConfig):
@@ -57,7 +62,8 @@ def _split(records: list, val_path: str | None, fraction: float, seed: int, read
 
 
 def _train(config: AlignConfig, base, tokenizer, source: Path, objective, kind: str, resume: bool,
-         env: distributed.DistEnv, overwrite: bool = False) -> TrainResult:
+         env: distributed.DistEnv, overwrite: bool = False, head=None) -> TrainResult:
+    """`head(model)`: the module that trains, built on the starting model (rm: its scalar head)."""
     built = []
     # The starting weights by content (a path may later hold others): before any training.
     base_hash = weights_hash(base)
@@ -65,6 +71,7 @@ def _train(config: AlignConfig, base, tokenizer, source: Path, objective, kind: 
 
     def build_model():
         model = apply_lora(base, config.lora) if config.lora.enabled else base
+        model = head(model) if head is not None else model
         built.append(model)
         return model
 
@@ -82,6 +89,8 @@ def _train(config: AlignConfig, base, tokenizer, source: Path, objective, kind: 
                  trainable_only=config.lora.enabled, extra_state=extra, env=env, overwrite=overwrite)
     if config.lora.enabled and built and env.is_main:
         save_adapter(result.run_dir / "adapter", built[0], str(source), base_hash)
+    if kind == "rm" and built and env.is_main:
+        save_reward_model_dir(result.run_dir / REWARD_MODEL_DIR, built[0], tokenizer)
     return result
 
 
@@ -148,3 +157,29 @@ def _dpo(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite:
     base.to("cpu").train()
     log.info("dpo: %d pairs, %d held out, beta %.3g, %s loss", len(train), len(val), config.dpo.beta, config.dpo.loss)
     return _train(config, base, tokenizer, source, objective, "dpo", resume, env, overwrite)
+
+
+def run_rm(config: AlignConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Train a reward model on preference pairs; the run dir gains `reward_model/`, a model dir in
+    transformers' `*ForSequenceClassification` layout. Under `torchrun` every process trains on its
+    block of pairs (parallel.strategy=ddp)."""
+    return _on_this_rank(_rm, config, resume, overwrite)
+
+
+def _rm(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite: bool = False) -> TrainResult:
+    for wrong, why in ((config.lora.enabled, "lora.enabled=true (train the whole model)"),
+                       (config.optim.name != "adamw", f"optim.name={config.optim.name} (use adamw)"),
+                       (config.parallel.strategy == "fsdp", "parallel.strategy=fsdp (use single or ddp)")):
+        if wrong:
+            raise ConfigError(f"lmforge rm does not support {why}")
+    base, tokenizer, source = _start(config)
+    records = align_data.read_preferences(config.data.train)
+    train, val = _split(records, config.data.val, config.data.val_fraction, config.run.seed, align_data.read_preferences)
+    accum = accumulation(config.train, config.data.seq_len, env.world_size)
+    train_rows = encode_pairs(tokenizer, train, config.data.seq_len)
+    val_rows = encode_pairs(tokenizer, val, config.data.seq_len) if val else None
+    objective = RewardModelObjective(train_rows, val_rows, config.data.seq_len, config.train.micro_batch_size, accum,
+                                     config.run.seed, env.rank, env.world_size)
+    log.info("rm: %d pairs, %d held out", len(train_rows[0]), len(val_rows[0]) if val_rows else 0)
+    return _train(config, base, tokenizer, source, objective, "rm", resume, env, overwrite,
+                  head=lambda model: RewardModel.from_lm(model, tokenizer.pad_id))

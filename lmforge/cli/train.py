@@ -1,4 +1,4 @@
-"""Training verbs: `train` (pretraining), `sft` and `dpo` (alignment); `--nproc` relaunches under torchrun."""
+"""Training verbs: `train` (pretraining), `sft`, `dpo` and `rm` (alignment); `--nproc` relaunches under torchrun."""
 
 from __future__ import annotations
 
@@ -50,10 +50,12 @@ def _align(kind: str, model: str, args: list[str] | None, resume: bool, nproc: i
     config = build_config(AlignConfig, args, flags={"model": model}, base={"run": {"name": kind}})
     torchrun(nproc, 0, config.parallel.strategy,
              [kind, model, *(args or []), *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])])
-    result = (align_run.run_sft if kind == "sft" else align_run.run_dpo)(config, resume=resume, overwrite=overwrite)
+    runs = {"sft": align_run.run_sft, "dpo": align_run.run_dpo, "rm": align_run.run_rm}
+    result = runs[kind](config, resume=resume, overwrite=overwrite)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.val_metrics.items())
     if is_rank_zero():  # one summary per run
-        typer.echo(f"{result.status} at step {result.step}; run dir {result.run_dir}" + (f"; {metrics}" if metrics else ""))
+        exported = f"; reward model {result.run_dir / align_run.REWARD_MODEL_DIR}" if kind == "rm" else ""
+        typer.echo(f"{result.status} at step {result.step}; run dir {result.run_dir}{exported}" + (f"; {metrics}" if metrics else ""))
     if result.signal is not None:
         raise typer.Exit(128 + result.signal)
 
@@ -81,3 +83,14 @@ def dpo(
 ):
     """Direct preference optimisation on chosen/rejected pairs: `lmforge dpo MODEL configs/dpo.yaml`."""
     _align("dpo", model, args, resume, nproc, overwrite)
+
+
+def rm(
+    model: Annotated[str, typer.Argument(help="model to start from: model dir, run dir or checkpoint")],
+    args: ConfigArgs = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    nproc: AlignNproc = None,
+):
+    """Reward model (Bradley-Terry) on chosen/rejected pairs: `lmforge rm MODEL rm`; writes RUN/reward_model/."""
+    _align("rm", model, args, resume, nproc, overwrite)
