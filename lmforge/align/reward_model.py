@@ -9,6 +9,7 @@ last non-pad token, so padding changes no number.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,3 +98,25 @@ class RewardModelObjective:
         loss, margin = torch.cat(losses), torch.cat(margins)
         return {"val_loss": loss.mean().item(), "val_reward_accuracy": (margin > 0).float().mean().item(),
                 "val_reward_margin": margin.mean().item()}
+
+
+def reward_scorer(model, tokenizer: LmTokenizer, batch_size: int = 8) -> Callable[[list[str], list[str]], list[float]]:
+    """`(prompts, completions) -> rewards`, the reward-model callable of align/rewards: each pair as a
+    user turn and the assistant's reply in the chat format the model was trained on (the end of
+    long one cut at the model's context)."""
+    device = next(model.parameters()).device
+    width = model.config.max_seq_len
+
+    @torch.no_grad()
+    def score(prompts: list[str], completions: list[str]) -> list[float]:
+        rewards: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            ids = [tokenizer.encode_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])[:width]
+                   for prompt, reply in zip(prompts[start: start + batch_size], completions[start: start + batch_size], strict=True)]
+            tokens = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_id, dtype=torch.long)
+            for i, row in enumerate(ids):
+                tokens[i, : len(row)] = torch.tensor(row)
+            rewards += model(tokens.to(device)).float().tolist()
+        return rewards
+
+    return score

@@ -17,13 +17,14 @@ import yaml
 
 from lmforge.align.config import AlignConfig
 from lmforge.align.data import read_preferences
-from lmforge.align.reward_model import encode_pairs
+from lmforge.align.reward_model import encode_pairs, reward_scorer
 from lmforge.align.run import REWARD_MODEL_DIR, run_rm
 from lmforge.errors import ConfigError
 from lmforge.model.reward import RewardModel, last_token_index
 from lmforge.shipped import resolve_path
 from lmforge.store import checkpoint
 from lmforge.store.loading import load_model
+from lmforge.store.reward_model_dir import load_reward_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = "lmforge://data/chat/python_docs_preferences.jsonl.gz"
@@ -97,6 +98,21 @@ def test_the_export_loads_in_transformers_with_the_same_scores(rm_run, trained_r
         got = hf(input_ids=tokens).logits.squeeze(-1)
     assert expected.abs().max() > 1e-3  # the head was trained, not left at zero
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_export_loads_back_as_a_scorer_for_rl_rewards_with_the_same_rewards(rm_run):
+    model, tokenizer = load_reward_model_dir(rm_run.run_dir / REWARD_MODEL_DIR)
+    prompts = [prompt[-1]["content"] for _, prompt, _, _ in read_preferences(resolve_path(PAIRS))[:6]]
+    replies = [reply[-1]["content"] for _, _, reply, _ in read_preferences(resolve_path(PAIRS))[:6]]
+    records = [("", [{"role": "user", "content": p}], [{"role": "assistant", "content": r}], [])
+               for p, r in zip(prompts, replies, strict=True)]
+    chosen, _ = encode_pairs(tokenizer, records, 128)
+    score = reward_scorer(model, tokenizer, batch_size=4)
+    rewards = score(prompts, replies)
+    with torch.no_grad():
+        expected = model(chosen)
+    assert len(rewards) == len(chosen) == 6  # none cut alike: all six pairs kept
+    torch.testing.assert_close(torch.tensor(rewards), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rm_refuses_what_it_cannot_train_before_any_work(trained_run, tmp_path):
