@@ -110,6 +110,13 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
         hint = f"; did you mean {'.'.join(filter(None, [prefix, close[0]]))!r}?" if close else ""
         hint += f" (allowed: {', '.join(allowed)})" if allowed else ""
         message = f"unknown key {key!r}{hint}"
+    elif first["type"] == "missing":
+        missing = [".".join(str(p) for p in e["loc"]) for e in err.errors() if e["type"] == "missing"]
+        message = f"missing required {', '.join(repr(m) for m in missing)} (set it in CONFIG.yaml, by its flag or as key=value)"
+        more_count = len(err.errors()) - len(missing)
+        if more_count:
+            message += f" (and {more_count} more problem{'s' if more_count > 1 else ''})"
+        return f"{source}: {message}" if source else message
     else:
         message = f"bad value for {key!r}: {first['msg'].removeprefix('Value error, ')}"
         if "input" in first and not isinstance(first["input"], dict):

@@ -332,3 +332,11 @@ def test_a_usage_mistake_is_clicks_message_and_exit_2_not_a_crash(capsys, monkey
         err = capsys.readouterr().err
         assert message in err and "unexpected" not in err and "Traceback" not in err
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_missing_required_value_is_named_in_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "run-dir"]) == 2
+    assert "missing required 'out'" in one_line_error(capsys)
+    assert main(["tokenizer", "train"]) == 2
+    assert "missing required 'inputs', 'out'" in one_line_error(capsys)
