@@ -15,6 +15,7 @@ from lmforge.align.data import Rows
 from lmforge.align.losses import preference_loss, sequence_logprobs
 from lmforge.device import autocast
 from lmforge.errors import DataError
+from lmforge.train.objective import LoaderState
 
 
 class RowLoader:
@@ -60,7 +61,7 @@ class RowLoader:
         return state["samples_consumed"] // self.samples_per_step
 
 
-class SFTObjective:
+class SFTObjective(LoaderState):
     """Cross-entropy on the trained (assistant) tokens of packed or padded conversations."""
 
     kind = "sft"
@@ -82,12 +83,6 @@ class SFTObjective:
     def loss(self, model, batch):
         return model(batch["inputs"], batch["targets"], document_ids=batch.get("document_ids")), {}
 
-    def state_dict(self, next_step: int) -> dict[str, Any]:
-        return self.loader.state_dict(next_step)
-
-    def check_resume(self, state: dict[str, Any]) -> int:
-        return self.loader.check_resume(state)
-
     @torch.no_grad()
     def validate(self, model, device, dtype) -> dict[str, float]:
         if self.val_rows is None or len(self.val_rows) == 0:
@@ -107,7 +102,7 @@ class SFTObjective:
         return {"val_loss": total / max(count, 1)}
 
 
-class DPOObjective:
+class DPOObjective(LoaderState):
     """Direct preference optimisation against reference log-probs computed once, up front."""
 
     kind = "dpo"
@@ -138,12 +133,6 @@ class DPOObjective:
         stats = self.stats(model, batch)
         return stats.loss, {"reward_margin": stats.margin.mean().item(), "preference_accuracy": stats.accuracy.mean().item(),
                             "chosen_reward": stats.chosen_reward.mean().item(), "rejected_reward": stats.rejected_reward.mean().item()}
-
-    def state_dict(self, next_step: int) -> dict[str, Any]:
-        return self.loader.state_dict(next_step)
-
-    def check_resume(self, state: dict[str, Any]) -> int:
-        return self.loader.check_resume(state)
 
     @torch.no_grad()
     def validate(self, model, device, dtype) -> dict[str, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from lmforge.align.objectives import RowLoader
 from lmforge.device import autocast
 from lmforge.errors import DataError
 from lmforge.tokenizer import LmTokenizer
+from lmforge.train.objective import LoaderState
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def pair_stats(model, chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[tor
     return -F.logsigmoid(margin), margin
 
 
-class RewardModelObjective:
+class RewardModelObjective(LoaderState):
     """Bradley–Terry on preference pairs; logs reward accuracy (chosen scored higher) and margin."""
 
     kind = "rm"
@@ -74,12 +74,6 @@ class RewardModelObjective:
         losses, margin = pair_stats(model, batch["chosen"], batch["rejected"])
         return losses.mean(), {"reward_accuracy": (margin > 0).float().mean().item(),
                                "reward_margin": margin.mean().item()}
-
-    def state_dict(self, next_step: int) -> dict[str, Any]:
-        return self.loader.state_dict(next_step)
-
-    def check_resume(self, state: dict[str, Any]) -> int:
-        return self.loader.check_resume(state)
 
     @torch.no_grad()
     def validate(self, model, device, dtype) -> dict[str, float]:

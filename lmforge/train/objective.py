@@ -18,6 +18,19 @@ from lmforge.store import checkpoint
 from lmforge.train.config import LoopConfig
 
 
+class LoaderState:
+    """`state_dict`/`check_resume` of an objective whose batches come from one loader (`self.loader`):
+    the loader's position is the whole resume state."""
+
+    loader: Any
+
+    def state_dict(self, next_step: int) -> dict[str, Any]:
+        return self.loader.state_dict(next_step)
+
+    def check_resume(self, state: dict[str, Any]) -> int:
+        return self.loader.check_resume(state)
+
+
 class Objective(Protocol):
     """What a run trains on: batches as a pure function of the step, a loss, validation."""
 

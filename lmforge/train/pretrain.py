@@ -22,10 +22,10 @@ from lmforge.store import token_dataset
 from lmforge.tokenizer import LmTokenizer, load_tokenizer
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistEnv
-from lmforge.train.objective import accumulation
+from lmforge.train.objective import LoaderState, accumulation
 
 
-class PretrainObjective:
+class PretrainObjective(LoaderState):
     """Next-token prediction on windows of a token dataset; validation loss and bits per byte."""
 
     kind = "pretrain"
@@ -51,12 +51,6 @@ class PretrainObjective:
 
     def loss(self, model, batch):
         return model(batch["inputs"], batch["targets"]), {}
-
-    def state_dict(self, next_step: int) -> dict[str, Any]:
-        return self.loader.state_dict(next_step)
-
-    def check_resume(self, state: dict[str, Any]) -> int:
-        return self.loader.check_resume(state)
 
     def validate(self, model, device, dtype) -> dict[str, float]:
         if self.val_loader is None:
