@@ -57,12 +57,15 @@ def grpo_loss(
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
     aggregation: Aggregation = "token",
+    denominator: float | None = None,
 ) -> GRPOStats:
     """GRPO loss over [completions, tokens] log-probs of the sampled tokens.
 
     `old_logprobs` are those the rollouts were sampled with (detached); `advantages` is one
     value per completion ([completions]); `mask` marks completion tokens (1) against prompt
-    and padding (0).
+    and padding (0). `denominator`: divide the summed token (or per-completion) losses by
+    this instead of this batch's token (completion) count, when the batch is one micro-batch
+    of a larger step normalised as a whole.
     """
     mask = mask.to(logprobs.dtype)
     ratio = torch.exp(logprobs - old_logprobs.detach())
@@ -76,9 +79,10 @@ def grpo_loss(
         per_token = per_token + kl_coef * kl
     tokens = mask.sum().clamp(min=1)
     if aggregation == "token":
-        loss = (per_token * mask).sum() / tokens
+        loss = (per_token * mask).sum() / (tokens if denominator is None else denominator)
     elif aggregation == "sequence":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        per_completion = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        loss = per_completion.mean() if denominator is None else per_completion.sum() / denominator
     else:
         raise ValueError(f"aggregation must be token or sequence, got {aggregation!r}")
     with torch.no_grad():

@@ -61,9 +61,11 @@ def _split(records: list, val_path: str | None, fraction: float, seed: int, read
     return [r for i, r in enumerate(records) if i not in held_out], [r for i, r in enumerate(records) if i in held_out]
 
 
-def _train(config: AlignConfig, base, tokenizer, source: Path, objective, kind: str, resume: bool,
+def fine_tune(config: AlignConfig, base, tokenizer, source: Path, objective, kind: str, resume: bool,
          env: distributed.DistEnv, overwrite: bool = False, head=None) -> TrainResult:
-    """`head(model)`: the module that trains, built on the starting model (rm: its scalar head)."""
+    """Train `objective` from `base` (loaded from `source`) through the shared trainer: the run's
+    manifest and the starting weights' hash, LoRA when configured, and the rm/LoRA outputs.
+    `head(model)`: the module that trains, built on the starting model (rm: its scalar head)."""
     built = []
     # The starting weights by content (a path may later hold others): before any training.
     base_hash = weights_hash(base)
@@ -94,7 +96,7 @@ def _train(config: AlignConfig, base, tokenizer, source: Path, objective, kind: 
     return result
 
 
-def _on_this_rank(work, config: AlignConfig, resume: bool, overwrite: bool) -> TrainResult:
+def on_this_rank(work, config: AlignConfig, resume: bool, overwrite: bool) -> TrainResult:
     """Join the process group (one process: none), run `work`, leave it."""
     config = config.model_copy(deep=True)
     env = init_distributed(config.train, config.parallel)
@@ -107,7 +109,7 @@ def _on_this_rank(work, config: AlignConfig, resume: bool, overwrite: bool) -> T
 def run_sft(config: AlignConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Under `torchrun` every process calls this and trains on its block of each step's rows.
     `resume` continues the run dir's latest checkpoint; `overwrite` replaces an earlier run there."""
-    return _on_this_rank(_sft, config, resume, overwrite)
+    return on_this_rank(_sft, config, resume, overwrite)
 
 
 def _sft(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite: bool = False) -> TrainResult:
@@ -124,13 +126,13 @@ def _sft(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite:
                              config.train.micro_batch_size, accum, config.run.seed, env.rank, env.world_size)
     log.info("sft: %d conversations -> %d rows (%s), %d held out", len(train), len(objective.train_rows),
              "packed" if config.data.pack else "padded", len(val))
-    return _train(config, base, tokenizer, source, objective, "sft", resume, env, overwrite)
+    return fine_tune(config, base, tokenizer, source, objective, "sft", resume, env, overwrite)
 
 
 def run_dpo(config: AlignConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Under `torchrun` every process computes the reference log-probs and trains on its block of pairs.
     `resume` continues the run dir's latest checkpoint; `overwrite` replaces an earlier run there."""
-    return _on_this_rank(_dpo, config, resume, overwrite)
+    return on_this_rank(_dpo, config, resume, overwrite)
 
 
 def _dpo(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite: bool = False) -> TrainResult:
@@ -156,14 +158,14 @@ def _dpo(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite:
                              env.rank, env.world_size)
     base.to("cpu").train()
     log.info("dpo: %d pairs, %d held out, beta %.3g, %s loss", len(train), len(val), config.dpo.beta, config.dpo.loss)
-    return _train(config, base, tokenizer, source, objective, "dpo", resume, env, overwrite)
+    return fine_tune(config, base, tokenizer, source, objective, "dpo", resume, env, overwrite)
 
 
 def run_rm(config: AlignConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train a reward model on preference pairs; the run dir gains `reward_model/`, a model dir in
     transformers' `*ForSequenceClassification` layout. Under `torchrun` every process trains on its
     block of pairs (parallel.strategy=ddp)."""
-    return _on_this_rank(_rm, config, resume, overwrite)
+    return on_this_rank(_rm, config, resume, overwrite)
 
 
 def _rm(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite: bool = False) -> TrainResult:
@@ -181,5 +183,5 @@ def _rm(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite: 
     objective = RewardModelObjective(train_rows, val_rows, config.data.seq_len, config.train.micro_batch_size, accum,
                                      config.run.seed, env.rank, env.world_size)
     log.info("rm: %d pairs, %d held out", len(train_rows[0]), len(val_rows[0]) if val_rows else 0)
-    return _train(config, base, tokenizer, source, objective, "rm", resume, env, overwrite,
+    return fine_tune(config, base, tokenizer, source, objective, "rm", resume, env, overwrite,
                   head=lambda model: RewardModel.from_lm(model, tokenizer.pad_id))

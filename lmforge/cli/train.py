@@ -1,4 +1,4 @@
-"""Training verbs: `train` (pretraining), `sft`, `dpo` and `rm` (alignment); `--nproc` relaunches under torchrun."""
+"""Training verbs: `train` (pretraining), `sft`, `dpo`, `rm` and `rl` (alignment); `--nproc` relaunches under torchrun."""
 
 from __future__ import annotations
 
@@ -94,3 +94,27 @@ def rm(
 ):
     """Reward model (Bradley-Terry) on chosen/rejected pairs: `lmforge rm MODEL rm`; writes RUN/reward_model/."""
     _align("rm", model, args, resume, nproc, overwrite)
+
+
+def rl(
+    model: Annotated[str, typer.Argument(help="model to start from (usually an SFT run): model dir, run dir or checkpoint")],
+    args: ConfigArgs = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    nproc: AlignNproc = None,
+):
+    """Reinforcement learning (GRPO) with verifiable rewards: `lmforge rl MODEL rl-arithmetic`.
+
+    Rollouts run on lmforge's engine in the training process; `--nproc 2 parallel.strategy=ddp`
+    splits each rollout batch's prompts over the processes."""
+    from lmforge.align.rl import RLConfig, run_rl
+
+    config = build_config(RLConfig, args, flags={"model": model})
+    torchrun(nproc, 0, config.parallel.strategy,
+             ["rl", model, *(args or []), *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])])
+    result = run_rl(config, resume=resume, overwrite=overwrite)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.val_metrics.items() if not k.endswith("/stderr"))
+    if is_rank_zero():  # one summary per run
+        typer.echo(f"{result.status} at step {result.step}; run dir {result.run_dir}" + (f"; {metrics}" if metrics else ""))
+    if result.signal is not None:
+        raise typer.Exit(128 + result.signal)

@@ -34,7 +34,7 @@ ALERTS_FILE = "alerts.jsonl"
 class AlertConfig(Section):
     enabled: bool = True
     window: int = Field(20, ge=3, description="readings in the running medians")
-    spike_factor: float = Field(2.0, gt=1)
+    spike_factor: float | None = Field(2.0, gt=1, description="loss > this x its running median; None: off (RL's loss is no cross-entropy)")
     grad_factor: float = Field(10.0, gt=1)
     throughput_fraction: float = Field(0.5, gt=0, lt=1)
     stall_minutes: float = Field(30.0, gt=0)
@@ -65,11 +65,13 @@ class AlertMonitor:
         fired = []
         if not math.isfinite(loss):
             fired.append(self.alert("non_finite_loss", step, f"loss is {loss}", loss=loss))
-        elif len(self.losses) >= 3 and loss > self.config.spike_factor * statistics.median(self.losses):
+        elif (self.config.spike_factor is not None and len(self.losses) >= 3
+              and loss > self.config.spike_factor * statistics.median(self.losses)):
             median = statistics.median(self.losses)
             fired.append(self.alert("loss_spike", step, f"loss {loss:.4f} > {self.config.spike_factor} x median {median:.4f}", loss=loss, median=median))
         if grad_norm is not None and math.isfinite(grad_norm):
-            if len(self.norms) >= 3 and grad_norm > self.config.grad_factor * statistics.median(self.norms):
+            # Norms of steps with no signal (RL: every group's rewards equal) are 0: no scale to judge by.
+            if len(self.norms) >= 3 and 0 < statistics.median(self.norms) and grad_norm > self.config.grad_factor * statistics.median(self.norms):
                 median = statistics.median(self.norms)
                 fired.append(self.alert("grad_norm_explosion", step, f"grad norm {grad_norm:.3g} > {self.config.grad_factor} x median {median:.3g}", grad_norm=grad_norm, median=median))
             self.norms.append(grad_norm)

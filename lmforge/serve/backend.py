@@ -34,6 +34,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_token_id: int | None = None  # the stop token that ended the request (not in token_ids)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Completion:
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_token_id: int | None = None  # the stop token that ended it (not in token_ids), as vLLM's stop_reason
 
 
 @dataclass
@@ -109,6 +111,7 @@ def gather(request_id: str, prompt_ids: list[int], outputs: Sequence[RequestOutp
         finish_reason=outputs[-1].finish_reason if outputs else None,
         logprobs=logprobs,
         prompt_logprobs=next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None),
+        stop_token_id=outputs[-1].stop_token_id if outputs else None,
     )
 
 

@@ -67,6 +67,7 @@ class _Sequence:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
+    stop_token_id: int | None = None
 
 
 class Engine(BaseEngine):
@@ -179,13 +180,16 @@ class Engine(BaseEngine):
 
     # -- the step loop (engine thread only) ------------------------------------------------
 
-    def run_to_completion(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None) -> list[Completion]:
+    def run_to_completion(self, prompts: Sequence[str | list[int]],
+                          params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         """Offline batch generation in the calling thread, as vLLM's `LLM.generate`: no engine
-        thread, so evaluation on ranks that step in lock-step (FSDP) stays in step."""
-        if self._thread is not None:
-            return self.generate(prompts, params)
-        handles = [self.submit(prompt, params) for prompt in prompts]
-        while True:
+        thread, so evaluation on ranks that step in lock-step (FSDP) stays in step. `params`: one
+        for all prompts, or one per prompt (RL rollouts: a seed per completion)."""
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
+        handles = [self.submit(prompt, p) for prompt, p in zip(prompts, per_prompt, strict=True)]
+        while self._thread is None:  # with the engine thread running, it does the stepping
             with self._cond:
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
@@ -303,6 +307,7 @@ class Engine(BaseEngine):
 
     def _append(self, s: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
         if token in self.tokenizer.stop_ids and not s.params.ignore_eos:
+            s.stop_token_id = token
             self._finish(s, "stop")
             return
         s.output_ids.append(token)
@@ -333,6 +338,7 @@ class Engine(BaseEngine):
             num_prompt_tokens=len(s.prompt_ids),
             num_output_tokens=len(s.output_ids),
             prompt_logprobs=prompt_logprobs,
+            stop_token_id=s.stop_token_id if finished else None,
         ))
         s.new_ids, s.new_logprobs = [], []
 

@@ -107,6 +107,15 @@ def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_gather_objects(env: DistEnv, value: object) -> list:
+    """Every rank's `value` (picklable), in rank order; one process: `[value]`."""
+    if not (env.initialized and env.world_size > 1):
+        return [value]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def is_collective_failure(error: BaseException) -> bool:
     """A collective that timed out or lost a peer (gloo's and NCCL's wording)."""
     if isinstance(error, getattr(dist, "DistError", ())):

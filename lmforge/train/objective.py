@@ -2,7 +2,8 @@
 
 An objective gives batches as a pure function of (step, micro_step), so that resuming
 needs only the step; a loss (plus extra metrics to log); and validation. Pretraining's is
-in train/pretrain.py; SFT's and DPO's are in lmforge/align/objectives.py.
+in train/pretrain.py; SFT's and DPO's are in lmforge/align/objectives.py, GRPO's in
+lmforge/align/grpo.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ class LoaderState:
 
 
 class Objective(Protocol):
-    """What a run trains on: batches as a pure function of the step, a loss, validation."""
+    """What a run trains on: batches as a pure function of the step, a loss, validation.
+
+    Two optional members, for objectives that make their own data (RL): `grad_accum_steps`
+    (micro-batches per rank per step, instead of train.global_batch_tokens' share) and
+    `prepare_step(model, data_step)`, called before each step's micro-batches with the model
+    being trained (rollouts from the current weights; its time is left out of tokens/s).
+    """
 
     kind: str
     tokens_per_step: int  # for tokens/s and MFU

@@ -113,7 +113,7 @@ class Trainer:
             raise ConfigError(f"{objective.kind} runs on one process for now (got {env.world_size}; use parallel.strategy=single)")
         if self.parallel.strategy == "fsdp" and self.config.optim.name == "muon":
             raise ConfigError("optim.name=muon needs whole weight matrices; with parallel.strategy=fsdp use adamw")
-        self.accum = accumulation(self.loop, objective.seq_len, env.world_size)
+        self.accum = getattr(objective, "grad_accum_steps", None) or accumulation(self.loop, objective.seq_len, env.world_size)
         plan = run_setup.plan_run(self.run_dir, self.config, self.tokenizer, self.manifest, resume, overwrite,
                                   self.extra_state)
         distributed.barrier(env)  # every rank has read the run dir before rank 0 may clear it
@@ -237,6 +237,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["peak_lr"] * factor
         with torch.profiler.record_function(f"lmforge/train_step_{self.step + 1}"):
+            self.prepare_step()
             loss_sum, extras = self.forward_backward(self.guard.poisoned(self.step))
             norm = grad_norm(self.params)
             # One all-reduce per step: the loss summed over ranks, whether any rank was asked to
@@ -258,6 +259,16 @@ class Trainer:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
         return StepOutcome(loss, norm_value, reason, stopping, extras)
+
+    def prepare_step(self) -> None:
+        """The objective's data for this step, when it makes its own (RL rollouts from the current
+        weights); that time is not training, so it is left out of the tokens/s window."""
+        prepare = getattr(self.objective, "prepare_step", None)
+        if prepare is None:
+            return
+        started = time.perf_counter()
+        prepare(self.model, self.step + self.guard.data_offset)
+        self._window_start += time.perf_counter() - started
 
     def forward_backward(self, poisoned: bool) -> tuple[torch.Tensor, dict[str, float]]:
         """grad_accum_steps micro-batches of this rank: forward under autocast, backward (gradients

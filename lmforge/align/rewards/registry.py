@@ -20,6 +20,7 @@ class ShippedReward:
 
 class RewardModelOptions(Section):
     prompt_field: str = Field("prompt", description="record field the reward model reads as the prompt")
+    path: str | None = Field(None, description="`lmforge rl`: the reward model dir (RUN/reward_model of `lmforge rm`) or its run dir")
 
 
 SHIPPED: dict[str, ShippedReward] = {
