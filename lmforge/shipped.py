@@ -46,7 +46,7 @@ class ShippedConfig:
 def shipped_configs() -> list[ShippedConfig]:
     """Every YAML recipe in the package's configs/, sorted by name."""
     found = []
-    for path in sorted(CONFIGS_DIR.glob("*.yaml")):
+    for path in sorted(CONFIGS_DIR.glob("*.yaml"), key=lambda p: p.stem):  # `sft` before `sft-arithmetic`
         comments = (line.lstrip("# ").rstrip() for line in path.read_text(encoding="utf-8").splitlines()
                     if line.startswith("#"))
         found.append(ShippedConfig(path.stem, path, next(comments, "")))

@@ -114,8 +114,10 @@ def test_every_shipped_config_validates_against_its_verb(tmp_path, monkeypatch):
     from lmforge.serve.config import ServeConfig
 
     monkeypatch.chdir(tmp_path)  # nothing may depend on the checkout being the working directory
+    from lmforge.align.rl_config import RLConfig
+
     verbs = {"curate": CurateConfig, "tokenize": TokenizeConfig, "serve": ServeConfig,
-             "sft": AlignConfig, "dpo": AlignConfig, "rm": AlignConfig}
+             "sft": AlignConfig, "dpo": AlignConfig, "rm": AlignConfig, "rl": RLConfig}
     for config in shipped_configs():
         if config.name == "moderation":
             assert policy.load_policy("moderation").input["secrets"] == "block"
@@ -125,8 +127,9 @@ def test_every_shipped_config_validates_against_its_verb(tmp_path, monkeypatch):
             continue  # the next test
         else:  # curate's recipe leaves input.paths for the command line to give
             overrides = ["input.paths=[raw/]"] if config.name == "curate" else []
-            load_config(verbs[config.name], config_path(config.name), overrides,
-                        base={"model": "m"} if config.name in ("sft", "dpo", "rm") else None)
+            verb = config.name.split("-")[0]  # sft-arithmetic: an sft recipe
+            load_config(verbs[verb], config_path(config.name), overrides,
+                        base={"model": "m"} if verb in ("sft", "dpo", "rm", "rl") else None)
 
 
 def test_a_shipped_pretrain_recipe_loads_as_written_with_its_preset_shape(tmp_path, monkeypatch):
@@ -208,5 +211,7 @@ def test_the_wheel_ships_every_config_and_every_bundled_data_file_and_finds_them
                           env={**os.environ, "PYTHONPATH": str(site)})
     assert done.returncode == 0, done.stderr
     paths = [Path(line) for line in done.stdout.splitlines()]
-    assert len(paths) == len(shipped_configs()) + 4  # sft, dpo, rm: chat data; tokenize: the corpus
+    # One path per config, plus the data each names: sft, dpo, rm, sft-arithmetic one file each,
+    # rl-arithmetic two (train and test prompts), tokenize the corpus.
+    assert len(paths) == len(shipped_configs()) + 7
     assert all(p.is_relative_to(site / "lmforge") and p.exists() for p in paths), paths

@@ -27,7 +27,7 @@ from lmforge.align.rollouts import Rollout, RolloutWorker, merge_scores, pad_row
 from lmforge.errors import ConfigError, DataError
 from lmforge.serve.sampling import SamplingParams
 from lmforge.train import distributed
-from lmforge.train.trainer import unwrap
+from lmforge.train.parallel import unwrap
 
 log = logging.getLogger(__name__)
 

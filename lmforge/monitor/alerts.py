@@ -71,7 +71,7 @@ class AlertMonitor:
             fired.append(self.alert("loss_spike", step, f"loss {loss:.4f} > {self.config.spike_factor} x median {median:.4f}", loss=loss, median=median))
         if grad_norm is not None and math.isfinite(grad_norm):
             # Norms of steps with no signal (RL: every group's rewards equal) are 0: no scale to judge by.
-            if len(self.norms) >= 3 and 0 < statistics.median(self.norms) and grad_norm > self.config.grad_factor * statistics.median(self.norms):
+            if len(self.norms) >= 3 and statistics.median(self.norms) > 0 and grad_norm > self.config.grad_factor * statistics.median(self.norms):
                 median = statistics.median(self.norms)
                 fired.append(self.alert("grad_norm_explosion", step, f"grad norm {grad_norm:.3g} > {self.config.grad_factor} x median {median:.3g}", grad_norm=grad_norm, median=median))
             self.norms.append(grad_norm)

@@ -119,3 +119,9 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
 def clip_gradients(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
     if max_norm > 0 and max_norm != float("inf"):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The lmforge Transformer inside DDP and/or a peft wrapper (its LoRA layers stay active)."""
+    model = inner_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

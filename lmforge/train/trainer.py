@@ -1,7 +1,7 @@
-"""`lmforge train`: the training loop, shared by pretraining, SFT and DPO.
+"""`lmforge train`: the training loop, shared by pretraining, SFT, DPO, reward models and RL.
 
 What is trained on and how the loss is computed is an `Objective` (train/objective.py for
-pretraining; lmforge/align/ for SFT and DPO). The `Trainer` around it is the same for all,
+pretraining; lmforge/align/ for SFT, DPO, reward models and GRPO). The `Trainer` around it is the same for all,
 in named phases: `setup` (run dir, model, optimizers, resume, monitors), then per step
 `train_step` (lr from the schedule -> `forward_backward` over grad_accum_steps micro-batches
 -> clip the global grad norm -> optimizer step) and, between steps, `report` (metrics,
@@ -27,7 +27,7 @@ from lmforge.device import autocast, compute_dtype
 from lmforge.errors import ConfigError
 from lmforge.eval.scoring import Scorer
 from lmforge.eval.tasks import evaluate, resolve_tasks
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import ModelConfig
 from lmforge.store import checkpoint
 from lmforge.store.run_dir import RunDir, lineage
 from lmforge.tokenizer import LmTokenizer
@@ -45,6 +45,7 @@ from lmforge.train.parallel import (
     gradient_sync,
     inner_model,
     parallelize,
+    unwrap,
 )
 from lmforge.train.schedules import lr_factor
 from lmforge.train.stop import StopFlag
@@ -446,9 +447,3 @@ def init_distributed(loop: LoopConfig, parallel: ParallelConfig) -> distributed.
     return distributed.init(
         loop.device, parallel.backend, parallel.timeout_seconds, need_group=parallel.strategy != "single"
     )
-
-
-def unwrap(model: nn.Module) -> Transformer:
-    """The lmforge Transformer inside DDP and/or a peft wrapper (its LoRA layers stay active)."""
-    model = inner_model(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
