@@ -1,7 +1,8 @@
 """`lmforge report RUN`: one self-contained HTML page (plus the PNGs) describing a run.
 
 Curves of loss, validation loss and bits per byte, learning rate, gradient norm,
-tokens/s and MFU; evaluation results; the lineage from raw data to model; the data's
+tokens/s and MFU (and for RL runs: rewards, held-out reward, KL, clip fraction, entropy,
+completion length, rollout tokens/s); evaluation results; the lineage from raw data to model; the data's
 curation funnel when the dataset came from `lmforge curate`; the model card when the run
 has one. Images are embedded as data URIs, so the file can be mailed or archived alone.
 """
@@ -30,7 +31,37 @@ CURVES = [
     ("grad_norm", "gradient norm", ["grad_norm"]),
     ("throughput", "tokens / second", ["tokens_per_second"]),
     ("mfu", "model FLOPs utilisation", ["mfu"]),
+    # RL runs (`lmforge rl`); `*` stands for each reward's label.
+    ("reward", "reward (rollouts: mean per reward)", ["reward/*/mean"]),
+    ("val_reward", "held-out reward (greedy)", ["val_reward", "val_reward/*"]),
+    ("policy", "KL to reference, clip fraction, entropy", ["kl", "clip_fraction", "entropy"]),
+    ("groups", "advantage std, groups without reward variance", ["advantage_std", "zero_variance_groups"]),
+    ("completions", "completion length (tokens)", ["completion_length"]),
+    ("rollout", "rollout tokens / second", ["rollout_tokens_per_second"]),
 ]
+
+
+def _expand(records: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """`a/*/b` as every logged key of that shape (not stderr companions), in first-seen order."""
+    out: list[str] = []
+    for key in keys:
+        if "*" not in key:
+            out.append(key)
+            continue
+        head, _, tail = key.partition("*")
+        seen = dict.fromkeys(k for r in records for k in r if k.startswith(head) and k.endswith(tail)
+                             and "/" not in k[len(head): len(k) - len(tail)] and not k.endswith("/stderr"))
+        out += [k for k in seen if k not in out]
+    return out
+
+
+def _last_val_rewards(records: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The latest held-out reward of an RL run, each with its standard error where logged."""
+    last = next((r for r in reversed(records) if "val_reward" in r), None)
+    if last is None:
+        return []
+    return [(f"last {k}", f"{v:.4f}" + (f" ± {last[k + '/stderr']:.4f}" if k + "/stderr" in last else ""))
+            for k, v in last.items() if k.startswith("val_reward") and not k.endswith("/stderr")]
 
 
 def _plot(records: list[dict[str, Any]], keys: list[str], title: str) -> bytes | None:
@@ -140,7 +171,7 @@ def render(run: str | os.PathLike, out: str | os.PathLike | None = None, overwri
     images = []
     with atomic.atomic_dir(out, "report") as tmp:
         for name, title, keys in CURVES:
-            png = _plot(records, keys, title)
+            png = _plot(records, _expand(records, keys), title)
             if png is None:
                 continue
             atomic.write_bytes(tmp / f"{name}.png", png)
@@ -148,7 +179,8 @@ def render(run: str | os.PathLike, out: str | os.PathLike | None = None, overwri
         overview = _table([
             ("kind", summary.kind), ("status", summary.status), ("step", f"{fmt(summary.step)} / {fmt(summary.max_steps)}"),
             ("tokens", summary.tokens), ("last train loss", summary.last_loss), ("best val loss", summary.best_val_loss),
-            ("best val bits/byte", summary.best_val_bpb), ("latest checkpoint", summary.checkpoint), ("created", summary.created_at),
+            ("best val bits/byte", summary.best_val_bpb), *_last_val_rewards(records),
+            ("latest checkpoint", summary.checkpoint), ("created", summary.created_at),
         ])
         evals = _table(sorted(summary.evals.items())) if summary.evals else "<p>No evaluation results in eval/.</p>"
         card = path / MODEL_CARD_FILE

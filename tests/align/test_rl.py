@@ -19,6 +19,7 @@ import yaml
 from lmforge.align.rl import RLConfig, run_rl
 from lmforge.align.rollouts import RolloutWorker
 from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.monitor.report import render
 from lmforge.serve.config import EngineConfig
 from lmforge.serve.engine import Engine
 from lmforge.serve.sampling import SamplingParams
@@ -137,6 +138,10 @@ def test_kl_to_the_starting_model_is_zero_until_the_policy_moves_and_held_out_pr
     assert kl[0] < 1e-6 and max(kl[1:]) > 1e-6
     assert set(result.val_metrics) >= {"val_reward", "val_reward/newline", "val_reward/newline/stderr"}
     assert len(metric(result.run_dir, "val_reward")) == 2
+    page = render(result.run_dir)  # `lmforge report` draws what an RL run logs
+    for chart in ("reward", "val_reward", "policy", "groups", "completions", "rollout"):
+        assert (page.parent / f"{chart}.png").is_file(), chart
+    assert "last val_reward/newline" in page.read_text()
 
 
 def test_a_reward_that_raises_counts_as_zero_and_is_counted_and_the_run_goes_on(trained_run, tmp_path):
