@@ -204,6 +204,7 @@ class RolloutWorker:
             "zero_variance_groups": (rewards.std(dim=-1, unbiased=False) == 0).float().mean().item(),
             "completion_length": sum(lengths) / len(lengths),
             "completion_truncated": sum(p["truncated"] for p in parts) / len(lengths),
+            "rollout_tokens": float(generated),
             "rollout_seconds": seconds,
             "rollout_tokens_per_second": generated / max(seconds, 1e-9),
         }

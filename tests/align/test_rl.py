@@ -18,12 +18,15 @@ import yaml
 
 from lmforge.align.rl import RLConfig, run_rl
 from lmforge.align.rollouts import RolloutWorker
+from lmforge.align.run import REWARD_MODEL_DIR
 from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.model.reward import RewardModel
 from lmforge.monitor.report import render
 from lmforge.serve.config import EngineConfig
 from lmforge.serve.engine import Engine
 from lmforge.serve.sampling import SamplingParams
 from lmforge.store.loading import load_model
+from lmforge.store.reward_model_dir import save_reward_model_dir
 from lmforge.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,3 +216,16 @@ def test_rl_on_two_ddp_processes_matches_one_process(trained_run, tmp_path):
     run_dir = tmp_path / "ddp" / "rl"
     np.testing.assert_allclose(metric(run_dir, "reward/newline/mean"), metric(single.run_dir, "reward/newline/mean"))
     np.testing.assert_allclose(metric(run_dir, "loss"), single.losses, rtol=1e-4, atol=1e-6)
+
+
+def test_a_trained_reward_model_named_by_its_run_dir_is_a_reward(trained_run, tmp_path):
+    lm, tokenizer, _ = load_model(trained_run, "cpu", torch.float32)
+    scorer = RewardModel.from_lm(lm, tokenizer.pad_id).eval()
+    torch.nn.init.normal_(scorer.score.weight, generator=torch.Generator().manual_seed(0))
+    save_reward_model_dir(tmp_path / "rm" / REWARD_MODEL_DIR, scorer, tokenizer)  # as `lmforge rm` leaves it
+    judged = {"name": "reward_model", "options": {"path": str(tmp_path / "rm")}}
+    result = run_rl(config(trained_run, tmp_path, rewards=[judged], train={"max_steps": 1}))
+    assert metric(result.run_dir, "reward/reward_model/std")[0] > 0
+    assert metric(result.run_dir, "reward/reward_model/errors") == [0.0]
+    with pytest.raises(ConfigError, match="needs options.path"):
+        run_rl(config(trained_run, tmp_path, rewards=[{"name": "reward_model"}]))
