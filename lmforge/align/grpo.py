@@ -96,7 +96,9 @@ class GRPOObjective:
                 old[row, start:end] = rollout.old_logprobs[i]
             if rollout.ref_logprobs is not None:
                 ref[row, start:end] = rollout.ref_logprobs[i]
-        batch = {"tokens": tokens, "mask": mask, "advantages": rollout.advantages[index]}
+        # Positions before the shortest prompt's end predict no completion token: no logits for them.
+        first = min(rollout.prompt_lens[i] for i in index) - 1
+        batch = {"tokens": tokens, "mask": mask, "advantages": rollout.advantages[index], "first": torch.tensor(first)}
         if rollout.old_logprobs is not None:
             batch["old_logprobs"] = old
         if rollout.ref_logprobs is not None:
@@ -104,12 +106,14 @@ class GRPOObjective:
         return batch
 
     def loss(self, model, batch):
-        tokens, mask = batch["tokens"], batch["mask"]
-        logits = model(tokens[:, :-1]).float()
+        first = int(batch["first"])
+        tokens, mask = batch["tokens"], batch["mask"][:, first:]
+        logits = model(tokens[:, :-1], logits_to_keep=tokens.shape[1] - 1 - first).float()
         log_probs = F.log_softmax(logits, dim=-1)
-        logprobs = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-        old = batch.get("old_logprobs", logprobs.detach())
-        stats = grpo_loss(logprobs, old, batch["advantages"], mask, batch.get("ref_logprobs"),
+        logprobs = log_probs.gather(-1, tokens[:, first + 1:, None]).squeeze(-1)
+        old = batch["old_logprobs"][:, first:] if "old_logprobs" in batch else logprobs.detach()
+        ref = batch["ref_logprobs"][:, first:] if "ref_logprobs" in batch else None
+        stats = grpo_loss(logprobs, old, batch["advantages"], mask, ref,
                           self.grpo.clip_low, self.grpo.clip_high, self.grpo.kl_coef, self.grpo.aggregation,
                           denominator=1.0)
         with torch.no_grad():

@@ -119,11 +119,13 @@ def token_logprobs(model, sequences: list[list[int]], prompt_lens: list[int], ba
     for start in range(0, len(sequences), batch_size):
         rows = sequences[start: start + batch_size]
         tokens = pad_rows(rows, pad_id).to(device)
+        lens = prompt_lens[start: start + batch_size]
+        first = min(lens) - 1  # logits from the shortest prompt's last token on
         with autocast(device, dtype):
-            logits = model(tokens[:, :-1])
-        logprobs = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1).cpu()
-        for row, ids, prompt_len in zip(logprobs, rows, prompt_lens[start: start + batch_size], strict=True):
-            out.append(row[prompt_len - 1: len(ids) - 1].clone())
+            logits = model(tokens[:, :-1], logits_to_keep=tokens.shape[1] - 1 - first)
+        logprobs = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, first + 1:, None]).squeeze(-1).cpu()
+        for row, ids, prompt_len in zip(logprobs, rows, lens, strict=True):
+            out.append(row[prompt_len - 1 - first: len(ids) - 1 - first].clone())
     return out
 
 

@@ -239,8 +239,12 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         kv_cache: KVCache | KVCacheRows | None = None,
         document_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab], or the mean cross-entropy if `targets` are given.
+
+        `logits_to_keep` N > 0: only the last N positions' logits ([batch, N, vocab]), as HF's
+        argument of that name (RL scores completions only: the head skips the prompts).
 
         `positions` [batch, seq] (or [seq], shared by the rows) are the tokens' RoPE positions,
         0..seq-1 by default. With a `kv_cache`, each token's keys and values are stored at its
@@ -251,9 +255,13 @@ class Transformer(nn.Module):
         document, so a packed row computes exactly what the documents would alone.
         """
         hidden = self.hidden_states(tokens, positions, kv_cache, document_ids)
+        if targets is not None and logits_to_keep:
+            raise ValueError("logits_to_keep returns logits; it does not take targets")
         if targets is not None and torch.is_grad_enabled():
             # Training: head and loss fused per chunk of tokens, never holding all logits.
             return linear_cross_entropy(hidden, self.output.weight, targets)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.output(hidden)
         if targets is None:
             return logits

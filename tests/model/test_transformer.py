@@ -45,6 +45,15 @@ def test_forward_gives_logits_per_position_and_a_scalar_loss_near_uniform_at_ini
 
 
 @torch.no_grad()
+def test_logits_to_keep_gives_the_last_positions_logits_of_the_full_forward():
+    model = build_model(tiny())
+    x = tokens(2, 17)
+    torch.testing.assert_close(model(x, logits_to_keep=5), model(x)[:, -5:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(x, targets=x, logits_to_keep=5)
+
+
+@torch.no_grad()
 def test_changing_a_future_token_never_changes_earlier_logits():
     model = build_model(tiny())
     x = tokens(2, 40)
