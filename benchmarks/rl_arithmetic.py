@@ -41,8 +41,9 @@ from lmforge.jsonl import load_jsonl  # noqa: E402
 TEST = "lmforge://data/rl/arithmetic_test.jsonl.gz"
 
 
-def greedy_outcomes(model: str | os.PathLike, max_tokens: int = 48) -> list[float]:
-    """1/0 per held-out prompt: the greedy reply's last number is the answer (lmforge's engine, fp32)."""
+def outcomes(model: str | os.PathLike, samples: int = 0, max_tokens: int = 48) -> list[float]:
+    """Per held-out prompt, the share of replies whose last number is the answer (lmforge's engine,
+    fp32): the greedy reply (`samples` 0), or `samples` replies at temperature 1 (seeded)."""
     from lmforge.serve.config import EngineConfig
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
@@ -52,9 +53,15 @@ def greedy_outcomes(model: str | os.PathLike, max_tokens: int = 48) -> list[floa
     net, tokenizer, _ = load_model(model, "cpu", torch.float32)
     prompts = [tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
                for r in records]
-    replies = Engine(net, tokenizer, EngineConfig(max_num_seqs=64)).run_to_completion(
-        prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    return [numeric_match(r, c.text, NumericMatchOptions()) for r, c in zip(records, replies, strict=True)]
+    engine = Engine(net, tokenizer, EngineConfig(max_num_seqs=64))
+    if not samples:
+        replies = engine.run_to_completion(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        return [numeric_match(r, c.text, NumericMatchOptions()) for r, c in zip(records, replies, strict=True)]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i * samples + k)
+              for i in range(len(prompts)) for k in range(samples)]
+    replies = engine.run_to_completion([p for p in prompts for _ in range(samples)], params)
+    scores = [numeric_match(records[i // samples], c.text, NumericMatchOptions()) for i, c in enumerate(replies)]
+    return [sum(scores[i * samples:(i + 1) * samples]) / samples for i in range(len(prompts))]
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:
@@ -102,11 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.sft:
         sft_seconds = lmforge("sft", str(args.base), "sft-arithmetic", f"run.out_dir={out}", "train.progress=false",
                               "--overwrite")
-    before = greedy_outcomes(sft)
+    before, before_sampled = outcomes(sft), outcomes(sft, samples=8)
     rl_args = ["rl", str(sft), "rl-arithmetic", f"run.out_dir={out}", "train.progress=false", *args.rl_args]
     rl_seconds = lmforge(*rl_args, "--overwrite")
     run_dir = out / "rl-arithmetic"
-    after = greedy_outcomes(run_dir)
+    after, after_sampled = outcomes(run_dir), outcomes(run_dir, samples=8)
     config = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/total/mean" in r]
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     acc_before, err_before = mean_stderr(before)
     acc_after, err_after = mean_stderr(after)
     gain, err_gain = mean_stderr([a - b for a, b in zip(after, before, strict=True)])
+    sampled = [mean_stderr(before_sampled), mean_stderr(after_sampled),
+               mean_stderr([a - b for a, b in zip(after_sampled, before_sampled, strict=True)])]
     rollout = config["rollout"]
     lines = [
         "## RL on a CPU: GRPO after SFT on held-out arithmetic",
@@ -129,12 +138,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{config['optim']['lr']}, reward `numeric_match`). Held-out: the 200 `arithmetic_test` prompts "
         "(disjoint from the RL and SFT prompts), greedy, scored by the same evaluator before and after.",
         "",
-        "| model | held-out accuracy (greedy) | wall time |",
-        "| --- | ---: | ---: |",
+        "| model | held-out accuracy, greedy | held-out accuracy, sampled (T=1, 8 per prompt) | wall time |",
+        "| --- | ---: | ---: | ---: |",
         f"| SFT start (`sft-arithmetic`) | {acc_before:.1%} ± {err_before:.1%} | "
+        f"{sampled[0][0]:.1%} ± {sampled[0][1]:.1%} | "
         + (f"{sft_seconds / 60:.1f} min |" if sft_seconds is not None else "(given) |"),
-        f"| after GRPO (`rl-arithmetic`) | {acc_after:.1%} ± {err_after:.1%} | {rl_seconds / 60:.1f} min |",
-        f"| paired difference (same prompts) | {gain:+.1%} ± {err_gain:.1%} | |",
+        f"| after GRPO (`rl-arithmetic`) | {acc_after:.1%} ± {err_after:.1%} | "
+        f"{sampled[1][0]:.1%} ± {sampled[1][1]:.1%} | {rl_seconds / 60:.1f} min |",
+        f"| paired difference (same prompts) | {gain:+.1%} ± {err_gain:.1%} | {sampled[2][0]:+.1%} ± {sampled[2][1]:.1%} | |",
         "",
         f"Rollouts: {rollout_rate:,.0f} generated tokens/s on lmforge's engine, in the training process.",
         "",

@@ -52,7 +52,7 @@ class GRPOObjective:
                               f"{env.world_size} ranks")
         self.grad_accum_steps = chunks
         self.seq_len = worker.context
-        self.max_tokens = rollout.max_tokens
+        self.max_tokens, self.temperature = rollout.max_tokens, rollout.temperature
         self.tokens_per_step = 0  # the current step's tokens over all ranks (set by prepare_step)
         self.rollout: Rollout | None = None
         self._step_rows: list[list[int]] = []  # this rank's micro-batches of the current step
@@ -108,7 +108,8 @@ class GRPOObjective:
     def loss(self, model, batch):
         first = int(batch["first"])
         tokens, mask = batch["tokens"], batch["mask"][:, first:]
-        logits = model(tokens[:, :-1], logits_to_keep=tokens.shape[1] - 1 - first).float()
+        # The policy that sampled is softmax(logits / temperature): ratios and KL are of that one (as TRL, verl).
+        logits = model(tokens[:, :-1], logits_to_keep=tokens.shape[1] - 1 - first).float() / self.temperature
         log_probs = F.log_softmax(logits, dim=-1)
         logprobs = log_probs.gather(-1, tokens[:, first + 1:, None]).squeeze(-1)
         old = batch["old_logprobs"][:, first:] if "old_logprobs" in batch else logprobs.detach()

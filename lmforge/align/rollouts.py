@@ -113,8 +113,9 @@ def encode_prompts(tokenizer: LmTokenizer, records: list[dict], prompt_field: st
 
 @torch.no_grad()
 def token_logprobs(model, sequences: list[list[int]], prompt_lens: list[int], batch_size: int, pad_id: int,
-                   device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Per sequence, the fp32 log-probs of its completion tokens under `model` (right-padded batches)."""
+                   device: torch.device, dtype: torch.dtype, temperature: float = 1.0) -> list[torch.Tensor]:
+    """Per sequence, the fp32 log-probs of its completion tokens under softmax(`model`'s logits /
+    temperature) (right-padded batches)."""
     out: list[torch.Tensor] = []
     for start in range(0, len(sequences), batch_size):
         rows = sequences[start: start + batch_size]
@@ -123,7 +124,7 @@ def token_logprobs(model, sequences: list[list[int]], prompt_lens: list[int], ba
         first = min(lens) - 1  # logits from the shortest prompt's last token on
         with autocast(device, dtype):
             logits = model(tokens[:, :-1], logits_to_keep=tokens.shape[1] - 1 - first)
-        logprobs = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, first + 1:, None]).squeeze(-1).cpu()
+        logprobs = F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[:, first + 1:, None]).squeeze(-1).cpu()
         for row, ids, prompt_len in zip(logprobs, rows, lens, strict=True):
             out.append(row[prompt_len - 1 - first: len(ids) - 1 - first].clone())
     return out
@@ -185,7 +186,8 @@ class RolloutWorker:
 
     def _logprobs(self, policy, sequences, prompt_lens):
         """Old (several updates per batch) and reference (KL) log-probs of this rank's completions."""
-        args = (sequences, prompt_lens, self.micro_batch_size, self.tokenizer.pad_id, self.env.device, self.dtype)
+        args = (sequences, prompt_lens, self.micro_batch_size, self.tokenizer.pad_id, self.env.device, self.dtype,
+                self.rollout.temperature)
         old = token_logprobs(policy, *args) if self.need_old_logprobs else None
         ref = token_logprobs(self.reference, *args) if self.reference is not None else None
         return old, ref

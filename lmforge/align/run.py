@@ -67,6 +67,11 @@ def fine_tune(config: AlignConfig, base, tokenizer, source: Path, objective, kin
     manifest and the starting weights' hash, LoRA when configured, and the rm/LoRA outputs.
     `head(model)`: the module that trains, built on the starting model (rm: its scalar head)."""
     built = []
+    run_dir = (Path(config.run.out_dir) / config.run.name).resolve()
+    if run_dir == Path(source).resolve() or run_dir in Path(source).resolve().parents:
+        # Even --overwrite: clearing the run dir would delete the weights being fine-tuned.
+        raise ConfigError(f"run dir {run_dir} holds the model this run starts from ({source}): "
+                          "choose another run.name or run.out_dir")
     # The starting weights by content (a path may later hold others): before any training.
     base_hash = weights_hash(base)
     record = base_record(source, base_hash, Path(config.run.out_dir) / config.run.name)

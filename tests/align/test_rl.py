@@ -229,3 +229,18 @@ def test_a_trained_reward_model_named_by_its_run_dir_is_a_reward(trained_run, tm
     assert metric(result.run_dir, "reward/reward_model/errors") == [0.0]
     with pytest.raises(ConfigError, match="needs options.path"):
         run_rl(config(trained_run, tmp_path, rewards=[{"name": "reward_model"}]))
+
+
+def test_rl_with_lora_trains_only_adapters_and_samples_through_them(trained_run, tmp_path):
+    result = run_rl(config(trained_run, tmp_path, lora={"enabled": True, "r": 4, "alpha": 8}, train={"max_steps": 2}))
+    assert result.status == "completed"
+    assert (result.run_dir / "adapter" / "adapter_config.json").is_file()
+    assert metric(result.run_dir, "grad_norm")[-1] > 0
+
+
+def test_a_run_dir_that_holds_the_starting_model_is_refused_even_with_overwrite(trained_run, tmp_path):
+    first = run_rl(config(trained_run, tmp_path, train={"max_steps": 1}))
+    again = config(first.run_dir, tmp_path)  # start from the rl run, writing into that same run dir
+    with pytest.raises(ConfigError, match="holds the model this run starts from"):
+        run_rl(again, overwrite=True)
+    assert any((first.run_dir / "checkpoints").iterdir())
