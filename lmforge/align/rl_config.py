@@ -35,7 +35,7 @@ class RolloutConfig(Section):
     top_k: int | None = Field(None, ge=1)
     epochs: int = Field(1, ge=1, description="optimisation passes over each rollout batch")
     minibatches: int = Field(1, ge=1, description="optimizer steps per pass over a rollout batch")
-    max_num_seqs: int = Field(64, ge=1, description="engine: sequences decoded together")
+    max_num_seqs: int = Field(256, ge=1, description="engine: sequences decoded together (vLLM's default)")
 
     @property
     def steps_per_rollout(self) -> int:
