@@ -31,7 +31,9 @@ CURVES = [
     ("grad_norm", "gradient norm", ["grad_norm"]),
     ("throughput", "tokens / second", ["tokens_per_second"]),
     ("mfu", "model FLOPs utilisation", ["mfu"]),
-    # RL runs (`lmforge rl`); `*` stands for each reward's label.
+]
+# What RL runs (`lmforge rl`) log besides; `*` stands for each reward's label.
+RL_CURVES = [
     ("reward", "reward (rollouts: mean per reward)", ["reward/*/mean"]),
     ("val_reward", "held-out reward (greedy)", ["val_reward", "val_reward/*"]),
     ("policy", "KL to reference, clip fraction, entropy", ["kl", "clip_fraction", "entropy"]),
@@ -170,7 +172,7 @@ def render(run: str | os.PathLike, out: str | os.PathLike | None = None, overwri
     manifest = atomic.read_json(RunDir(path).manifest_path)
     images = []
     with atomic.atomic_dir(out, "report") as tmp:
-        for name, title, keys in CURVES:
+        for name, title, keys in CURVES + RL_CURVES:
             png = _plot(records, _expand(records, keys), title)
             if png is None:
                 continue
