@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lmforge.align.grpo_loss import grpo_loss
 from lmforge.align.rewards import RewardSet
-from lmforge.align.rollouts import Rollout, RolloutWorker, merge_scores, pad_rows
+from lmforge.align.rollouts import Rollout, RolloutWorker, pad_rows
 from lmforge.errors import ConfigError, DataError
 from lmforge.serve.sampling import SamplingParams
 from lmforge.train import distributed
@@ -126,19 +126,20 @@ class GRPOObjective:
 
     # --------------------------------------------------------------------- resume, validation
 
+    def _schedule(self) -> dict[str, int]:
+        """What fixes which prompts and completions each step sees: a resume must find it unchanged."""
+        return {"seed": self.seed, "num_prompts": self.worker.stream.num_prompts,
+                "prompts_per_step": self.worker.stream.prompts_per_rollout, "group_size": self.group_size,
+                "steps_per_rollout": self.steps_per_rollout}
+
     def state_dict(self, next_step: int) -> dict[str, Any]:
-        state = {"next_step": next_step, "seed": self.seed, "num_prompts": self.worker.stream.num_prompts,
-                 "prompts_per_step": self.worker.stream.prompts_per_rollout, "group_size": self.group_size,
-                 "steps_per_rollout": self.steps_per_rollout, "rollout": None}
+        state = {"next_step": next_step, **self._schedule(), "rollout": None}
         if self.rollout is not None and next_step % self.steps_per_rollout:
             state["rollout"] = self.rollout.state_dict()  # mid-batch: the next steps train on it
         return state
 
     def check_resume(self, state: dict[str, Any]) -> int:
-        now = {"seed": self.seed, "num_prompts": self.worker.stream.num_prompts,
-               "prompts_per_step": self.worker.stream.prompts_per_rollout, "group_size": self.group_size,
-               "steps_per_rollout": self.steps_per_rollout}
-        for key, value in now.items():
+        for key, value in self._schedule().items():
             if state.get(key) != value:
                 raise DataError(f"cannot resume: {key} was {state.get(key)}, is {value} now (prompts or rollout config changed)")
         self.rollout = Rollout.from_state_dict(state["rollout"]) if state.get("rollout") else None
@@ -157,7 +158,7 @@ class GRPOObjective:
         completions = engine.run_to_completion(prompt_ids, SamplingParams(max_tokens=self.max_tokens, temperature=0.0))
         policy.train(was_training)
         rewards: RewardSet = self.worker.rewards
-        scores = merge_scores([rewards.score(records, [c.text for c in completions])])
+        scores = rewards.score(records, [c.text for c in completions])
         out = {"val_reward": sum(scores.total) / len(scores.total),
                "val_completion_length": sum(len(c.token_ids) for c in completions) / len(completions)}
         for label, values in scores.scores.items():

@@ -20,13 +20,12 @@ import torch
 
 from lmforge.align.grpo import GRPOObjective
 from lmforge.align.reward_model import reward_scorer
-from lmforge.align.rewards import RewardSet, build_rewards
+from lmforge.align.rewards import build_rewards
 from lmforge.align.rl_config import RLConfig
 from lmforge.align.rollouts import RolloutWorker, encode_prompts
 from lmforge.align.run import REWARD_MODEL_DIR, fine_tune, on_this_rank
 from lmforge.device import compute_dtype
-from lmforge.errors import ConfigError, DataError
-from lmforge.jsonl import load_jsonl
+from lmforge.errors import ConfigError
 from lmforge.shipped import resolve_path
 from lmforge.store.loading import load_model
 from lmforge.store.reward_model_dir import load_reward_model_dir
@@ -53,13 +52,13 @@ def _rl(config: RLConfig, resume: bool, env: distributed.DistEnv, overwrite: boo
         raise ConfigError(f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                           f"vocabulary is {base.config.vocab_size}: they do not belong together")
     rewards = build_rewards(config.rewards, reward_model=_reward_model(config, env.device))
-    records = _prompts(config.data.train, config.data.prompt_field, rewards)
+    records = rewards.load_prompts(resolve_path(config.data.train), config.data.prompt_field)
     context = base.config.max_seq_len
     prompt_ids = encode_prompts(tokenizer, records, config.data.prompt_field, config.data.system_prompt,
                                 config.rollout.max_tokens, context, config.data.train)
     test = None
     if config.data.test:
-        test_records = _prompts(config.data.test, config.data.prompt_field, rewards)[: config.data.test_limit]
+        test_records = rewards.load_prompts(resolve_path(config.data.test), config.data.prompt_field)[: config.data.test_limit]
         test = (test_records, encode_prompts(tokenizer, test_records, config.data.prompt_field,
                                              config.data.system_prompt, config.rollout.max_tokens, context,
                                              config.data.test))
@@ -76,18 +75,6 @@ def _rl(config: RLConfig, resume: bool, env: distributed.DistEnv, overwrite: boo
              len(records), len(test[0]) if test else 0, config.rollout.prompts_per_step, config.rollout.group_size,
              config.rollout.steps_per_rollout, ", ".join(f"{r.key} x{r.weight:g}" for r in config.rewards))
     return fine_tune(config, base, tokenizer, source, objective, "rl", resume, env, overwrite)
-
-
-def _prompts(path: str, prompt_field: str, rewards: RewardSet) -> list[dict]:
-    """A prompt set's records; `file:line` of the first one without the prompt or a field a reward reads."""
-    numbered = load_jsonl(resolve_path(path), what="prompt set")
-    if not numbered:
-        raise DataError(f"{path}: no prompts")
-    for line, record in numbered:
-        if not isinstance(record.get(prompt_field), str) or not record[prompt_field].strip():
-            raise DataError(f"{path}:{line}: no text in field {prompt_field!r} (data.prompt_field)")
-    rewards.check_fields(numbered, path)
-    return [record for _, record in numbered]
 
 
 def _reward_model(config: RLConfig, device: torch.device):

@@ -47,12 +47,14 @@ def _align(kind: str, model: str, args: list[str] | None, resume: bool, nproc: i
     from lmforge.align import run as align_run
     from lmforge.align.config import AlignConfig
 
-    config = build_config(AlignConfig, args, flags={"model": model}, base={"run": {"name": kind}})
+    if kind == "rl":  # imported only here: it brings in the inference engine
+        from lmforge.align.rl import RLConfig, run_rl
+    config = build_config(RLConfig if kind == "rl" else AlignConfig, args, flags={"model": model}, base={"run": {"name": kind}})
     torchrun(nproc, 0, config.parallel.strategy,
              [kind, model, *(args or []), *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])])
     runs = {"sft": align_run.run_sft, "dpo": align_run.run_dpo, "rm": align_run.run_rm}
-    result = runs[kind](config, resume=resume, overwrite=overwrite)
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.val_metrics.items())
+    result = (run_rl if kind == "rl" else runs[kind])(config, resume=resume, overwrite=overwrite)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.val_metrics.items() if not k.endswith("/stderr"))
     if is_rank_zero():  # one summary per run
         exported = f"; reward model {result.run_dir / align_run.REWARD_MODEL_DIR}" if kind == "rm" else ""
         typer.echo(f"{result.status} at step {result.step}; run dir {result.run_dir}{exported}" + (f"; {metrics}" if metrics else ""))
@@ -107,14 +109,4 @@ def rl(
 
     Rollouts run on lmforge's engine in the training process; `--nproc 2 parallel.strategy=ddp`
     splits each rollout batch's prompts over the processes."""
-    from lmforge.align.rl import RLConfig, run_rl
-
-    config = build_config(RLConfig, args, flags={"model": model})
-    torchrun(nproc, 0, config.parallel.strategy,
-             ["rl", model, *(args or []), *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])])
-    result = run_rl(config, resume=resume, overwrite=overwrite)
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.val_metrics.items() if not k.endswith("/stderr"))
-    if is_rank_zero():  # one summary per run
-        typer.echo(f"{result.status} at step {result.step}; run dir {result.run_dir}" + (f"; {metrics}" if metrics else ""))
-    if result.signal is not None:
-        raise typer.Exit(128 + result.signal)
+    _align("rl", model, args, resume, nproc, overwrite)

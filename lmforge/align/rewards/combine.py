@@ -139,9 +139,15 @@ class RewardSet:
                 if missing is not None:
                     raise DataError(f"{path}:{line}: no field {missing!r}, which reward {reward.label!r} reads")
 
-    def load_prompts(self, path: str | os.PathLike) -> list[dict]:
-        """The records of a prompt set (JSONL), every one checked for the fields the rewards read."""
+    def load_prompts(self, path: str | os.PathLike, prompt_field: str | None = None) -> list[dict]:
+        """The records of a prompt set (JSONL), every one checked for the fields the rewards read
+        and, given `prompt_field`, for text in it: a DataError `file:line` at the first that fails."""
         numbered = load_jsonl(path, what="prompt set")
+        if not numbered:
+            raise DataError(f"{path}: no prompts")
+        for line, record in numbered if prompt_field else ():
+            if not isinstance(record.get(prompt_field), str) or not record[prompt_field].strip():
+                raise DataError(f"{path}:{line}: no text in field {prompt_field!r} (data.prompt_field)")
         self.check_fields(numbered, path)
         return [record for _, record in numbered]
 
