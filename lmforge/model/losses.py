@@ -5,6 +5,10 @@ same again for the backward pass; for a small model that is a third of a trainin
 Here each chunk's logits live only long enough to produce the loss and both gradients
 (d hidden, d weight), which are kept for backward. Same math, far less memory traffic
 (the idea behind Liger-Kernel's fused linear cross-entropy).
+
+An optional z-loss, `z_loss * mean(logsumexp(logits)^2)` (PaLM, section 5), keeps the output
+logits from drifting; it is added to the gradient and returned on its own, so the loss that
+is logged stays the cross-entropy.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ IGNORE_INDEX = -100  # as F.cross_entropy: targets equal to it add no loss and n
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, compute_dtype: torch.dtype):
-        """hidden [tokens, dim], weight [vocab, dim], targets [tokens] -> mean loss (fp32)."""
+    def forward(ctx, hidden, weight, targets, chunk_size: int, compute_dtype: torch.dtype, z_loss: float):
+        """hidden [tokens, dim], weight [vocab, dim], targets [tokens] -> (mean cross-entropy, mean
+        squared log-partition), fp32; the gradient is that of cross-entropy + z_loss * the latter."""
         w = weight.to(compute_dtype)
         h_all = hidden.to(compute_dtype)
         valid = targets != IGNORE_INDEX
@@ -25,6 +30,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(h_all)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        z_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, h_all.shape[0], chunk_size):
             h = h_all[start : start + chunk_size]
             t = targets[start : start + chunk_size]
@@ -34,18 +40,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
             loss += ((lse - target_logit) * keep).sum()
-            # d loss / d logits = softmax - onehot(target), scaled by 1/count, zero if ignored.
+            z_sum += (lse.square() * keep).sum()
+            # d loss / d logits = softmax - onehot(target), scaled by 1/count, zero if ignored;
+            # the z-loss adds 2 * z_loss * lse * softmax.
             probs = logits.sub_(lse[:, None]).exp_()
+            if z_loss:
+                probs.mul_(1 + 2 * z_loss * lse[:, None])
             probs[torch.arange(len(t), device=h.device), safe_t] -= 1
             grad_logits = probs.mul_((keep / count)[:, None]).to(compute_dtype)
             grad_hidden[start : start + chunk_size] = grad_logits @ w
             grad_weight += grad_logits.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
-        return loss / count
+        z_mean = z_sum / count
+        ctx.mark_non_differentiable(z_mean)
+        return loss / count, z_mean
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_z):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (
             (grad_hidden * grad_output).to(ctx.hidden_dtype),
@@ -53,16 +65,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256
-) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets`, in the autocast dtype if any."""
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (in the autocast dtype if any),
+    and the mean squared log-partition (no gradient of its own; `z_loss` weighs it in the loss's)."""
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     with torch.autocast(device_type, enabled=False):
         return ChunkedLinearCrossEntropy.apply(
-            hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size, dtype
+            hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size, dtype, z_loss
         )

@@ -1,15 +1,15 @@
-"""The Hugging Face Llama-family format: config.json fields and safetensors weight names.
+"""The Hugging Face model-dir format: config.json fields and safetensors weight names.
 
-lmforge's decoder has the HF Llama layout (rotate-half RoPE, RMSNorm, SwiGLU, GQA), so
-converting is renaming plus splitting (export) or concatenating (import) the fused
-projections: `wqkv` = q_proj | k_proj | v_proj and `w13` = gate_proj | up_proj, by rows.
-No permutation of the query/key rows is needed, unlike Meta's original checkpoints.
+What every decoder shares (vocabulary, widths, RoPE, embedding, final norm, output head,
+token ids) is mapped here; what a layer holds is mapped by its block type's layout, which
+lives beside the block (lmforge/model/blocks/, e.g. llama_hf.py for Llama, Mistral, Qwen2,
+Qwen3, Qwen3-MoE and Mixtral). RoPE is rotate-half, as HF's, so no permutation of the
+query/key rows is needed, unlike Meta's original checkpoints.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -22,22 +22,26 @@ from safetensors.torch import save_file
 from lmforge import atomic
 from lmforge.device import dtype_name
 from lmforge.errors import CheckpointError
+from lmforge.model.blocks import BlockType, block_for_architecture, block_type, hf_architectures
 from lmforge.model.config import ModelConfig, RopeScaling
-
-log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
-# Architectures whose weights map onto lmforge's exactly (HF class -> model_type).
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
 # ---------------------------------------------------------------------------- config.json
+
+
+def _layout(config: ModelConfig) -> tuple[BlockType, str]:
+    """The block type's HF layout and the architecture this config exports as."""
+    block = block_type(config.block)
+    if block.hf is None:
+        raise CheckpointError(f"block type {config.block!r} has no Hugging Face layout (its file defines none)")
+    try:
+        return block, block.hf.export_architecture(config)
+    except ValueError as err:
+        raise CheckpointError(f"cannot export to a Hugging Face layout: {err}") from None
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype, token_ids: dict[str, int | None]) -> dict[str, Any]:
@@ -46,21 +50,12 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, token_ids: dict[str, i
     RoPE is written in the long-standing `rope_theta` / `rope_scaling` form, which every
     reader accepts (transformers 5 converts it to `rope_parameters` on load).
     """
-    if config.attn_out_bias != config.qkv_bias:
-        if config.attn_out_bias or config.mlp_bias:
-            raise CheckpointError(
-                "this model has an attention output bias without q/k/v biases, which no "
-                "Llama-family architecture in transformers can express"
-            )
-        architecture = "Qwen2ForCausalLM"  # q/k/v biases only: Qwen2's layout
-    else:
-        architecture = "LlamaForCausalLM"
+    block, architecture = _layout(config)
     hf: dict[str, Any] = {
         "architectures": [architecture],
-        "model_type": SUPPORTED_ARCHITECTURES[architecture],
+        "model_type": block.hf.architectures[architecture],
         "vocab_size": config.vocab_size,
         "hidden_size": config.dim,
-        "intermediate_size": config.ffn_dim,
         "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
@@ -77,10 +72,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, token_ids: dict[str, i
         "torch_dtype": dtype_name(dtype),
         **token_ids,
     }
-    if architecture == "LlamaForCausalLM":
-        hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
-    else:
-        hf.update(use_sliding_window=False, sliding_window=None)
+    hf.update(block.hf.config_to_hf(config, architecture))
     return hf
 
 
@@ -136,14 +128,15 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
 
 
 def config_from_hf(hf: dict[str, Any], source: Path, max_seq_len: int | None = None) -> ModelConfig:
-    """ModelConfig for a Llama/Mistral/Qwen2 config.json; anything else is refused by name."""
+    """ModelConfig for a config.json of an architecture some block type's layout reads; anything
+    else is refused by name, with the architectures lmforge reads."""
     file = source / CONFIG_FILE
     architectures = hf.get("architectures") or []
     architecture = architectures[0] if architectures else f"model_type {hf.get('model_type')!r}"
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    block = block_for_architecture(architecture) if architectures else None
+    if block is None:
         raise CheckpointError(
-            f"{file}: architecture {architecture} is not supported "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"{file}: architecture {architecture} is not supported (supported: {', '.join(hf_architectures())})"
         )
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         raise CheckpointError(f"{file}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
@@ -151,12 +144,12 @@ def config_from_hf(hf: dict[str, Any], source: Path, max_seq_len: int | None = N
         dim, heads = hf["hidden_size"], hf["num_attention_heads"]
         theta, scaling = _rope_from_hf(hf, source)
         fields: dict[str, Any] = dict(
+            block=block.name,
             vocab_size=hf["vocab_size"],
             dim=dim,
             n_layers=hf["num_hidden_layers"],
             n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads,
-            ffn_dim=hf["intermediate_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -164,27 +157,20 @@ def config_from_hf(hf: dict[str, Any], source: Path, max_seq_len: int | None = N
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_std=hf.get("initializer_range", 0.02),
         )
+        fields.update(block.hf.config_from_hf(hf, architecture))
     except KeyError as err:
         raise CheckpointError(f"{file} lacks the field {err.args[0]!r}") from None
+    except ValueError as err:
+        raise CheckpointError(f"{file}: {err}") from None
     head_dim = hf.get("head_dim")
     if head_dim and head_dim != dim // heads:
         fields["head_size"] = head_dim
-    model_type = SUPPORTED_ARCHITECTURES[architecture]
-    if model_type == "llama":
-        fields["qkv_bias"] = fields["attn_out_bias"] = bool(hf.get("attention_bias", False))
-        fields["mlp_bias"] = bool(hf.get("mlp_bias", False))
-    elif model_type == "qwen2":
-        fields["qkv_bias"] = True
-    # Sliding-window attention equals full attention on sequences no longer than the window,
-    # so the mapping stays exact when the context is capped at the window.
-    window = hf.get("sliding_window")
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-        window = None
-    if window and window < fields["max_seq_len"]:
-        log.warning("%s: sliding_window %d: context capped at %d tokens", file, window, window)
-        fields["max_seq_len"] = window
     if max_seq_len is not None:
         fields["max_seq_len"] = max_seq_len
+    # A window as long as the context never binds: the layers are plain causal ones.
+    if fields.get("sliding_window") is not None and fields["sliding_window"] >= fields["max_seq_len"]:
+        fields.pop("sliding_window")
+        fields.pop("attention_pattern", None)
     try:
         return ModelConfig(**fields)
     except ValidationError as err:
@@ -210,41 +196,17 @@ def token_ids_from_hf(directory: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- weights
 
 
-def _layer_names(i: int) -> dict[str, str]:
-    p = f"model.layers.{i}."
-    return {
-        "attn_norm": p + "input_layernorm.weight",
-        "ffn_norm": p + "post_attention_layernorm.weight",
-        "q": p + "self_attn.q_proj",
-        "k": p + "self_attn.k_proj",
-        "v": p + "self_attn.v_proj",
-        "o": p + "self_attn.o_proj",
-        "gate": p + "mlp.gate_proj",
-        "up": p + "mlp.up_proj",
-        "down": p + "mlp.down_proj",
-    }
-
-
 def state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """lmforge state dict -> HF tensor names, fused projections split by rows."""
-    q_rows, kv_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    """lmforge state dict -> HF tensor names; each layer through its block type's layout."""
+    block, architecture = _layout(config)
     out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
     if not config.tie_embeddings:
         out["lm_head.weight"] = state["output.weight"]
     for i in range(config.n_layers):
-        ours, hf = f"layers.{i}.", _layer_names(i)
-        out[hf["attn_norm"]] = state[ours + "attn_norm.weight"]
-        out[hf["ffn_norm"]] = state[ours + "ffn_norm.weight"]
-        suffixes = ["weight"] + (["bias"] if config.qkv_bias else [])
-        for suffix in suffixes:
-            q, k, v = state[ours + f"attn.wqkv.{suffix}"].split([q_rows, kv_rows, kv_rows])
-            out[f"{hf['q']}.{suffix}"], out[f"{hf['k']}.{suffix}"], out[f"{hf['v']}.{suffix}"] = q, k, v
-        for suffix in ["weight"] + (["bias"] if config.attn_out_bias else []):
-            out[f"{hf['o']}.{suffix}"] = state[ours + f"attn.wo.{suffix}"]
-        for suffix in ["weight"] + (["bias"] if config.mlp_bias else []):
-            gate, up = state[ours + f"ffn.w13.{suffix}"].chunk(2)
-            out[f"{hf['gate']}.{suffix}"], out[f"{hf['up']}.{suffix}"] = gate, up
-            out[f"{hf['down']}.{suffix}"] = state[ours + f"ffn.w2.{suffix}"]
+        ours = f"layers.{i}."
+        layer = {k[len(ours):]: v for k, v in state.items() if k.startswith(ours)}
+        mapped = block.hf.layer_to_hf(layer, config, i, architecture)
+        out.update({f"model.layers.{i}.{k}": v for k, v in mapped.items()})
     return out
 
 
@@ -262,7 +224,7 @@ def state_from_hf(
     unexpected = sorted(k for k in tensors if k not in expected and k not in ignorable and not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise CheckpointError(
-            f"{source}: weights hold tensors a {config.n_layers}-layer Llama-family model lacks: "
+            f"{source}: weights hold tensors a {config.n_layers}-layer model of this config lacks: "
             f"{', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"
         )
     for name, shape in expected.items():
@@ -270,19 +232,13 @@ def state_from_hf(
             raise CheckpointError(
                 f"{source}: {name} has shape {tuple(tensors[name].shape)}, config.json implies {tuple(shape)}"
             )
+    block, architecture = _layout(config)
     state = {"tok_embeddings.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
     state["output.weight"] = state["tok_embeddings.weight"] if config.tie_embeddings else tensors["lm_head.weight"]
     for i in range(config.n_layers):
-        ours, hf = f"layers.{i}.", _layer_names(i)
-        state[ours + "attn_norm.weight"] = tensors[hf["attn_norm"]]
-        state[ours + "ffn_norm.weight"] = tensors[hf["ffn_norm"]]
-        for suffix in ["weight"] + (["bias"] if config.qkv_bias else []):
-            state[ours + f"attn.wqkv.{suffix}"] = torch.cat([tensors[f"{hf[p]}.{suffix}"] for p in ("q", "k", "v")])
-        for suffix in ["weight"] + (["bias"] if config.attn_out_bias else []):
-            state[ours + f"attn.wo.{suffix}"] = tensors[f"{hf['o']}.{suffix}"]
-        for suffix in ["weight"] + (["bias"] if config.mlp_bias else []):
-            state[ours + f"ffn.w13.{suffix}"] = torch.cat([tensors[f"{hf[p]}.{suffix}"] for p in ("gate", "up")])
-            state[ours + f"ffn.w2.{suffix}"] = tensors[f"{hf['down']}.{suffix}"]
+        hf_prefix = f"model.layers.{i}."
+        layer = {k[len(hf_prefix):]: v for k, v in tensors.items() if k.startswith(hf_prefix)}
+        state.update({f"layers.{i}.{k}": v for k, v in block.hf.layer_from_hf(layer, config, i, architecture).items()})
     return state
 
 
