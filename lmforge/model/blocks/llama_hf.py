@@ -130,7 +130,9 @@ class LlamaFamilyLayout:
             step = hf.get("decoder_sparse_step", 1)
             dense = set(hf.get("mlp_only_layers") or [])
             dense |= {i for i in range(hf["num_hidden_layers"]) if (i + 1) % step}
-            fields["moe"] = dict(num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],
+            # transformers 5 saves Qwen3-MoE's `num_experts` under its attribute-map name.
+            experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+            fields["moe"] = dict(num_experts=experts, top_k=hf["num_experts_per_tok"],
                                  expert_ffn_dim=hf["moe_intermediate_size"], norm_topk=bool(hf.get("norm_topk_prob", False)),
                                  aux_loss_coef=hf.get("router_aux_loss_coef", 0.001), dense_layers=sorted(dense))
         return fields
