@@ -265,3 +265,20 @@ def evaluate(task: Task, scorer: Scorer, limit: int | None = None, seed: int = 1
 
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
+
+
+def evaluate_all(model, tokenizer, tasks: list[Task], limit: int | None, seed: int) -> dict[str, float]:
+    """Every metric of every task as `eval/<task>/<metric>`, scored with `model` in eval mode
+    (its train/eval mode is restored after)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    scorer = Scorer(model, tokenizer)
+    values = {}
+    with torch.no_grad():
+        for task in tasks:
+            result = evaluate(task, scorer, limit, seed)
+            values.update({f"eval/{task.spec.name}/{m}": v["value"] for m, v in result["metrics"].items()})
+    model.train(was_training)
+    return values

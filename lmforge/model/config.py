@@ -88,7 +88,12 @@ class ModelConfig(Section):
             name = data["preset"]
             if name not in PRESETS:
                 raise ValueError(f"unknown preset {name!r} (allowed: {', '.join(PRESETS)})")
-            return {**PRESETS[name], **data}
+            merged = {**PRESETS[name], **data}
+            # A nested section (moe) set alongside a preset overrides the preset's keys one by one.
+            for key, value in PRESETS[name].items():
+                if isinstance(value, dict) and isinstance(data.get(key), dict):
+                    merged[key] = {**value, **data[key]}
+            return merged
         return data
 
     @model_validator(mode="after")
@@ -161,15 +166,17 @@ class ModelConfig(Section):
 
     def num_params(self, embedding: bool = True, active: bool = False) -> int:
         """Parameters in all; `active`: those one token uses (its top-k and shared experts only)."""
+        from lmforge.model.blocks import block_type  # the registry imports this module
+
         vocab = self.vocab_size or 0
-        qkv = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        attn = self.dim * qkv + self.n_heads * self.head_dim * self.dim
-        attn += qkv * self.qkv_bias + self.dim * self.attn_out_bias + 2 * self.head_dim * self.qk_norm
-        total = self.dim  # final norm
-        for layer in range(self.n_layers):
-            total += attn + self.ffn_params(layer, active) + 2 * self.dim
+        total = self.dim + block_type(self.block).num_params(self, active)  # final norm + layers
         head = 0 if self.tie_embeddings else vocab * self.dim
         return total + head + (vocab * self.dim if embedding else 0)
+
+    def attention_params(self) -> int:
+        """The q/k/v and output projections of one layer, with their biases (QK-norm is the block's)."""
+        qkv = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        return self.dim * qkv + self.n_heads * self.head_dim * self.dim + qkv * self.qkv_bias + self.dim * self.attn_out_bias
 
     def ffn_params(self, layer: int, active: bool = False) -> int:
         """The FFN of `layer`: dense SwiGLU, or router + experts (+ shared experts)."""

@@ -162,14 +162,19 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
     def pop_aux_losses(self) -> dict[str, torch.Tensor]:
-        """The auxiliary losses of the forwards since the last call, summed over layers, each
-        already weighted by its coefficient (MoE load balancing, router z-loss: to add to the
-        objective's loss; output z-loss: its gradient is already in the loss, this is for logs)."""
-        total: dict[str, torch.Tensor] = {}
-        for module in self.modules():
-            losses = getattr(module, "aux_losses", None)
-            if losses:
-                for name, value in losses.items():
-                    total[name] = total.get(name, 0) + value
-                module.aux_losses = {}
-        return total
+        return pop_aux_losses(self)
+
+
+def pop_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The auxiliary losses of `model`'s forwards since the last call (any wrapper around a
+    Transformer), summed over layers, each already weighted by its coefficient: MoE load
+    balancing and router z-loss, to add to the objective's loss; output z-loss, whose gradient
+    is already in the loss, for the logs."""
+    total: dict[str, torch.Tensor] = {}
+    for module in model.modules():
+        losses = getattr(module, "aux_losses", None)
+        if losses:
+            for name, value in losses.items():
+                total[name] = total.get(name, 0) + value
+            module.aux_losses = {}
+    return total

@@ -38,6 +38,8 @@ class AlertConfig(Section):
     grad_factor: float = Field(10.0, gt=1)
     throughput_fraction: float = Field(0.5, gt=0, lt=1)
     stall_minutes: float = Field(30.0, gt=0)
+    expert_starve_ratio: float = Field(0.1, ge=0, description="MoE: an expert below this x an even share of its layer's tokens")
+    expert_dominate_ratio: float = Field(3.0, gt=1, description="MoE: an expert above this x an even share")
     webhook: str | None = Field(None, description="URL that receives each alert as a JSON POST")
 
 
@@ -54,6 +56,7 @@ class AlertMonitor:
         self._stop = threading.Event()
         self._stalled_reported = False
         self._watchdog: threading.Thread | None = None
+        self._unbalanced: set[tuple[str, int, int]] = set()  # (kind, layer, expert) alerted and not yet recovered
 
     # -- the trainer calls these ---------------------------------------------------------
 
@@ -82,6 +85,26 @@ class AlertMonitor:
             self.speeds.append(tokens_per_second)
         if math.isfinite(loss):
             self.losses.append(loss)
+        return fired
+
+    def observe_experts(self, step: int, load: list[list[float]]) -> list[dict]:
+        """MoE expert load (per layer and expert, share x experts; 1.0 even): an expert that starves
+        or dominates alerts once, and again only after it has recovered."""
+        if not self.config.enabled or not load:
+            return []
+        fired, now = [], set()
+        low, high = self.config.expert_starve_ratio, self.config.expert_dominate_ratio
+        for layer, shares in enumerate(load):
+            for expert, share in enumerate(shares):
+                kind = "expert_starving" if share < low else "expert_dominating" if share > high else None
+                if kind is None:
+                    continue
+                now.add((kind, layer, expert))
+                if (kind, layer, expert) not in self._unbalanced:
+                    bound = f"< {low}" if kind == "expert_starving" else f"> {high}"
+                    fired.append(self.alert(kind, step, f"MoE layer {layer} expert {expert} gets {share:.2f} x an even "
+                                            f"share of tokens ({bound})", layer=layer, expert=expert, load=share))
+        self._unbalanced = now
         return fired
 
     def checkpoint_failed(self, step: int, error: BaseException) -> dict:

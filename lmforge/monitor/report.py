@@ -42,6 +42,12 @@ RL_CURVES = [
     ("rollout", "rollout tokens / second", ["rollout_tokens_per_second"]),
 ]
 
+# What mixture-of-experts runs log besides (expert load: share of a layer's tokens x experts).
+MOE_CURVES = [
+    ("expert_load_range", "MoE expert load: most and least loaded expert (1 = even share)", ["expert_load_max", "expert_load_min"]),
+    ("aux_losses", "auxiliary losses (weighted)", ["moe_aux_loss", "router_z_loss", "z_loss"]),
+]
+
 
 def _expand(records: list[dict[str, Any]], keys: list[str]) -> list[str]:
     """`a/*/b` as every logged key of that shape (not stderr companions), in first-seen order."""
@@ -85,6 +91,30 @@ def _plot(records: list[dict[str, Any]], keys: list[str], title: str) -> bytes |
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _expert_heatmap(records: list[dict[str, Any]]) -> bytes | None:
+    """The latest per-layer, per-expert load of an MoE run as a heatmap (1 = an even share)."""
+    last = next((r for r in reversed(records) if isinstance(r.get("expert_load"), list) and r["expert_load"]), None)
+    if last is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    load = last["expert_load"]
+    fig, ax = plt.subplots(figsize=(6.4, max(2.0, 0.35 * len(load) + 1.2)), dpi=100)
+    image = ax.imshow(load, aspect="auto", cmap="coolwarm", vmin=0.0, vmax=2.0)
+    ax.set_title(f"expert load at step {last['step']} (1 = even share)")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -172,8 +202,9 @@ def render(run: str | os.PathLike, out: str | os.PathLike | None = None, overwri
     manifest = atomic.read_json(RunDir(path).manifest_path)
     images = []
     with atomic.atomic_dir(out, "report") as tmp:
-        for name, title, keys in CURVES + RL_CURVES:
-            png = _plot(records, _expand(records, keys), title)
+        charts = [(name, title, _plot(records, _expand(records, keys), title)) for name, title, keys in CURVES + RL_CURVES + MOE_CURVES]
+        charts.append(("expert_load", "MoE expert load per layer", _expert_heatmap(records)))
+        for name, title, png in charts:
             if png is None:
                 continue
             atomic.write_bytes(tmp / f"{name}.png", png)

@@ -25,6 +25,9 @@ class SilentAlerts:
     def observe(self, *args, **kwargs) -> list:
         return []
 
+    def observe_experts(self, *args, **kwargs) -> list:
+        return []
+
     def alert(self, *args, **kwargs) -> dict:
         return {}
 

@@ -25,8 +25,7 @@ from torch import nn
 
 from lmforge.device import autocast, compute_dtype
 from lmforge.errors import ConfigError
-from lmforge.eval.scoring import Scorer
-from lmforge.eval.tasks import evaluate, resolve_tasks
+from lmforge.eval.tasks import evaluate_all, resolve_tasks
 from lmforge.model import ModelConfig
 from lmforge.store import checkpoint
 from lmforge.store.run_dir import RunDir, lineage
@@ -34,6 +33,7 @@ from lmforge.tokenizer import LmTokenizer
 from lmforge.train import distributed, pretrain, run_setup
 from lmforge.train.checkpointing import RunCheckpoints
 from lmforge.train.config import LoopConfig, ParallelConfig, TrainConfig, TrainingRun
+from lmforge.train.expert_balance import ExpertBalance, pop_aux_losses
 from lmforge.train.faults import StepGuard, TrainingError, inject
 from lmforge.train.mfu import peak_flops_basis
 from lmforge.train.monitoring import RunMonitors
@@ -143,6 +143,7 @@ class Trainer:
         # the bare replica, which needs no collectives.
         self.eval_model = inner_model(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.experts = ExpertBalance(self.model, self.env)
         self.optimizers = build_optimizers(inner_model(self.model), self.config.optim, self.device)
         for opt in self.optimizers:
             for group in opt.param_groups:
@@ -257,6 +258,7 @@ class Trainer:
                 clip_gradients(self.params, self.config.optim.grad_clip or math.inf, norm)
                 for opt in self.optimizers:
                     opt.step()
+            self.experts.after_step(applied=reason is None)
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
         return StepOutcome(loss, norm_value, reason, stopping, extras)
@@ -281,12 +283,14 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.objective.batch(data_step, micro_step).items()}
             with gradient_sync(self.model, micro_step == self.accum - 1):
                 with autocast(self.device, self.compute_dtype):
+                    pop_aux_losses(self.model)  # stale ones, from activation checkpointing's recompute
                     loss, micro_extras = self.objective.loss(self.model, batch)
+                    aux = pop_aux_losses(self.model)  # MoE balancing, z-losses: trained on, logged apart
                 if poisoned:  # fault injection (faults.debug_nan_steps)
                     loss = loss * torch.nan
-                (loss / self.accum).backward()
+                ((loss + sum(aux.values())) / self.accum).backward()
             loss_sum += loss.detach()
-            for key, value in micro_extras.items():
+            for key, value in {**micro_extras, **{k: float(v.detach()) for k, v in aux.items()}}.items():
                 extras[key] = extras.get(key, 0.0) + value / self.accum
         return loss_sum, extras
 
@@ -306,10 +310,12 @@ class Trainer:
                 log.info("MFU is against the %s: %.2f TFLOP/s per device", basis, self.peak / 1e12)
         mfu = self.flops_per_token * tokens_per_second / (self.peak * self.env.world_size)
         lr = self.optimizers[0].param_groups[0]["lr"]
+        expert_load = self.experts.metrics()
         self.monitors.log(step, loss=outcome.loss, lr=lr, grad_norm=outcome.grad_norm,
                           tokens_per_second=tokens_per_second, mfu=mfu,
-                          tokens_seen=step * self.objective.tokens_per_step, **outcome.extras)
+                          tokens_seen=step * self.objective.tokens_per_step, **outcome.extras, **expert_load)
         alerts.observe(step, outcome.loss, outcome.grad_norm, tokens_per_second)
+        alerts.observe_experts(step, expert_load.get("expert_load", []))
         bar.set_postfix(loss=f"{outcome.loss:.3f}", tok_s=f"{tokens_per_second:,.0f}", mfu=f"{mfu:.1%}")
         if bar.disable and self.env.is_main:
             log.info("step %d loss %.4f lr %.2e tok/s %.0f mfu %.1f%%", step, outcome.loss, lr,
@@ -338,26 +344,13 @@ class Trainer:
         """The objective's validation and the in-training eval tasks, on every rank; rank 0 logs them."""
         results = self.objective.validate(self.eval_model, self.device, self.compute_dtype)
         if self.eval_tasks:
-            results.update(self._run_eval_tasks())
+            results.update(evaluate_all(unwrap(self.eval_model), self.tokenizer, self.eval_tasks,
+                                        self.loop.eval_task_limit, self.config.run.seed))
         if results:
             self.val = results
             self.monitors.log(self.step, **results)
             if self.env.is_main:
                 self.monitors.bar.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
-
-    def _run_eval_tasks(self) -> dict[str, float]:
-        """Every metric of every task as `eval/<task>/<metric>`."""
-        model = unwrap(self.eval_model)
-        was_training = model.training
-        model.eval()
-        scorer = Scorer(model, self.tokenizer)
-        values = {}
-        with torch.no_grad():
-            for task in self.eval_tasks:
-                result = evaluate(task, scorer, self.loop.eval_task_limit, self.config.run.seed)
-                values.update({f"eval/{task.spec.name}/{m}": v["value"] for m, v in result["metrics"].items()})
-        model.train(was_training)
-        return values
 
     def save_checkpoint(self) -> Path:
         """A checkpoint of this step: weights, optimizers, and the state resume and rollback need."""

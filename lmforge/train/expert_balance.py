@@ -1,0 +1,61 @@
+"""Mixture-of-experts bookkeeping the trainer does around each step.
+
+Auxiliary losses: the model's layers keep their load-balancing and router z-losses of the
+last forwards (`aux_losses`); `pop_aux_losses` hands them to the trainer, which adds them to
+the objective's loss (the objective's, e.g. cross-entropy, is what is logged as `loss`).
+
+Expert load: every MoE layer counts the tokens each expert received (`expert_load`). After
+each optimizer step the counts are summed over ranks (one all-reduce for all layers), move
+the auxiliary-loss-free biases (DeepSeek-V3: b_i += rate * sign(mean load - load_i), the same
+on every rank), and add to the window the metrics report: each expert's share of its layer's
+tokens times the number of experts (1.0 is an even share). An expert under `starve_ratio` or
+over `dominate_ratio` of an even share raises an alert.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.model.transformer import pop_aux_losses
+from lmforge.train import distributed
+
+__all__ = ["ExpertBalance", "pop_aux_losses"]
+
+
+class ExpertBalance:
+    """The MoE layers of one model: their load after each step, bias updates, load metrics."""
+
+    def __init__(self, model: nn.Module, env: distributed.DistEnv):
+        self.env = env
+        self.layers = [m for m in model.modules() if hasattr(m, "expert_load") and hasattr(m, "expert_bias")]
+        self.window: torch.Tensor | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    @torch.no_grad()
+    def after_step(self, applied: bool) -> None:
+        """Sum this step's counts over ranks; on an applied step move the biases and keep the counts."""
+        if not self.layers:
+            return
+        loads = distributed.all_reduce_sum(self.env, torch.stack([m.expert_load for m in self.layers]))
+        for layer, load in zip(self.layers, loads, strict=True):
+            layer.expert_load.zero_()
+            rate = layer.moe.bias_update_rate
+            if applied and rate and load.sum() > 0:
+                layer.expert_bias += rate * torch.sign(load.mean() - load)
+        if applied:
+            self.window = loads.cpu() if self.window is None else self.window + loads.cpu()
+
+    def metrics(self) -> dict[str, float | list]:
+        """Expert load since the last call: per layer and expert (share x experts), and its extremes."""
+        if self.window is None or self.window.sum() == 0:
+            return {}
+        window, self.window = self.window, None
+        share = window / window.sum(dim=1, keepdim=True).clamp(min=1) * window.shape[1]
+        return {
+            "expert_load_max": round(float(share.max()), 4),
+            "expert_load_min": round(float(share.min()), 4),
+            "expert_load": [[round(float(x), 4) for x in row] for row in share],
+        }
