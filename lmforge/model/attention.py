@@ -55,9 +55,9 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCacheRows | None = None, layer: int = 0):
-        """`attn_mask` None: causal over x itself. With `kv_cache`, x's keys/values are stored and
-        attention runs over the cached ones, with the mask the cache gives for this layer."""
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of x as [batch, seq, heads, head_dim], QK-norm applied (per head here; a block
+        type may normalise otherwise, as OLMo-2 does over all heads at once)."""
         batch, seq, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim],
@@ -67,8 +67,13 @@ class Attention(nn.Module):
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v.view(batch, seq, self.n_kv_heads, self.head_dim)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCacheRows | None = None, layer: int = 0):
+        """`attn_mask` None: causal over x itself. With `kv_cache`, x's keys/values are stored and
+        attention runs over the cached ones, with the mask the cache gives for this layer."""
+        batch, seq, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.project(x))
         # RoPE in the activation dtype (as HF Llama does): no fp32 round trip per layer.
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -46,6 +46,16 @@ class BlockType:
     module: type[nn.Module]
     hf: HFLayout | None  # None: lmforge checkpoints only, no Hugging Face export
 
+    def num_params(self, config: Any, active: bool = False) -> int:
+        """Parameters of all the layers: the module's own count, a static `num_params(config,
+        layer, active)` (`active`: those one token uses), if it has one; else counted on a
+        meta-device build (no memory, every parameter active)."""
+        count = getattr(self.module, "num_params", None)
+        if count is not None:
+            return sum(count(config, layer, active) for layer in range(config.n_layers))
+        with torch.device("meta"):
+            return sum(p.numel() for layer in range(config.n_layers) for p in self.module(config, layer).parameters())
+
 
 _REGISTRY: dict[str, BlockType] = {}
 _discovered = False

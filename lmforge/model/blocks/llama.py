@@ -32,6 +32,12 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, kv_cache, layer)
         return x + self.ffn(self.ffn_norm(x))
 
+    @staticmethod
+    def num_params(config: ModelConfig, layer: int, active: bool = False) -> int:
+        """Attention, per-head QK-norm, two norms and the FFN (`active`: a token's experts only)."""
+        qk_norm = 2 * config.head_dim * config.qk_norm
+        return config.attention_params() + qk_norm + 2 * config.dim + config.ffn_params(layer, active)
+
     @torch.no_grad()
     def init_weights(self, std: float, residual_std: float, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) inputs; residual output projections at `residual_std`; biases zero, norms one."""
