@@ -157,8 +157,19 @@ def test_every_preset_validates_and_fills_the_keys_not_set_explicitly(name):
     assert config.max_seq_len == 128 and config.vocab_size == 1024
     for key, value in PRESETS[name].items():
         if key not in ("max_seq_len", "vocab_size"):
-            assert getattr(config, key) == value
+            actual = getattr(config, key)
+            assert (actual.model_dump() | value == actual.model_dump()) if isinstance(value, dict) else actual == value
     assert config.num_params() > 0 and config.head_dim % 2 == 0
+
+
+def test_moe_presets_match_the_public_shapes_total_and_active_parameters():
+    qwen3 = ModelConfig(preset="qwen3-30b-a3b")  # Qwen3-30B-A3B: 30.5B total, 3.35B active ("3.3B")
+    assert round(qwen3.num_params() / 1e9, 1) == 30.5 and round(qwen3.num_params(active=True) / 1e9, 1) == 3.4
+    small, moe = ModelConfig(preset="small", vocab_size=4096), ModelConfig(preset="small-moe", vocab_size=4096)
+    # small-moe: the same active parameters as small (plus its routers), about 2.3x the total.
+    assert abs(moe.num_params(active=True) - small.num_params()) == moe.n_layers * moe.dim * moe.moe.num_experts
+    assert moe.num_params() > 2 * small.num_params()
+    assert moe.flops_per_token(256) == pytest.approx(small.flops_per_token(256), rel=0.01)
 
 
 def test_llama3_8b_preset_has_8_billion_parameters_counted_without_building_it():
