@@ -26,6 +26,22 @@ def _front_matter(lineage: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
+def architecture(config: ModelConfig) -> str:
+    """The decoder in words: its block type and the options it uses."""
+    parts = [f"{config.block} block decoder (RoPE, RMSNorm, SwiGLU, GQA)"]
+    if config.qk_norm:
+        parts.append("QK-norm")
+    if config.sliding_window is not None:
+        pattern = "/".join(config.attention_pattern or ["sliding"])
+        parts.append(f"sliding window {config.sliding_window} ({pattern})")
+    if config.moe is not None:
+        moe = config.moe
+        shared = f" + {moe.num_shared_experts} shared" if moe.num_shared_experts else ""
+        parts.append(f"mixture of experts: {moe.num_experts} experts of {config.expert_ffn_dim}, top-{moe.top_k} "
+                     f"{moe.gate}{shared}")
+    return "; ".join(parts)
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     lines = ["| | |", "| --- | --- |"]
     lines += [f"| {key} | {value} |" for key, value in rows]
@@ -59,8 +75,8 @@ def render(
 ) -> str:
     """The card's markdown. `weight_files` maps file name to sha256."""
     shape = _table([
-        ("architecture", "LlamaForCausalLM-compatible decoder (RoPE, RMSNorm, SwiGLU, GQA)"),
-        ("parameters", f"{config.num_params():,}"),
+        ("architecture", architecture(config)),
+        ("parameters", f"{config.num_params():,}" + (f" ({config.num_params(active=True):,} active per token)" if config.moe else "")),
         ("layers / dim / heads / kv heads", f"{config.n_layers} / {config.dim} / {config.n_heads} / {config.n_kv_heads}"),
         ("ffn dim", config.ffn_dim),
         ("vocabulary", config.vocab_size),

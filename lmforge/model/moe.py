@@ -54,7 +54,10 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     """x [tokens, in] sorted by group, weight [groups, out, in], `counts` [groups] rows per group
     -> [tokens, out]."""
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], weight.shape[1]))
-    if hasattr(F, "grouped_mm") and aligned and x.dtype in (torch.float32, torch.bfloat16):
+    # bf16 on any device; fp32 only in eager mode on CPU (CUDA's kernel and the compiler's
+    # shape rules take bf16 only).
+    fp32_ok = x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    if hasattr(F, "grouped_mm") and aligned and (x.dtype == torch.bfloat16 or fp32_ok):
         return F.grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
     pieces = [x_g @ w.t() for x_g, w in zip(x.split(counts.tolist()), weight, strict=True)]
     return torch.cat(pieces) if pieces else x.new_zeros(0, weight.shape[1])
@@ -70,8 +73,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [tokens, dim] sorted by expert, `counts` [E] tokens per expert -> [tokens, dim]."""
-        gate, up = grouped_matmul(x, self.w13, counts).chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, self.w2, counts)
+        # Autocast does not cover grouped matmuls: cast to its dtype here, as it would a linear.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x, w13, w2 = x.to(dtype), self.w13.to(dtype), self.w2.to(dtype)
+        gate, up = grouped_matmul(x, w13, counts).chunk(2, dim=-1)
+        return grouped_matmul(F.silu(gate) * up, w2, counts)
 
 
 class MoE(nn.Module):

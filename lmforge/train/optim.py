@@ -22,7 +22,8 @@ def _adamw(groups: list[dict], config: OptimConfig, device: torch.device) -> tor
 def build_optimizers(model: nn.Module, config: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """Weight decay on matrices only (not norms); with Muon, embeddings and the output head
     stay on AdamW, as in Jordan et al. (2024), because Muon's orthogonalised update suits
-    hidden linear maps, not lookup tables or classifiers."""
+    hidden linear maps, not lookup tables or classifiers. MoE routers (classifiers too) and
+    stacked expert weights (3-D, which torch's Muon does not take) also stay on AdamW."""
     seen: set[int] = set()
     hidden, embed_head, vectors = [], [], []
     for name, param in model.named_parameters():
@@ -31,7 +32,7 @@ def build_optimizers(model: nn.Module, config: OptimConfig, device: torch.device
         seen.add(id(param))
         if param.ndim < 2:
             vectors.append(param)
-        elif name.startswith(("tok_embeddings", "output")):
+        elif name.startswith(("tok_embeddings", "output")) or param.ndim > 2 or ".router." in name:
             embed_head.append(param)
         else:
             hidden.append(param)

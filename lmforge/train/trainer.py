@@ -171,6 +171,7 @@ class Trainer:
             **self.manifest,
             tokenizer_hash=self.tokenizer.hash(),
             model_params=self.model_config.num_params(),
+            active_params=self.model_config.num_params(active=True) if self.model_config.moe else None,
             trainable_params=sum(p.numel() for p in inner_model(self.model).parameters() if p.requires_grad),
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
