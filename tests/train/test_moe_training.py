@@ -1,4 +1,4 @@
-"""Training mixture-of-experts models: the same losses on one or two processes (FSDP2), with
+"""Training mixture-of-experts models (with QK-norm and a local/global attention pattern): the same losses on one or two processes (FSDP2), with
 activation checkpointing, and after a resume; the expert load is logged, balanced and reported."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from lmforge.monitor import report
 from tests.train.test_distributed import Runs, losses_of
 
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_ffn_dim=96",
-       "model.moe.bias_update_rate=0.01", "model.qk_norm=true"]
+       "model.moe.bias_update_rate=0.01", "model.qk_norm=true", "model.sliding_window=32",
+       "model.attention_pattern=[sliding,full]"]
 
 
 @pytest.fixture(scope="module")
