@@ -86,7 +86,9 @@ def parallelize(
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # No buffer broadcast: RoPE tables are derived, MoE expert biases move identically on every
+        # rank, and each rank's expert-load counts are its own until the step sums them.
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if config.strategy == "fsdp":
         apply_fsdp(model, dtype, config.reshard_after_forward)
     return model

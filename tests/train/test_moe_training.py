@@ -55,6 +55,14 @@ def test_fsdp_on_two_processes_trains_a_moe_model_to_the_same_losses_as_one_proc
     np.testing.assert_allclose([r["expert_load"] for r in two], [r["expert_load"] for r in one], atol=1e-3)
 
 
+def test_ddp_on_two_processes_trains_a_moe_model_to_the_same_losses_and_expert_loads(single, runs):
+    runs.torchrun("ddp", "parallel.strategy=ddp", *MOE)
+    np.testing.assert_allclose(losses_of(runs.run_dir("ddp")), single, rtol=1e-5, atol=1e-5)
+    one = [r["expert_load"] for r in _records(runs.run_dir("single")) if "expert_load" in r]
+    two = [r["expert_load"] for r in _records(runs.run_dir("ddp")) if "expert_load" in r]
+    np.testing.assert_allclose(two, one, atol=1e-3)
+
+
 def test_activation_checkpointing_leaves_a_moe_models_losses_unchanged(single, runs):
     result = runs.in_process("ac", *MOE, "parallel.activation_checkpointing=full")
     np.testing.assert_allclose(result.losses, single, rtol=1e-5, atol=1e-5)
