@@ -43,7 +43,8 @@ class MoEConfig(Section):
     norm_topk: bool = Field(True, description="renormalise the k chosen weights to sum to 1")
     route_scale: float = Field(1.0, gt=0, description="multiplies the routed output (DeepSeek-V3's routed_scaling_factor)")
     aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss weight; 0: off")
-    bias_update_rate: float = Field(0.0, ge=0, description="auxiliary-loss-free bias step per optimizer step; 0: off")
+    bias_update_rate: float = Field(0.0, ge=0, description="auxiliary-loss-free bias step per optimizer step; "
+                                    "0: the bias stays as it is (zero unless trained or imported)")
     router_z_loss_coef: float = Field(0.001, ge=0, description="router z-loss weight (ST-MoE, Zoph et al., 2022)")
     dense_layers: list[int] = Field(default_factory=list, description="layers with a dense FFN of model.ffn_dim")
 

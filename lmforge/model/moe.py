@@ -116,8 +116,9 @@ class MoE(nn.Module):
         moe = self.moe
         # The router in fp32: top-k choices flip on rounding error in bf16.
         logits = F.linear(flat.float(), self.router.weight.float())
-        bias = self.expert_bias if moe.bias_update_rate > 0 else None
-        scores, indices, weights = route(logits, moe, bias)
+        # The bias routes whenever it is set (trained here with bias_update_rate > 0, or imported,
+        # as Dots1's e_score_correction_bias); zero, it changes nothing.
+        scores, indices, weights = route(logits, moe, self.expert_bias)
         order = indices.flatten().argsort(stable=True)
         counts = torch.bincount(indices.flatten(), minlength=moe.num_experts)
         token = order // moe.top_k

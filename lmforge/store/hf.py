@@ -3,7 +3,7 @@
 What every decoder shares (vocabulary, widths, RoPE, embedding, final norm, output head,
 token ids) is mapped here; what a layer holds is mapped by its block type's layout, which
 lives beside the block (lmforge/model/blocks/, e.g. llama_hf.py for Llama, Mistral, Qwen2,
-Qwen3, Qwen3-MoE and Mixtral). RoPE is rotate-half, as HF's, so no permutation of the
+Qwen3, Qwen3-MoE, Dots1 and Mixtral). RoPE is rotate-half, as HF's, so no permutation of the
 query/key rows is needed, unlike Meta's original checkpoints.
 """
 
