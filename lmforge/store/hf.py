@@ -205,7 +205,10 @@ def state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
     for i in range(config.n_layers):
         ours = f"layers.{i}."
         layer = {k[len(ours):]: v for k, v in state.items() if k.startswith(ours)}
-        mapped = block.hf.layer_to_hf(layer, config, i, architecture)
+        try:
+            mapped = block.hf.layer_to_hf(layer, config, i, architecture)
+        except ValueError as err:  # a learned value the layout has no place for (an expert bias)
+            raise CheckpointError(f"cannot export to {architecture}: layer {i}: {err}") from None
         out.update({f"model.layers.{i}.{k}": v for k, v in mapped.items()})
     return out
 
