@@ -122,7 +122,7 @@ class MoE(nn.Module):
         order = indices.flatten().argsort(stable=True)
         counts = torch.bincount(indices.flatten(), minlength=moe.num_experts)
         token = order // moe.top_k
-        out = self.experts(flat[token], counts) * weights.flatten()[order, None].to(flat.dtype)
+        out = self.experts(flat.index_select(0, token), counts) * weights.flatten()[order, None].to(flat.dtype)
         routed = torch.zeros_like(flat).index_add_(0, token, out)
         if self.shared is not None:
             routed = routed + self.shared(flat)
