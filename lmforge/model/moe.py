@@ -115,7 +115,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         moe = self.moe
         # The router in fp32: top-k choices flip on rounding error in bf16.
-        logits = F.linear(flat.float(), self.router.weight.float())
+        with torch.autocast(flat.device.type, enabled=False):
+            logits = F.linear(flat.float(), self.router.weight.float())
         # The bias routes whenever it is set (trained here with bias_update_rate > 0, or imported,
         # as Dots1's e_score_correction_bias); zero, it changes nothing.
         scores, indices, weights = route(logits, moe, self.expert_bias)

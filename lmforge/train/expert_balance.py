@@ -40,19 +40,23 @@ class ExpertBalance:
         if not self.layers:
             return
         loads = distributed.all_reduce_sum(self.env, torch.stack([m.expert_load for m in self.layers]))
-        for layer, load in zip(self.layers, loads, strict=True):
+        for layer in self.layers:
             layer.expert_load.zero_()
-            rate = layer.moe.bias_update_rate
-            if applied and rate and load.sum() > 0:
-                layer.expert_bias += rate * torch.sign(load.mean() - load)
+        rates = [layer.moe.bias_update_rate for layer in self.layers]
+        if applied and any(rates):
+            # One update for all layers, no host sync: a layer that saw no tokens stays put.
+            step = torch.tensor(rates, device=loads.device)[:, None] * torch.sign(loads.mean(dim=1, keepdim=True) - loads)
+            step = torch.where(loads.sum(dim=1, keepdim=True) > 0, step, 0.0)
+            for layer, delta in zip(self.layers, step, strict=True):
+                layer.expert_bias += delta
         if applied:
-            self.window = loads.cpu() if self.window is None else self.window + loads.cpu()
+            self.window = loads if self.window is None else self.window + loads
 
     def metrics(self) -> dict[str, float | list]:
         """Expert load since the last call: per layer and expert (share x experts), and its extremes."""
         if self.window is None or self.window.sum() == 0:
             return {}
-        window, self.window = self.window, None
+        window, self.window = self.window.cpu(), None
         share = window / window.sum(dim=1, keepdim=True).clamp(min=1) * window.shape[1]
         return {
             "expert_load_max": round(float(share.max()), 4),
