@@ -351,6 +351,8 @@ def part2(args, tokens: Path, work: Path) -> str:
               ["model.preset=small-moe", "model.moe.aux_loss_coef=0", f"model.moe.bias_update_rate={rate:g}"])
           for rate in (float(r) for r in args.bias_rates.split(",") if r)),
         Run("neither", ["model.preset=small-moe", "model.moe.aux_loss_coef=0", "model.moe.bias_update_rate=0"]),
+        # The same steps (tokens) without experts: what the experts' extra parameters buy per token.
+        Run("dense small, same steps (reference)", ["model.preset=small"]),
     ]
     monitor = ChildMonitor()
     with monitor:
@@ -375,7 +377,8 @@ def part2(args, tokens: Path, work: Path) -> str:
         final, (high, low) = run.final, run.load()
         lines.append(f"| {run.label} | `{' '.join(run.overrides[1:]) or '(defaults)'}` | "
                      f"{final.get('val_bpb', float('nan')):.4f} | {final.get('val_loss', float('nan')):.4f} | "
-                     f"{high:.2f} | {low:.2f} | {run.starved()} | {run.tokens_per_second():,.0f} |")
+                     f"{high:.2f} | {low:.2f} | {run.starved()} | {run.tokens_per_second():,.0f} |"
+                     .replace("nan", "—"))
     return "\n".join(lines) + "\n"
 
 
