@@ -375,7 +375,7 @@ def part2(args, tokens: Path, work: Path) -> str:
     ]
     for run in runs:
         final, (high, low) = run.final, run.load()
-        lines.append(f"| {run.label} | `{' '.join(run.overrides[1:]) or '(defaults)'}` | "
+        lines.append(f"| {run.label} | `{' '.join(o for o in run.overrides if o != 'model.preset=small-moe') or '(defaults)'}` | "
                      f"{final.get('val_bpb', float('nan')):.4f} | {final.get('val_loss', float('nan')):.4f} | "
                      f"{high:.2f} | {low:.2f} | {run.starved()} | {run.tokens_per_second():,.0f} |"
                      .replace("nan", "—"))
