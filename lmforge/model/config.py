@@ -115,6 +115,8 @@ class ModelConfig(Section):
             raise ValueError(f"block: unknown block type {self.block!r} (registered: {', '.join(block_names())})")
         if self.attention_pattern is not None and self.sliding_window is None:
             raise ValueError("attention_pattern needs sliding_window (the span of its 'sliding' layers)")
+        if self.attention_pattern is not None and "sliding" not in self.attention_pattern:
+            raise ValueError("attention_pattern has no 'sliding' layer: drop sliding_window, or put 'sliding' in it")
         if self.sliding_window is not None and self.sliding_window >= self.max_seq_len:
             raise ValueError(
                 f"sliding_window {self.sliding_window} is not below max_seq_len {self.max_seq_len}: "

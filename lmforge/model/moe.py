@@ -127,13 +127,19 @@ class MoE(nn.Module):
         routed = torch.zeros_like(flat).index_add_(0, token, out)
         if self.shared is not None:
             routed = routed + self.shared(flat)
+        # Not while backward recomputes a checkpointed forward (activation checkpointing): that
+        # forward's tokens were counted, and its losses taken, the first time.
         if self.training and torch.is_grad_enabled():
             self._record(logits, scores, indices, counts)
         return routed.view(shape)
 
     def _record(self, logits, scores, indices, counts) -> None:
         moe = self.moe
-        self.expert_load += counts.to(self.expert_load.dtype)
+        # Backward recomputing a checkpointed forward (activation checkpointing) computes the same
+        # losses (it must save the same tensors) but neither counts its tokens nor keeps them again.
+        recomputing = torch._C._current_graph_task_id() != -1
+        if not recomputing:
+            self.expert_load += counts.to(self.expert_load.dtype)
         losses = {}
         if moe.aux_loss_coef:
             losses["moe_aux_loss"] = moe.aux_loss_coef * load_balancing_loss(scores, indices, moe.num_experts)
@@ -141,8 +147,17 @@ class MoE(nn.Module):
             # ST-MoE's router z-loss: the squared log-partition, keeping router logits small.
             losses["router_z_loss"] = moe.router_z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
         # Summed over forwards until popped (DPO runs the policy twice per batch).
-        for name, value in losses.items():
+        for name, value in losses.items() if not recomputing else ():
             self.aux_losses[name] = self.aux_losses.get(name, 0) + value
+
+    def _apply(self, fn, recurse=True):
+        """Casting the model (`.to(bfloat16)`) leaves the expert bias in fp32, as transformers keeps
+        `e_score_correction_bias`: its small steps would vanish in bf16 and flip top-k choices."""
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != bias.dtype and bias.device.type != "meta":
+            self._buffers["expert_bias"] = bias.to(self.expert_bias.device)
+        return self
 
     def extra_repr(self) -> str:
         m = self.moe

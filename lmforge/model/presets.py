@@ -29,6 +29,7 @@ PRESETS: dict[str, dict] = {
     "qwen3-30b-a3b": dict(
         dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_size=128, ffn_dim=6144, max_seq_len=4096,
         vocab_size=151936, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=False, qk_norm=True,
-        moe=dict(num_experts=128, top_k=8, expert_ffn_dim=768, norm_topk=True, aux_loss_coef=0.001),
+        # aux_loss_coef: Qwen3-MoE's router_aux_loss_coef 0.001 in lmforge's per-layer terms (x 8 / 48).
+        moe=dict(num_experts=128, top_k=8, expert_ffn_dim=768, norm_topk=True, aux_loss_coef=0.001 * 8 / 48),
     ),
 }

@@ -87,24 +87,31 @@ class AlertMonitor:
             self.losses.append(loss)
         return fired
 
-    def observe_experts(self, step: int, load: list[list[float]]) -> list[dict]:
-        """MoE expert load (per layer and expert, share x experts; 1.0 even): an expert that starves
-        or dominates alerts once, and again only after it has recovered."""
+    def observe_experts(self, step: int, load: list[list[float]], layers: list[int] | None = None) -> list[dict]:
+        """MoE expert load (per MoE layer and expert, share x experts; 1.0 even; `layers`: their
+        model layer indices). One alert per kind summarises the experts that starve or dominate,
+        fired when one of them was not in the last alert's set (a recovered expert may fire again)."""
         if not self.config.enabled or not load:
             return []
-        fired, now = [], set()
+        layers = layers or list(range(len(load)))
         low, high = self.config.expert_starve_ratio, self.config.expert_dominate_ratio
-        for layer, shares in enumerate(load):
+        found: dict[str, list[tuple[int, int, float]]] = {"expert_starving": [], "expert_dominating": []}
+        for layer, shares in zip(layers, load, strict=True):
             for expert, share in enumerate(shares):
-                kind = "expert_starving" if share < low else "expert_dominating" if share > high else None
-                if kind is None:
-                    continue
-                now.add((kind, layer, expert))
-                if (kind, layer, expert) not in self._unbalanced:
-                    bound = f"< {low}" if kind == "expert_starving" else f"> {high}"
-                    fired.append(self.alert(kind, step, f"MoE layer {layer} expert {expert} gets {share:.2f} x an even "
-                                            f"share of tokens ({bound})", layer=layer, expert=expert, load=share))
-        self._unbalanced = now
+                if share < low:
+                    found["expert_starving"].append((layer, expert, share))
+                elif share > high:
+                    found["expert_dominating"].append((layer, expert, share))
+        fired = []
+        for kind, experts in found.items():
+            now = {(kind, layer, expert) for layer, expert, _ in experts}
+            if now - self._unbalanced:
+                bound = f"< {low}" if kind == "expert_starving" else f"> {high}"
+                named = ", ".join(f"layer {layer} expert {expert} ({share:.2f})" for layer, expert, share in experts[:5])
+                more = f" and {len(experts) - 5} more" if len(experts) > 5 else ""
+                fired.append(self.alert(kind, step, f"{len(experts)} MoE experts get {bound} x an even share of their "
+                                        f"layer's tokens: {named}{more}", experts=[[lay, e, s] for lay, e, s in experts]))
+            self._unbalanced = {k for k in self._unbalanced if k[0] != kind} | now
         return fired
 
     def checkpoint_failed(self, step: int, error: BaseException) -> dict:

@@ -114,6 +114,8 @@ def _expert_heatmap(records: list[dict[str, Any]]) -> bytes | None:
     ax.set_title(f"expert load at step {last['step']} (1 = even share)")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
+    layers = last.get("expert_load_layers") or list(range(len(load)))
+    ax.set_yticks(range(len(load)), [str(i) for i in layers])
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     buffer = io.BytesIO()

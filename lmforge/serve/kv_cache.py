@@ -29,7 +29,13 @@ class SlotKVCache:
         return bool(self._free)
 
     def allocate(self) -> int:
-        return self._free.pop(0)
+        slot = self._free.pop(0)
+        # A sliding layer's ring forgets the slot's last sequence (the model only reads a ring
+        # entry written before the current chunk, but a new sequence should not depend on that).
+        for positions in self.cache.slot_positions:
+            if positions is not None:
+                positions[slot] = -1
+        return slot
 
     def release(self, slot: int) -> None:
         self._free.append(slot)

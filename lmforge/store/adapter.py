@@ -58,6 +58,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     unknown = [t for t in settings.target_modules if t not in LORA_TARGETS + ("output",)]
     if unknown:
         raise ConfigError(f"unknown LoRA target {unknown[0]!r} (allowed: {', '.join(LORA_TARGETS)}, output)")
+    if getattr(getattr(model, "config", None), "moe", None) is not None:
+        log.warning("LoRA on a mixture-of-experts model adapts attention and the dense/shared FFNs; "
+                    "routed experts (stacked weights) and routers stay frozen")
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules), bias="none",

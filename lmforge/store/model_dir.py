@@ -111,7 +111,8 @@ def save_model_dir(
     (raising leaves nothing behind) and returns the model card's text.
     """
     config = model.config
-    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    # The MoE expert bias stays fp32 (transformers keeps e_score_correction_bias so too).
+    state = {k: v if k.endswith("expert_bias") else v.to(dtype) for k, v in model.state_dict().items()}
     tensors = hf.state_to_hf(state, config)
     hf_config = hf.config_to_hf(config, dtype, token_ids(tokenizer))
     with atomic.atomic_dir(out, MODEL_DIR_KIND) as tmp:

@@ -14,6 +14,8 @@ over `dominate_ratio` of an even share raises an alert.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -28,7 +30,14 @@ class ExpertBalance:
 
     def __init__(self, model: nn.Module, env: distributed.DistEnv):
         self.env = env
-        self.layers = [m for m in model.modules() if hasattr(m, "expert_load") and hasattr(m, "expert_bias")]
+        moe = [(name, m) for name, m in model.named_modules() if hasattr(m, "expert_load") and hasattr(m, "expert_bias")]
+        self.layers = [m for _, m in moe]
+        # The model's layer index of each MoE layer (dense layers may come first), for metrics and alerts.
+        self.layer_ids = [_layer_index(name, i) for i, (name, _) in enumerate(moe)]
+        # The counters are not in checkpoints: a model loaded onto empty memory starts them at garbage.
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.expert_load.zero_()
         self.window: torch.Tensor | None = None
 
     def __bool__(self) -> bool:
@@ -62,4 +71,11 @@ class ExpertBalance:
             "expert_load_max": round(float(share.max()), 4),
             "expert_load_min": round(float(share.min()), 4),
             "expert_load": [[round(float(x), 4) for x in row] for row in share],
+            "expert_load_layers": self.layer_ids,
         }
+
+
+def _layer_index(name: str, position: int) -> int:
+    """`layers.7.ffn` (under any wrapper's prefix) -> 7; else the MoE layer's position."""
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name + ".")
+    return int(match.group(1)) if match else position

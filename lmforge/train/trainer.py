@@ -279,20 +279,25 @@ class Trainer:
         sync across ranks on the last). Returns the summed loss and the objective's mean extras."""
         loss_sum = torch.zeros((), device=self.device)
         extras: dict[str, float] = {}
+        aux_sum: dict[str, torch.Tensor] = {}  # read once per step: no host sync per micro-batch
         data_step = self.step + self.guard.data_offset
         for micro_step in range(self.accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.objective.batch(data_step, micro_step).items()}
             with gradient_sync(self.model, micro_step == self.accum - 1):
                 with autocast(self.device, self.compute_dtype):
-                    pop_aux_losses(self.model)  # stale ones, from activation checkpointing's recompute
+                    pop_aux_losses(self.model)  # drop any a forward outside this loss left (none expected)
                     loss, micro_extras = self.objective.loss(self.model, batch)
                     aux = pop_aux_losses(self.model)  # MoE balancing, z-losses: trained on, logged apart
                 if poisoned:  # fault injection (faults.debug_nan_steps)
                     loss = loss * torch.nan
                 ((loss + sum(aux.values())) / self.accum).backward()
             loss_sum += loss.detach()
-            for key, value in {**micro_extras, **{k: float(v.detach()) for k, v in aux.items()}}.items():
+            for key, value in micro_extras.items():
                 extras[key] = extras.get(key, 0.0) + value / self.accum
+            for key, value in aux.items():
+                aux_sum[key] = aux_sum.get(key, 0) + value.detach() / self.accum
+        if aux_sum:
+            extras.update(zip(aux_sum, torch.stack(list(aux_sum.values())).tolist(), strict=True))
         return loss_sum, extras
 
     # ------------------------------------------------------------------- between the steps
@@ -316,7 +321,7 @@ class Trainer:
                           tokens_per_second=tokens_per_second, mfu=mfu,
                           tokens_seen=step * self.objective.tokens_per_step, **outcome.extras, **expert_load)
         alerts.observe(step, outcome.loss, outcome.grad_norm, tokens_per_second)
-        alerts.observe_experts(step, expert_load.get("expert_load", []))
+        alerts.observe_experts(step, expert_load.get("expert_load", []), expert_load.get("expert_load_layers"))
         bar.set_postfix(loss=f"{outcome.loss:.3f}", tok_s=f"{tokens_per_second:,.0f}", mfu=f"{mfu:.1%}")
         if bar.disable and self.env.is_main:
             log.info("step %d loss %.4f lr %.2e tok/s %.0f mfu %.1f%%", step, outcome.loss, lr,

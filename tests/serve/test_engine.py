@@ -168,7 +168,7 @@ def test_bf16_engine_on_cuda_batches_and_is_repeatable(serve_model):
     cuda = type(model)(model.config).to("cuda", torch.bfloat16)
     cuda.load_state_dict(model.state_dict())
     with Engine(cuda, tokenizer, EngineConfig(max_num_seqs=8)) as engine:
-        assert engine.slots.cache.k.dtype == torch.bfloat16 and engine.slots.cache.k.is_cuda
+        assert engine.slots.cache.k[0].dtype == torch.bfloat16 and engine.slots.cache.k.is_cuda
         params = SamplingParams(max_tokens=16, temperature=0.8, seed=11, ignore_eos=True)
         first = engine.generate(PROMPTS, params)
         again = engine.generate(PROMPTS, params)

@@ -58,9 +58,23 @@ def _dots1_architecture(config) -> str:
     return "Dots1ForCausalLM"
 
 
+def hf_aux_coef(config, lmforge_coef: float | None = None, hf_coef: float | None = None) -> float:
+    """lmforge's load-balancing weight <-> transformers' `router_aux_loss_coef`.
+
+    lmforge's loss is 1 per MoE layer at even load, summed over layers; transformers' (Mixtral,
+    Qwen3-MoE `load_balancing_loss_func`) is top_k at even load, over all layers at once. So the
+    same pull on each router is lmforge_coef = hf_coef * top_k / moe_layers.
+    """
+    moe_layers = max(1, sum(config.is_moe_layer(i) for i in range(config.n_layers)))
+    if lmforge_coef is not None:
+        return lmforge_coef * moe_layers / config.moe.top_k
+    return hf_coef * config.moe.top_k / moe_layers
+
+
 def moe_config_to_hf(config, architecture: str) -> dict[str, Any]:
     moe = config.moe
-    hf: dict[str, Any] = dict(num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coef, output_router_logits=False)
+    hf: dict[str, Any] = dict(num_experts_per_tok=moe.top_k, output_router_logits=False,
+                              router_aux_loss_coef=round(hf_aux_coef(config, lmforge_coef=moe.aux_loss_coef), 10))
     if architecture == "MixtralForCausalLM":
         hf.update(num_local_experts=moe.num_experts, intermediate_size=config.expert_ffn_dim, router_jitter_noise=0.0)
     elif architecture == "Dots1ForCausalLM":
@@ -75,7 +89,16 @@ def moe_config_to_hf(config, architecture: str) -> dict[str, Any]:
 
 
 def moe_config_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any] | None:
-    """lmforge's `moe` section for an MoE model_type; None for a dense one."""
+    """lmforge's `moe` section for an MoE model_type; None for a dense one. The load-balancing
+    weight is converted to lmforge's per-layer sum (`hf_aux_coef`)."""
+    moe = _moe_fields(hf, model_type)
+    if moe is not None:
+        moe_layers = max(1, hf["num_hidden_layers"] - len(moe.get("dense_layers", [])))
+        moe["aux_loss_coef"] = round(moe["aux_loss_coef"] * moe["top_k"] / moe_layers, 10)
+    return moe
+
+
+def _moe_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any] | None:
     if model_type == "mixtral":
         return dict(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"], norm_topk=True,
                     aux_loss_coef=hf.get("router_aux_loss_coef", 0.01))
