@@ -26,8 +26,12 @@ log = logging.getLogger(__name__)
 MAX_STOP_SEQUENCES = 8
 
 
-def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
-    """The request body as `model`; OpenAIError 400 for anything that is not a valid JSON object of it."""
+def parse_body(raw: bytes, model: type[BaseModel], strict: bool = False) -> Any:
+    """The request body as `model`; OpenAIError 400 for anything that is not a valid JSON object of it.
+
+    Fields the API does not know are ignored, each name logged once (as vLLM does: SDK releases
+    add fields all the time); `strict` refuses them, as OpenAI does, with its message.
+    """
     try:
         data = json.loads(raw, parse_constant=_not_json)
     except ValueError as err:  # JSONDecodeError, bad UTF-8, NaN, an integer past 4300 digits
@@ -46,7 +50,31 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
+        unknown = [e["loc"] for e in err.errors() if e["type"] == "extra_forbidden"]
+        if strict or not unknown:
+            raise validation_error(err) from None
+    for loc in unknown:
+        _drop(data, loc)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
         raise validation_error(err) from None
+
+
+_warned_fields: set[str] = set()
+
+
+def _drop(data: Any, loc: tuple) -> None:
+    """Remove the unknown field at `loc` from the parsed body; log its name the first time."""
+    *parents, name = loc
+    for key in parents:
+        data = data[key]
+    data.pop(name, None)
+    field = ".".join(str(k) for k in loc if not isinstance(k, int))
+    if field not in _warned_fields:
+        _warned_fields.add(field)
+        log.warning("ignoring the request field %r, which this server does not know (server.strict_params "
+                    "refuses such requests)", short(field))
 
 
 def _not_json(constant: str):
@@ -90,6 +118,7 @@ class Admission:
             log.warning("no API keys configured: the server accepts every request")
         self.limiter = RateLimiter(config.auth.requests_per_minute, config.auth.tokens_per_minute)
         self.limits = config.limits
+        self.strict_params = config.server.strict_params
         self.max_prompt_tokens = min(self.limits.max_prompt_tokens or engine.max_len, engine.max_len)
         self.capacity = engine.config.max_num_seqs + self.limits.max_queue  # sequences running or queued
         self.draining = False  # set at shutdown: new requests get 503
@@ -112,7 +141,7 @@ class Admission:
         except ClientDisconnect:  # the body never came; nobody is left to answer
             raise OpenAIError(499, "The client disconnected before sending the whole body.",
                               code="client_disconnected") from None
-        return parse_body(raw, model)
+        return parse_body(raw, model, self.strict_params)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:

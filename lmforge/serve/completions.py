@@ -48,7 +48,9 @@ def chat_prompts(gateway: Gateway, body: ChatCompletionRequest) -> Prompts:
         turns = [dict(m, content=t) for m, t in zip(messages, texts, strict=True)]
         return [gateway.tokenizer.encode_chat(turns, add_generation_prompt=True)]
 
-    max_tokens = a.max_tokens(body.max_completion_tokens or body.max_tokens, a.limits.default_max_tokens)
+    # No max_tokens: the rest of the context (the engine stops there), up to limits.max_tokens, as OpenAI and vLLM.
+    default = a.limits.default_max_tokens or a.limits.max_tokens
+    max_tokens = a.max_tokens(body.max_completion_tokens or body.max_tokens, default)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return Prompts([m["content"] for m in messages], encode, max_tokens, logprobs, None)
 

@@ -27,12 +27,15 @@ class ServerConfig(Section):
     model_name: str | None = Field(None, description="the id clients send as `model`; None: the model dir's name")
     graceful_shutdown_s: float = Field(30.0, ge=0, description="time running requests get to finish on shutdown")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    strict_params: bool = Field(False, description="refuse request fields the API does not know (400, as OpenAI); "
+                                "default: ignore them, logging each name once (as vLLM)")
 
 
 class LimitsConfig(Section):
     max_prompt_tokens: int | None = Field(None, ge=1, description="None: the model's context")
     max_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
-    default_max_tokens: int = Field(256, ge=1, description="chat completions without max_tokens")
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="chat completions without max_tokens; None: the rest of the context, up to max_tokens")
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_queue: int = Field(128, ge=0, description="waiting requests before 503")

@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI-compatible API. Unknown fields are refused, values range-checked.
+"""Request bodies of the OpenAI-compatible API, values range-checked. Unknown fields fail validation
+here; the parser (admission.parse_body) drops and logs them unless `server.strict_params`.
 
 Every field has a bound, so no request can ask the server for unbounded work: strings and
 lists here, and the limits that depend on the model or the config (`max_tokens`, `n`, prompt

@@ -112,7 +112,8 @@ def cases() -> list[Case]:
         Case("stop a number", "malformed", "POST", c, completion(stop=5)),
         Case("stream a list", "malformed", "POST", c, completion(stream=[1])),
         Case("logprobs a string", "malformed", "POST", c, completion(logprobs="x")),
-        Case("unknown field", "malformed", "POST", c, completion(frobnicate=1)),
+        Case("unknown field", "valid", "POST", c, completion(frobnicate=1)),  # ignored, as vLLM
+        Case("unknown nested field", "valid", "POST", chat_path, chat(stream_options={"include_usage": True, "x": 1})),
         Case("no model", "malformed", "POST", c, body(prompt="a")),
         Case("unknown model", "malformed", "POST", c, completion(model="gpt-9")),
         Case("body an array", "malformed", "POST", c, b"[1, 2]"),

@@ -167,7 +167,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
     cases = {
         "malformed": (b'{"model": "x", "prompt": ', 400),
         "not an object": (b"[1, 2]", 400),
-        "unknown field": (json.dumps({"model": MODEL_NAME, "prompt": "a", "frobnicate": 1}).encode(), 400),
+        "unknown field, ignored": (json.dumps({"model": MODEL_NAME, "prompt": "a", "frobnicate": 1, "max_tokens": 2}).encode(), 200),
         "negative max_tokens": (json.dumps({"model": MODEL_NAME, "prompt": "a", "max_tokens": -1}).encode(), 400),
         "wrong type": (json.dumps({"model": MODEL_NAME, "prompt": {"a": 1}}).encode(), 400),
         "max_tokens over the limit": (json.dumps({"model": MODEL_NAME, "prompt": "a", "max_tokens": 10**6}).encode(), 400),
@@ -179,10 +179,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
     for name, (body, status) in cases.items():
         response = httpx.post(url, content=body, headers=headers)
         assert response.status_code == status, (name, response.text)
-        error = response.json()["error"]
-        assert error["message"] and error["type"], name
-    with pytest.raises(openai.BadRequestError, match="frobnicate"):
-        client(served).completions.create(model=MODEL_NAME, prompt="a", extra_body={"frobnicate": 1})
+        if status != 200:
+            error = response.json()["error"]
+            assert error["message"] and error["type"], name
+    # Fields newer SDKs send are ignored (vLLM's behaviour), not refused.
+    tolerated = client(served).completions.create(model=MODEL_NAME, prompt="a", max_tokens=2,
+                                                  extra_body={"frobnicate": 1, "prompt_cache_key": "k"})
+    assert tolerated.choices[0].text is not None
     with pytest.raises(openai.BadRequestError, match="prompt has"):
         client(served).chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "word " * 400}])
     assert httpx.post(served.url + "/nowhere", headers=headers).status_code == 404
@@ -335,3 +338,26 @@ def test_a_full_queue_answers_503_and_moderation_hooks_block(serve_model, tmp_pa
         with sqlite3.connect(served.audit_path) as db:
             outcomes = [r[0] for r in db.execute("SELECT moderation FROM requests")]
         assert "input block: forbidden word" in outcomes and "output block: too long" in outcomes
+
+
+def test_unknown_request_fields_are_ignored_once_logged_or_refused_with_strict_params(caplog):
+    from lmforge.serve.admission import parse_body
+    from lmforge.serve.errors import OpenAIError
+    from lmforge.serve.protocol import ChatCompletionRequest
+
+    raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi", "cache": 1}],
+                      "frobnicate_once": True, "stream_options": {"include_usage": True, "later": 2}}).encode()
+    with caplog.at_level("WARNING", logger="lmforge.serve.admission"):
+        body = parse_body(raw, ChatCompletionRequest)
+        parse_body(raw, ChatCompletionRequest)
+    assert body.messages[0].content == "hi" and body.stream_options.include_usage
+    warned = [r.getMessage() for r in caplog.records if "frobnicate_once" in r.getMessage()]
+    assert len(warned) == 1  # one line per field name, not per request
+    assert any("messages.cache" in r.getMessage() for r in caplog.records)
+    with pytest.raises(OpenAIError, match="Unrecognized request argument supplied: ") as err:
+        parse_body(raw, ChatCompletionRequest, strict=True)
+    assert err.value.status == 400
+    # A real mistake beside an unknown field is still the client's error.
+    bad = json.dumps({"model": "m", "messages": [], "frobnicate": 1}).encode()
+    with pytest.raises(OpenAIError, match="messages"):
+        parse_body(bad, ChatCompletionRequest)
