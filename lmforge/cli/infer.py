@@ -98,6 +98,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to bind (server.host)")] = None,
     port: Annotated[int | None, typer.Option(help="port (server.port)")] = None,
     api_keys_file: Annotated[str | None, typer.Option(help="lines of name:key or name:sha256:HEX")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", help="an accepted key (repeatable; name:key or a bare key); also $LMFORGE_API_KEY")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="the model id clients send (server.model_name)")] = None,
     device: Annotated[str | None, typer.Option(help="engine.device: auto, cpu, cuda")] = None,
     allow_unreleased: Annotated[bool, typer.Option(
         "--allow-unreleased", help="serve without a passing `lmforge release` record (allow_unreleased)")] = False,
@@ -110,10 +113,10 @@ def serve(
     from lmforge.serve.config import ServeConfig
 
     given: dict[str, Any] = flags(model=model, allow_unreleased=allow_unreleased)  # ServeConfig nests the rest
-    if host is not None or port is not None:
-        given["server"] = flags(host=host, port=port)
-    if api_keys_file is not None:
-        given["auth"] = {"api_keys_file": api_keys_file}
+    if host is not None or port is not None or served_model_name is not None:
+        given["server"] = flags(host=host, port=port, model_name=served_model_name)
+    if api_keys_file is not None or api_key:
+        given["auth"] = flags(api_keys_file=api_keys_file, api_keys=api_key or None)
     if device is not None:
         given["engine"] = {"device": device}
     server.run(build_config(ServeConfig, args, given))

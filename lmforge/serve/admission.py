@@ -113,7 +113,8 @@ class Admission:
 
     def __init__(self, engine: BaseEngine, config: ServeConfig, metrics: ServeMetrics, model_name: str):
         self.engine, self.metrics, self.model_name = engine, metrics, model_name
-        self.keys = KeyStore.load(config.auth.api_keys_file, config.auth.api_keys_env)
+        auth = config.auth
+        self.keys = KeyStore.load(auth.api_keys_file, auth.api_keys_env, auth.api_keys, auth.api_key_env)
         if not self.keys.enabled:
             log.warning("no API keys configured: the server accepts every request")
         self.limiter = RateLimiter(config.auth.requests_per_minute, config.auth.tokens_per_minute)

@@ -42,8 +42,20 @@ class KeyStore:
         self._by_hash = dict(entries or {})
 
     @classmethod
-    def load(cls, file: str | None, env_var: str | None) -> KeyStore:
+    def load(cls, file: str | None, env_var: str | None, keys: list[str] | None = None,
+             key_env: str | None = None) -> KeyStore:
+        """Keys from a file, an env var of comma-separated entries, `keys` as given (--api-key) and
+        `key_env`, an env var holding one key taken whole."""
         entries: dict[str, str] = {}
+        for i, item in enumerate(keys or []):
+            if not item.strip():
+                raise ConfigError(f"--api-key {i + 1} is empty")
+            name, digest = _parse_entry(item, f"--api-key {i + 1}")
+            entries[digest] = name
+        single = os.environ.get(key_env, "").strip() if key_env else ""
+        if single:
+            digest = hash_key(single)
+            entries[digest] = f"key-{digest[:8]}"
         if file:
             path = Path(file)
             if not path.is_file():

@@ -45,6 +45,9 @@ class LimitsConfig(Section):
 class AuthConfig(Section):
     api_keys_file: str | None = Field(None, description="lines of `name:key` or `name:sha256:HEX`")
     api_keys_env: str = Field("LMFORGE_API_KEYS", description="env var with comma-separated `name:key` or keys")
+    api_key_env: str = Field("LMFORGE_API_KEY", description="env var holding one key, taken whole (as VLLM_API_KEY)")
+    api_keys: list[str] = Field(default_factory=list, repr=False,
+                                description="keys given on the command line (--api-key, repeatable): `name:key` or a key")
     requests_per_minute: int | None = Field(None, ge=1, description="per key; None: unlimited")
     tokens_per_minute: int | None = Field(None, ge=1, description="prompt + max_tokens per key; None: unlimited")
 

@@ -18,10 +18,12 @@ from tests.conftest import free_port, wait_until_serving
 def test_lmforge_serve_answers_the_openai_client_and_stops_on_sigterm(trained_run, tmp_path):
     port = free_port()
     audit = tmp_path / "audit.sqlite"
-    env = {**os.environ, "LMFORGE_API_KEYS": "ci:sk-ci-key"}
+    env = {**os.environ, "LMFORGE_API_KEY": "sk-from-env"}  # one key, as VLLM_API_KEY
+    env.pop("LMFORGE_API_KEYS", None)
     server = subprocess.Popen(
         [sys.executable, "-m", "lmforge", "serve", str(trained_run), "--port", str(port), "--allow-unreleased",
-         f"audit.path={audit}", "server.model_name=tiny", "server.log_level=warning"],
+         "--api-key", "ci:sk-ci-key", "--api-key", "sk-second", "--served-model-name", "tiny",
+         f"audit.path={audit}", "server.log_level=warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -31,6 +33,9 @@ def test_lmforge_serve_answers_the_openai_client_and_stops_on_sigterm(trained_ru
         assert out.choices[0].finish_reason in ("stop", "length")
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-other", max_retries=0).models.list()
+        for key in ("sk-second", "sk-from-env"):  # every --api-key, and $LMFORGE_API_KEY
+            listed = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0).models.list()
+            assert [m.id for m in listed.data] == ["tiny"]
         server.send_signal(signal.SIGTERM)
         # uvicorn drains, shuts the app down (engine, audit log), then re-raises the signal.
         assert server.wait(30) in (0, -signal.SIGTERM)
