@@ -186,8 +186,21 @@ class Admission:
         if body.n > self.limits.max_n:
             raise OpenAIError(400, f"n is {body.n}; this server allows at most {self.limits.max_n}.", param="n",
                               code="invalid_value")
-        if body.logit_bias:
-            raise OpenAIError(400, "logit_bias is not supported.", param="logit_bias", code="unsupported")
+        vocab = self.engine.vocab_size
+        for key, value in (body.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab:
+                raise OpenAIError(400, f"logit_bias: {short(key)!r} is not a token id of this model (0..{vocab - 1}).",
+                                  param="logit_bias", code="invalid_value")
+            if not -100 <= value <= 100:
+                raise OpenAIError(400, f"logit_bias: {value} for token {key} is outside [-100, 100].",
+                                  param="logit_bias", code="invalid_value")
+        bad = [t for t in body.stop_token_ids or [] if not 0 <= t < vocab]
+        if bad:
+            raise OpenAIError(400, f"stop_token_ids: {bad[0]} is not a token id of this model (0..{vocab - 1}).",
+                              param="stop_token_ids", code="invalid_value")
+        if body.min_tokens > self.limits.max_tokens:
+            raise OpenAIError(400, f"min_tokens is {body.min_tokens}; this server allows at most {self.limits.max_tokens}.",
+                              param="min_tokens", code="invalid_value")
         if len(body.stop_list()) > MAX_STOP_SEQUENCES:
             raise OpenAIError(400, f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.", param="stop",
                               code="invalid_value")

@@ -87,6 +87,9 @@ def sampling_params(gateway: Gateway, body, prompts: Prompts, seed_offset: int) 
         top_k=None if body.top_k in (None, -1, 0) else body.top_k, seed=seed, stop=body.stop_list(),
         ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, logprobs=prompts.logprobs, prompt_logprobs=prompts.prompt_logprobs,
+        min_p=body.min_p, repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
+        stop_token_ids=list(body.stop_token_ids or []),
+        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
         timeout_s=gateway.admission.limits.request_timeout_s,
     )
 

@@ -152,7 +152,8 @@ class Engine(BaseEngine):
         stop = list(params.stop)
         deadline = time.monotonic() + params.timeout_s if params.timeout_s else None
         seq = _Sequence(
-            request_id, prompt_ids, params, Sampler(params, self.vocab_size, self.device),
+            request_id, prompt_ids, params,
+            Sampler(params, self.vocab_size, self.device, prompt_ids, self.tokenizer.stop_ids),
             TextTracker(self.tokenizer, prompt_ids, stop), handle, deadline,
         )
         if params.prompt_logprobs is not None:
@@ -306,7 +307,8 @@ class Engine(BaseEngine):
             self._append(s, token, logprobs.get(i))
 
     def _append(self, s: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
-        if token in self.tokenizer.stop_ids and not s.params.ignore_eos:
+        ends = token in self.tokenizer.stop_ids and not s.params.ignore_eos
+        if ends or token in s.params.stop_token_ids:
             s.stop_token_id = token
             self._finish(s, "stop")
             return

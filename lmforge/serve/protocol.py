@@ -46,6 +46,10 @@ class _Sampling(_Body):
     user: str | None = Field(None, max_length=NAME_CHARS)
     logit_bias: dict[str, float] | None = Field(None, max_length=300)  # OpenAI's own bound
     ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens whatever comes")
+    min_p: float = Field(0.0, ge=0, le=1, description="vLLM extension")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="vLLM extension; 1: off")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: no end of text before this many tokens")
+    stop_token_ids: TokenIds | None = Field(None, max_length=64, description="vLLM extension")
 
     def stop_list(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

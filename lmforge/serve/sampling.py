@@ -7,6 +7,7 @@ uses too): a seeded request draws the same tokens whatever else shares its batch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,13 @@ class SamplingParams:
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's extensions: min-p filtering, a multiplicative repetition penalty over prompt and
+    # output (CTRL, Keskar et al., 2019), end-of-text held off for min_tokens, more stop tokens.
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: added to the logits
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (completions `echo`)
     timeout_s: float | None = None
@@ -57,6 +65,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 @dataclass
@@ -72,7 +84,8 @@ SAMPLING_EPS = 1e-5  # temperatures below this are greedy, as in vLLM
 class Sampler:
     """One request's sampling state: its generator, token counts for penalties, its parameters."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device):
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device,
+                 prompt_ids: list[int] | None = None, end_ids: frozenset[int] | set[int] = frozenset()):
         self.params = params
         # Dividing logits by a temperature near 0 overflows them to inf, and the softmax to NaN,
         # which would fail the whole batch's step; the limit of such a temperature is greedy anyway.
@@ -83,23 +96,53 @@ class Sampler:
         self.counts = None
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(vocab_size, device=device)
+        self.seen = None  # tokens of the prompt and the output, for the repetition penalty
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(prompt_ids or [], dtype=torch.long, device=device)] = True
+        self.bias = None
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size, device=device)
+            self.bias[torch.tensor(list(params.logit_bias), device=device)] = torch.tensor(
+                list(params.logit_bias.values()), device=device)
+        # Tokens that end the reply, held off until min_tokens are out.
+        self.end_ids = sorted(set(end_ids) | set(params.stop_token_ids)) if params.min_tokens else []
+        self.generated = 0
 
     @property
     def greedy_plain(self) -> bool:
         """Greedy with nothing per-row to apply: can share one batched argmax."""
-        return self.temperature == 0 and self.counts is None
+        p = self.params
+        return (self.temperature == 0 and self.counts is None and self.seen is None and self.bias is None
+                and not p.min_tokens)
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits [vocab] (fp32) -> token id."""
         p = self.params
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.seen is not None:
+            # Seen tokens' logits are divided by the penalty when positive, multiplied when negative.
+            penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(self.seen, penalized, logits)
         if self.counts is not None:
             # OpenAI's penalties: subtract count * frequency + (count > 0) * presence, over output tokens.
             logits = logits - self.counts * p.frequency_penalty - (self.counts > 0).float() * p.presence_penalty
+        if self.end_ids and self.generated < p.min_tokens:
+            logits = logits.index_fill(0, torch.tensor(self.end_ids, device=logits.device), float("-inf"))
+        if p.min_p > 0 and self.temperature > 0:
+            # Min-p (Nguyen et al., 2024): drop tokens under min_p x the top token's probability,
+            # judged at the sampling temperature: logit < max + T * log(min_p).
+            floor = logits.max() + self.temperature * math.log(p.min_p)
+            logits = logits.masked_fill(logits < floor, float("-inf"))
         return int(sample_next(logits[None], self.temperature, p.top_k, p.top_p, self.generator)[0])
 
     def observe(self, token: int) -> None:
+        self.generated += 1
         if self.counts is not None:
             self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:

@@ -129,7 +129,9 @@ class VllmEngine(BaseEngine):
         return self._vllm_module.SamplingParams(
             n=1, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k or -1, seed=params.seed, stop=list(params.stop) or None,
-            stop_token_ids=sorted(self.tokenizer.stop_ids), ignore_eos=params.ignore_eos,
+            stop_token_ids=sorted(set(self.tokenizer.stop_ids) | set(params.stop_token_ids)), ignore_eos=params.ignore_eos,
+            min_p=params.min_p, repetition_penalty=params.repetition_penalty, min_tokens=params.min_tokens,
+            logit_bias=params.logit_bias or None,
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
         )

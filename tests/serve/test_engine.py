@@ -192,3 +192,31 @@ def test_compiled_decoding_gives_the_eager_tokens(serve_model, caplog):
         assert compiled.blocks is not None
         assert [c.token_ids for c in compiled.generate(PROMPTS[:3], params)] == expected
     assert all(not hasattr(block, "_orig_mod") for block in model.layers)  # the model itself is untouched
+
+
+def test_vllm_sampling_extras_bias_penalise_filter_and_stop_as_asked(engine):
+    free = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    first = free.token_ids[0]
+    # logit_bias: -100 on the greedy token moves the choice; +100 on another forces it.
+    banned = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=1, temperature=0, logit_bias={first: -100.0}))[0]
+    assert banned.token_ids[0] != first
+    forced = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0, logit_bias={7: 100.0},
+                                                           ignore_eos=True))[0]
+    assert forced.token_ids == [7, 7, 7]
+    # stop_token_ids: the reply ends at that token, which is not part of the text.
+    stopped = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0,
+                                                            stop_token_ids=[free.token_ids[2]], ignore_eos=True))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:2]
+    # min_tokens holds the stop token off until that many tokens are out.
+    held = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0, min_tokens=5,
+                                                         stop_token_ids=[free.token_ids[2]], ignore_eos=True))[0]
+    assert len(held.token_ids) >= 5 and free.token_ids[2] not in held.token_ids[:5]
+    # A repetition penalty changes a greedy reply that repeats itself.
+    repeated = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    penalised = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0, repetition_penalty=1.5,
+                                                              ignore_eos=True))[0]
+    assert penalised.token_ids != repeated.token_ids
+    # min_p = 1 keeps only the most likely token: sampling at any temperature is then greedy.
+    sharp = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=1.5, min_p=1.0, seed=3,
+                                                          ignore_eos=True))[0]
+    assert sharp.token_ids == free.token_ids

@@ -361,3 +361,21 @@ def test_unknown_request_fields_are_ignored_once_logged_or_refused_with_strict_p
     bad = json.dumps({"model": "m", "messages": [], "frobnicate": 1}).encode()
     with pytest.raises(OpenAIError, match="messages"):
         parse_body(bad, ChatCompletionRequest)
+
+
+def test_logit_bias_and_vllm_sampling_extras_go_through_the_openai_client(served):
+    c = client(served)
+    free = c.completions.create(model=MODEL_NAME, prompt="Lists", max_tokens=6, temperature=0,
+                                extra_body={"ignore_eos": True})
+    banned = c.completions.create(model=MODEL_NAME, prompt="Lists", max_tokens=6, temperature=0,
+                                  logit_bias={"7": 100}, extra_body={"ignore_eos": True})
+    assert banned.choices[0].text != free.choices[0].text
+    extras = c.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Name a list method."}], max_tokens=8,
+        temperature=0.7, seed=1, extra_body={"min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 2,
+                                             "stop_token_ids": [3]})
+    assert extras.choices[0].finish_reason in ("stop", "length")
+    for bad, match in (({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"7": 500}}, "logit_bias"),
+                       ({"extra_body": {"stop_token_ids": [10**7]}}, "stop_token_ids")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            c.completions.create(model=MODEL_NAME, prompt="a", max_tokens=2, **bad)
