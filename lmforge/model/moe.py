@@ -105,8 +105,7 @@ class MoE(nn.Module):
         nn.init.normal_(self.experts.w13, std=std, generator=generator)
         nn.init.normal_(self.experts.w2, std=residual_std, generator=generator)
         if self.shared is not None:
-            nn.init.normal_(self.shared.w13.weight, std=std, generator=generator)
-            nn.init.normal_(self.shared.w2.weight, std=residual_std, generator=generator)
+            self.shared.init_weights(std, residual_std, generator)
         self.expert_bias.zero_()
         self.expert_load.zero_()
 

@@ -42,11 +42,7 @@ class Block(nn.Module):
     def init_weights(self, std: float, residual_std: float, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) inputs; residual output projections at `residual_std`; biases zero, norms one."""
         init_attention(self.attn, std, residual_std, generator)
-        if isinstance(self.ffn, MoE):
-            self.ffn.init_weights(std, residual_std, generator)
-        else:
-            init_linear(self.ffn.w13, std, generator)
-            init_linear(self.ffn.w2, residual_std, generator)
+        self.ffn.init_weights(std, residual_std, generator)  # dense or MoE, each its own
         self.attn_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
 

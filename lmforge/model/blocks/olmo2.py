@@ -21,13 +21,13 @@ from torch import nn
 
 from lmforge.model.attention import Attention
 from lmforge.model.blocks import register_block
-from lmforge.model.blocks.llama import init_attention, init_linear
+from lmforge.model.blocks.llama import init_attention
+from lmforge.model.blocks.llama_hf import attention_from_hf, attention_to_hf, mlp_from_hf, mlp_to_hf
 from lmforge.model.config import ModelConfig
 from lmforge.model.feedforward import FeedForward
 from lmforge.model.moe import MoE
 
 ARCHITECTURE = "Olmo2ForCausalLM"
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class Olmo2Attention(Attention):
@@ -82,14 +82,8 @@ class Olmo2Layout:
             "self_attn.q_norm.weight": state["attn.q_norm.weight"],
             "self_attn.k_norm.weight": state["attn.k_norm.weight"],
         }
-        rows = [config.n_heads * config.head_dim] + [config.n_kv_heads * config.head_dim] * 2
-        for suffix in ["weight"] + (["bias"] if config.qkv_bias else []):
-            for name, tensor in zip("qkv", state[f"attn.wqkv.{suffix}"].split(rows), strict=True):
-                out[f"self_attn.{name}_proj.{suffix}"] = tensor
-            out[f"self_attn.o_proj.{suffix}"] = state[f"attn.wo.{suffix}"]
-        gate, up = state["ffn.w13.weight"].chunk(2)
-        for name, tensor in zip(MLP, (gate, up, state["ffn.w2.weight"]), strict=True):
-            out[f"mlp.{name}.weight"] = tensor
+        out.update(attention_to_hf(state, config))  # export requires q/k/v and o biases alike
+        out.update(mlp_to_hf(state, config))  # export refuses mlp_bias
         return out
 
     def layer_from_hf(self, tensors: dict[str, torch.Tensor], config: ModelConfig, layer: int,
@@ -99,12 +93,9 @@ class Olmo2Layout:
             "ffn_out_norm.weight": tensors["post_feedforward_layernorm.weight"],
             "attn.q_norm.weight": tensors["self_attn.q_norm.weight"],
             "attn.k_norm.weight": tensors["self_attn.k_norm.weight"],
-            "ffn.w13.weight": torch.cat([tensors["mlp.gate_proj.weight"], tensors["mlp.up_proj.weight"]]),
-            "ffn.w2.weight": tensors["mlp.down_proj.weight"],
         }
-        for suffix in ["weight"] + (["bias"] if config.qkv_bias else []):
-            state[f"attn.wqkv.{suffix}"] = torch.cat([tensors[f"self_attn.{p}_proj.{suffix}"] for p in "qkv"])
-            state[f"attn.wo.{suffix}"] = tensors[f"self_attn.o_proj.{suffix}"]
+        state.update(attention_from_hf(tensors, config))
+        state.update(mlp_from_hf(tensors, config))
         return state
 
 
@@ -131,10 +122,6 @@ class Block(nn.Module):
     def init_weights(self, std: float, residual_std: float, generator: torch.Generator | None = None) -> None:
         """As the Llama block's: Normal(0, std), residual output projections at `residual_std`, norms one."""
         init_attention(self.attn, std, residual_std, generator)
-        if isinstance(self.ffn, MoE):
-            self.ffn.init_weights(std, residual_std, generator)
-        else:
-            init_linear(self.ffn.w13, std, generator)
-            init_linear(self.ffn.w2, residual_std, generator)
+        self.ffn.init_weights(std, residual_std, generator)  # dense or MoE, each its own
         self.attn_out_norm.reset_parameters()
         self.ffn_out_norm.reset_parameters()
