@@ -126,43 +126,70 @@ class LlamaFamilyLayout:
 
     def layer_to_hf(self, state: dict[str, torch.Tensor], config, layer: int, architecture: str) -> dict[str, torch.Tensor]:
         out = {"input_layernorm.weight": state["attn_norm.weight"], "post_attention_layernorm.weight": state["ffn_norm.weight"]}
-        q_rows, kv_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-        q, k, v = state["attn.wqkv.weight"].split([q_rows, kv_rows, kv_rows])
-        out.update({"self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v})
-        if config.qkv_bias:
-            q, k, v = state["attn.wqkv.bias"].split([q_rows, kv_rows, kv_rows])
-        elif architecture == "Qwen2ForCausalLM":  # Qwen2 always has q/k/v biases: zero ones add nothing
-            q, k, v = (torch.zeros(n, dtype=q.dtype) for n in (q_rows, kv_rows, kv_rows))
-        if config.qkv_bias or architecture == "Qwen2ForCausalLM":
-            out.update({"self_attn.q_proj.bias": q, "self_attn.k_proj.bias": k, "self_attn.v_proj.bias": v})
-        out["self_attn.o_proj.weight"] = state["attn.wo.weight"]
-        if config.attn_out_bias:
-            out["self_attn.o_proj.bias"] = state["attn.wo.bias"]
+        out.update(attention_to_hf(state, config))
+        if architecture == "Qwen2ForCausalLM" and not config.qkv_bias:  # Qwen2 always has q/k/v biases: zero ones add nothing
+            q = out["self_attn.q_proj.weight"]
+            for name in "qkv":
+                out[f"self_attn.{name}_proj.bias"] = torch.zeros(out[f"self_attn.{name}_proj.weight"].shape[0], dtype=q.dtype)
         if config.qk_norm:
             out["self_attn.q_norm.weight"] = state["attn.q_norm.weight"]
             out["self_attn.k_norm.weight"] = state["attn.k_norm.weight"]
         if config.is_moe_layer(layer):
             out.update(experts_to_hf(state, config, architecture))
-            return out
-        for suffix in ["weight"] + (["bias"] if config.mlp_bias else []):
-            gate, up = state[f"ffn.w13.{suffix}"].chunk(2)
-            out[f"mlp.gate_proj.{suffix}"], out[f"mlp.up_proj.{suffix}"] = gate, up
-            out[f"mlp.down_proj.{suffix}"] = state[f"ffn.w2.{suffix}"]
+        else:
+            out.update(mlp_to_hf(state, config))
         return out
 
     def layer_from_hf(self, tensors: dict[str, torch.Tensor], config, layer: int, architecture: str) -> dict[str, torch.Tensor]:
         state = {"attn_norm.weight": tensors["input_layernorm.weight"], "ffn_norm.weight": tensors["post_attention_layernorm.weight"]}
-        for suffix in ["weight"] + (["bias"] if config.qkv_bias else []):
-            state[f"attn.wqkv.{suffix}"] = torch.cat([tensors[f"self_attn.{p}_proj.{suffix}"] for p in "qkv"])
-        for suffix in ["weight"] + (["bias"] if config.attn_out_bias else []):
-            state[f"attn.wo.{suffix}"] = tensors[f"self_attn.o_proj.{suffix}"]
+        state.update(attention_from_hf(tensors, config))
         if config.qk_norm:
             state["attn.q_norm.weight"] = tensors["self_attn.q_norm.weight"]
             state["attn.k_norm.weight"] = tensors["self_attn.k_norm.weight"]
         if config.is_moe_layer(layer):
             state.update(experts_from_hf(tensors, config, architecture))
-            return state
-        for suffix in ["weight"] + (["bias"] if config.mlp_bias else []):
-            state[f"ffn.w13.{suffix}"] = torch.cat([tensors[f"mlp.gate_proj.{suffix}"], tensors[f"mlp.up_proj.{suffix}"]])
-            state[f"ffn.w2.{suffix}"] = tensors[f"mlp.down_proj.{suffix}"]
+        else:
+            state.update(mlp_from_hf(tensors, config))
         return state
+
+
+# The q/k/v/o projections and the dense SwiGLU as every Llama-family layout names them (OLMo-2's too).
+
+
+def attention_to_hf(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """`attn.wqkv` split by rows into q_proj | k_proj | v_proj, `attn.wo` as o_proj, with their biases."""
+    out = {}
+    rows = [config.n_heads * config.head_dim] + [config.n_kv_heads * config.head_dim] * 2
+    for suffix in ["weight"] + (["bias"] if config.qkv_bias else []):
+        for name, tensor in zip("qkv", state[f"attn.wqkv.{suffix}"].split(rows), strict=True):
+            out[f"self_attn.{name}_proj.{suffix}"] = tensor
+    for suffix in ["weight"] + (["bias"] if config.attn_out_bias else []):
+        out[f"self_attn.o_proj.{suffix}"] = state[f"attn.wo.{suffix}"]
+    return out
+
+
+def attention_from_hf(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    state = {}
+    for suffix in ["weight"] + (["bias"] if config.qkv_bias else []):
+        state[f"attn.wqkv.{suffix}"] = torch.cat([tensors[f"self_attn.{p}_proj.{suffix}"] for p in "qkv"])
+    for suffix in ["weight"] + (["bias"] if config.attn_out_bias else []):
+        state[f"attn.wo.{suffix}"] = tensors[f"self_attn.o_proj.{suffix}"]
+    return state
+
+
+def mlp_to_hf(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """`ffn.w13` split into gate_proj | up_proj, `ffn.w2` as down_proj, with their biases."""
+    out = {}
+    for suffix in ["weight"] + (["bias"] if config.mlp_bias else []):
+        gate, up = state[f"ffn.w13.{suffix}"].chunk(2)
+        out[f"mlp.gate_proj.{suffix}"], out[f"mlp.up_proj.{suffix}"] = gate, up
+        out[f"mlp.down_proj.{suffix}"] = state[f"ffn.w2.{suffix}"]
+    return out
+
+
+def mlp_from_hf(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    state = {}
+    for suffix in ["weight"] + (["bias"] if config.mlp_bias else []):
+        state[f"ffn.w13.{suffix}"] = torch.cat([tensors[f"mlp.gate_proj.{suffix}"], tensors[f"mlp.up_proj.{suffix}"]])
+        state[f"ffn.w2.{suffix}"] = tensors[f"mlp.down_proj.{suffix}"]
+    return state
