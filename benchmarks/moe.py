@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.sections import write_section  # noqa: E402
-from benchmarks.train_throughput import CpuMonitor, cpu_flags, cpu_model, describe  # noqa: E402
+from benchmarks.train_throughput import CpuMonitor, Impl, cpu_flags, cpu_model, describe  # noqa: E402
 from lmforge import device as devices  # noqa: E402
 from lmforge.device import autocast  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
@@ -417,33 +417,14 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-@dataclass
-class Impl:
-    name: str
-    model: torch.nn.Module
-    optimizers: list
-    lmforge: bool
-    error: str | None = None
-    rounds: list[float] = field(default_factory=list)
-    first_loss: float | None = None
+def lmforge_loss(model, inputs, targets) -> torch.Tensor:
+    """Cross-entropy plus the model's weighted auxiliary losses, as the trainer adds them."""
+    return model(inputs, targets) + sum(pop_aux_losses(model).values())
 
-    def step(self, inputs, targets, dtype) -> torch.Tensor:
-        with autocast(CPU, dtype):
-            if self.lmforge:
-                loss = self.model(inputs, targets)
-                aux = pop_aux_losses(self.model)
-                loss = loss + sum(aux.values())
-            else:  # HF shifts the labels itself and adds router_aux_loss_coef x its aux loss
-                loss = self.model(input_ids=inputs, labels=inputs).loss
-        loss.backward()
-        for opt in self.optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss.detach()
 
-    @property
-    def best(self) -> float:
-        return max(self.rounds) if self.rounds else float("nan")
+def hf_loss(model, inputs, targets) -> torch.Tensor:
+    """HF shifts the labels itself and adds router_aux_loss_coef x its aux loss."""
+    return model(input_ids=inputs, labels=inputs).loss
 
 
 def hf_optimizer(model, config: OptimConfig) -> list:
@@ -472,13 +453,13 @@ def part3(args) -> str:
         lm = Transformer(config)
         export = Path(tempfile.mkdtemp(prefix="lmforge-moe-hf-"))
         export_hf(config, lm, export)
-        impls = [Impl("lmforge", lm, build_optimizers(lm, OptimConfig(), CPU), True)]
+        impls = [Impl("lmforge", lm, build_optimizers(lm, OptimConfig(), CPU), lmforge_loss)]
         lm.eval()
         with torch.no_grad():
             expected = lm(check)
         lm.train()
         for name in impl_names:
-            impl = Impl(f"HF Mixtral ({name})", None, [], False)
+            impl = Impl(f"HF Mixtral ({name})", None, [], hf_loss)
             if name == "batched_mm" and batched_mm_bytes(config, tokens_per_step) > 0.5 * physical_memory():
                 impl.error = (f"skipped: batched_mm gathers each token's top-{config.moe.top_k} experts' weights, "
                               f"{batched_mm_bytes(config, tokens_per_step) / 2**30:.0f} GiB kept for backward at "
