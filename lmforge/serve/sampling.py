@@ -15,6 +15,7 @@ from pydantic import Field
 
 from lmforge.config import Section
 from lmforge.model.decode import sample_next
+from lmforge.serve.structured import StructuredSpec
 from lmforge.tokenizer import LmTokenizer
 
 
@@ -52,6 +53,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: added to the logits
+    structured: StructuredSpec | None = None  # a grammar the reply must match (response_format, tools)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (completions `echo`)
     timeout_s: float | None = None
