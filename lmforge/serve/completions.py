@@ -118,6 +118,29 @@ def _submit(gateway: Gateway, job: Job, body, prompts: Prompts, ids: list[list[i
     return handles
 
 
+async def start_generation(gateway: Gateway, job: Job, body, prompts: Prompts
+                           ) -> tuple[list[RequestHandle] | None, list[list[int]]]:
+    """Encode, moderate the input, take a rate-limit ticket and submit: (engine handles, prompt ids).
+    The handles are None when moderation blocked the input and `on_block: refusal` answers it with a reply."""
+    a = gateway.admission
+    ids = _encoded(gateway, job, prompts)
+    if gateway.moderates:
+        decision = await gateway.moderate(job, "input", prompts.texts)
+        if not decision.allowed:
+            if gateway.config.moderation.on_block == "refusal":
+                return None, ids
+            raise OpenAIError(400, f"The input was refused by moderation: {decision.reason or 'policy'}.",
+                              code="content_filter", param="input")
+        if decision.redacted is not None and decision.redacted != prompts.texts:
+            prompts.texts = decision.redacted
+            ids = _encoded(gateway, job, prompts)
+    job.ticket = a.admit(job.key_id, job.prompt_tokens + prompts.max_tokens * body.n * len(ids),
+                         body.n * len(ids))
+    handles = _submit(gateway, job, body, prompts, ids)
+    gateway.metrics.prompt_tokens.inc(job.prompt_tokens)
+    return handles, ids
+
+
 async def handle_generation(gateway: Gateway, request: Request, chat: bool):
     job = Job(gateway, request, chat)
     a = gateway.admission
@@ -127,21 +150,9 @@ async def handle_generation(gateway: Gateway, request: Request, chat: bool):
         a.check_model(body.model)
         a.check_sampling(body)
         prompts = chat_prompts(gateway, body) if chat else completion_prompts(gateway, body)
-        ids = _encoded(gateway, job, prompts)
-        if gateway.moderates:
-            decision = await gateway.moderate(job, "input", prompts.texts)
-            if not decision.allowed:
-                if gateway.config.moderation.on_block == "refusal":
-                    return refusal(job, body, len(ids) * body.n)
-                raise OpenAIError(400, f"The input was refused by moderation: {decision.reason or 'policy'}.",
-                                  code="content_filter", param="input")
-            if decision.redacted is not None and decision.redacted != prompts.texts:
-                prompts.texts = decision.redacted
-                ids = _encoded(gateway, job, prompts)
-        job.ticket = a.admit(job.key_id, job.prompt_tokens + prompts.max_tokens * body.n * len(ids),
-                             body.n * len(ids))
-        handles = _submit(gateway, job, body, prompts, ids)
-        gateway.metrics.prompt_tokens.inc(job.prompt_tokens)
+        handles, ids = await start_generation(gateway, job, body, prompts)
+        if handles is None:
+            return refusal(job, body, len(ids) * body.n)
         if body.stream:
             events = stream_chat(job, body, handles) if chat else stream_completion(job, body, handles, prompts.texts)
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
