@@ -21,8 +21,8 @@ from lmforge.serve.responses import chat_logprobs, completion_logprobs, sse
 
 STREAM_HOLDBACK_CHARS = 48  # held back in moderated streams that may redact: longer than most e-mail addresses
 
-# chunk(index, text, output, finish_reason) -> one event's JSON object
-Chunk = Callable[[int, str, RequestOutput, "str | None"], dict]
+# chunk(index, text, output, finish_reason) -> one event's JSON object, or SSE text as it is to be sent
+Chunk = Callable[[int, str, RequestOutput, "str | None"], "dict | str"]
 
 
 async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -78,8 +78,10 @@ class _ModeratedChoice:
         return decision.allowed, text, out
 
 
-async def stream(job: Job, body, handles: list[RequestHandle], chunk: Chunk) -> AsyncIterator[str]:
-    """SSE events: `chunk(index, text, output, finish_reason)` builds each; usage and [DONE] last."""
+async def stream(job: Job, body, handles: list[RequestHandle], chunk: Chunk,
+                 ending: Callable[[], list[str]] | None = None) -> AsyncIterator[str]:
+    """SSE events: `chunk(index, text, output, finish_reason)` builds each; usage and [DONE] last,
+    or what `ending()` gives (the Responses API's closing events)."""
     g = job.gateway
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     status, error = 200, None
@@ -119,8 +121,12 @@ async def stream(job: Job, body, handles: list[RequestHandle], chunk: Chunk) -> 
                 event = chunk(index, text, out, reason)
                 if include_usage:
                     event["usage"] = None
-                yield sse(event)
+                yield event if isinstance(event, str) else sse(event)
         g.metrics.e2e.observe(time.monotonic() - job.arrival)
+        if ending is not None:
+            for event in ending():
+                yield event
+            return
         if include_usage:
             yield sse({"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
                        "created": job.created, "model": g.model_name, "choices": [], "usage": job.usage})
