@@ -170,12 +170,11 @@ def load_base(what: str, record: dict[str, str | None], anchor: Path, base: str 
 
 def load_adapter(directory: str | os.PathLike, device="cpu", base: str | os.PathLike | None = None):
     """(peft model over its base, tokenizer, base path) from an adapter dir; `base` overrides
-    where the base is looked for (its weights must still be the ones the adapters were trained on)."""
-    PeftModel = adapter.peft_module().PeftModel
-
+    where the base is looked for (its weights must still be the ones the adapters were trained on).
+    Either layout loads: HF module names (`adapter_hf`), or lmforge's own as older adapters hold."""
     directory = Path(directory)
     if not adapter.is_adapter_dir(directory):
         raise CheckpointError(f"{directory} is not a LoRA adapter dir (no adapter_config.json)")
     record = adapter.read_base_file(directory)
     model, tokenizer, path = load_base(f"adapter {directory}", record, directory, base, device)
-    return PeftModel.from_pretrained(model, str(directory)), tokenizer, path
+    return adapter.load_into(model, adapter.read_adapter(directory, model.config)), tokenizer, path
