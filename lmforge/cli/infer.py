@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Annotated, Any
 
 import typer
 
-from lmforge.cli.common import ConfigArgs, build_config, flags
+from lmforge.cli.common import ConfigArgs, build_config, flags, split_list
 from lmforge.errors import ConfigError
 
 Model = Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")]
@@ -104,6 +105,12 @@ def serve(
     device: Annotated[str | None, typer.Option(help="engine.device: auto, cpu, cuda")] = None,
     allow_unreleased: Annotated[bool, typer.Option(
         "--allow-unreleased", help="serve without a passing `lmforge release` record (allow_unreleased)")] = False,
+    allowed_origins: Annotated[list[str] | None, typer.Option(
+        help='CORS: origins browsers may call from (repeatable, comma-separated or a JSON list as vLLM\'s; "*": any)')] = None,
+    allowed_methods: Annotated[list[str] | None, typer.Option(help="CORS: methods (cors.allowed_methods)")] = None,
+    allowed_headers: Annotated[list[str] | None, typer.Option(help="CORS: request headers (cors.allowed_headers)")] = None,
+    allow_credentials: Annotated[bool, typer.Option(
+        "--allow-credentials", help="CORS: browsers may send cookies (cors.allow_credentials)")] = False,
 ):
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions, /metrics, ... (Ctrl-C drains).
 
@@ -119,4 +126,21 @@ def serve(
         given["auth"] = flags(api_keys_file=api_keys_file, api_keys=api_key or None)
     if device is not None:
         given["engine"] = {"device": device}
+    cors = flags(allowed_origins=_listed(allowed_origins), allowed_methods=_listed(allowed_methods),
+                 allowed_headers=_listed(allowed_headers), allow_credentials=allow_credentials)
+    if cors:
+        given["cors"] = cors
     server.run(build_config(ServeConfig, args, given))
+
+
+def _listed(values: list[str] | None) -> list[str] | None:
+    """Repeated, comma-separated or JSON-list values (vLLM's `--allowed-origins '["*"]'`) as one list."""
+    if values and len(values) == 1 and values[0].lstrip().startswith("["):
+        try:
+            parsed = json.loads(values[0])
+        except ValueError:
+            raise ConfigError(f"not a JSON list of strings: {values[0]}") from None
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise ConfigError(f"not a JSON list of strings: {values[0]}")
+        return parsed
+    return split_list(values)

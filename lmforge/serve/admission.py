@@ -125,8 +125,11 @@ class Admission:
         self.draining = False  # set at shutdown: new requests get 503
 
     def authenticate(self, request: Request) -> str:
-        """The id of the request's API key ("anonymous" when the server has no keys); 401 otherwise."""
+        """The id of the request's API key ("anonymous" when the server has no keys); 401 otherwise.
+
+        The response then carries the key's `x-ratelimit-*` headers (`middleware.RateLimitHeaders`)."""
         if not self.keys.enabled:
+            request.state.rate_limit_key = "anonymous"
             return "anonymous"
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -134,6 +137,7 @@ class Admission:
         key_id = self.keys.identify(token.strip())
         if key_id is None:
             raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        request.state.rate_limit_key = key_id
         return key_id
 
     async def parse(self, request: Request, model: type[BaseModel]) -> Any:
@@ -210,7 +214,7 @@ class Admission:
         ok, wait, ticket = self.limiter.acquire(key_id, tokens)
         if not ok:
             which = "tokens" if self.limiter.tpm is not None and tokens > 0 else "requests"
-            self.metrics.rate_limited.labels(which).inc()
+            self.metrics.rate_limited.labels(which, self.model_name).inc()
             raise OpenAIError(429, f"Rate limit reached for key '{key_id}'; retry in {wait:.1f}s.",
                               type="rate_limit_exceeded", code="rate_limit_exceeded",
                               headers={"Retry-After": retry_after_header(wait)})

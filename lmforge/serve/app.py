@@ -14,6 +14,7 @@ import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -23,7 +24,12 @@ from lmforge.serve.config import ServeConfig
 from lmforge.serve.errors import OpenAIError, add_error_handlers
 from lmforge.serve.gateway import Gateway
 from lmforge.serve.hooks import ModerationHook
-from lmforge.serve.middleware import BodyLimitMiddleware, RequestCountMiddleware
+from lmforge.serve.middleware import (
+    RATE_LIMIT_HEADERS,
+    BodyLimitMiddleware,
+    RateLimitHeaders,
+    RequestCountMiddleware,
+)
 from lmforge.serve.protocol import DetokenizeRequest, TokenizeRequest
 
 
@@ -45,7 +51,13 @@ def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHoo
     app.state.gateway = gateway
     # The last added is the outermost: count every response, the 413s of the body limit included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
+    app.add_middleware(RateLimitHeaders, limiter=gateway.admission.limiter)
     app.add_middleware(RequestCountMiddleware, metrics=gateway.metrics)
+    cors = config.cors
+    if cors.allowed_origins:  # outermost: a preflight is answered before the key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=cors.allowed_origins, allow_methods=cors.allowed_methods,
+                           allow_headers=cors.allowed_headers, allow_credentials=cors.allow_credentials,
+                           expose_headers=RATE_LIMIT_HEADERS)
     add_error_handlers(app)
     _add_status_routes(app, gateway)
     _add_model_routes(app, gateway)

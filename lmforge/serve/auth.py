@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import ConfigError
@@ -131,5 +132,41 @@ class RateLimiter:
                 ticket[1] = tokens
 
 
+    def state(self, key: str, now: float | None = None) -> dict[str, LimitState]:
+        """The key's standing under each configured limit ("requests", "tokens"), without using any."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            live = [tuple(e) for e in self._events.get(key, ()) if e[0] > now - self.WINDOW]
+        found: dict[str, LimitState] = {}
+        for name, limit, used, spent in (("requests", self.rpm, len(live), live),
+                                         ("tokens", self.tpm, sum(e[1] for e in live), [e for e in live if e[1]])):
+            if limit is not None:
+                # Back to the initial state (OpenAI's meaning of reset) when the last use leaves the window.
+                reset = spent[-1][0] + self.WINDOW - now if spent else 0.0
+                found[name] = LimitState(limit, max(0, limit - used), reset)
+        return found
+
+
+@dataclass(frozen=True)
+class LimitState:
+    limit: int
+    remaining: int
+    reset_s: float  # until the window holds none of the key's use
+
+
 def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's format of `x-ratelimit-reset-*`: 0s, 20ms, 1s, 8.64s, 6m0s, 1h2m3s (rounded up)."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    hours, rest = divmod(math.ceil(seconds * 100) / 100, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.2f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{int(hours)}h{int(minutes)}m{text}"
+    return f"{int(minutes)}m{text}" if minutes else text

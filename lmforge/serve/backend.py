@@ -35,6 +35,10 @@ class RequestOutput:
     num_output_tokens: int
     prompt_logprobs: list[TokenLogprob | None] | None = None
     stop_token_id: int | None = None  # the stop token that ended the request (not in token_ids)
+    # On the first output only, time.monotonic() when the engine took the request and when it
+    # gave it a slot (None where the backend measures queue time itself, as vLLM does).
+    queued_at: float | None = None
+    scheduled_at: float | None = None
 
 
 @dataclass

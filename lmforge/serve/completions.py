@@ -137,7 +137,7 @@ async def start_generation(gateway: Gateway, job: Job, body, prompts: Prompts
     job.ticket = a.admit(job.key_id, job.prompt_tokens + prompts.max_tokens * body.n * len(ids),
                          body.n * len(ids))
     handles = _submit(gateway, job, body, prompts, ids)
-    gateway.metrics.prompt_tokens.inc(job.prompt_tokens)
+    gateway.metrics.prompt_tokens.labels(job.model_name).inc(job.prompt_tokens)
     return handles, ids
 
 
@@ -195,7 +195,7 @@ async def collect(job: Job, handles: list[RequestHandle]) -> list[list[RequestOu
             task.cancel()
             for h in handles:
                 h.cancel()
-    job.gateway.metrics.e2e.observe(time.monotonic() - job.arrival)
+    job.gateway.metrics.e2e.labels(job.model_name).observe(time.monotonic() - job.arrival)
     reasons = {outs[-1].finish_reason for outs in outputs if outs}
     if "timeout" in reasons:
         raise OpenAIError(504, "The request took longer than the server's timeout.", type="server_error", code="timeout")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -52,6 +53,17 @@ class AuthConfig(Section):
     tokens_per_minute: int | None = Field(None, ge=1, description="prompt + max_tokens per key; None: unlimited")
 
 
+class CorsConfig(Section):
+    """Cross-origin requests from browsers (Starlette's CORSMiddleware), named as vLLM's flags.
+
+    No origins by default: a browser page elsewhere cannot call the server (vLLM allows `*`)."""
+
+    allowed_origins: list[str] = Field(default_factory=list, description='origins a browser may call from; ["*"]: any')
+    allowed_methods: list[str] = Field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = Field(default_factory=lambda: ["*"])
+    allow_credentials: bool = Field(False, description="let browsers send cookies (Access-Control-Allow-Credentials)")
+
+
 class AuditConfig(Section):
     path: str | None = Field("serve_audit.sqlite", description="SQLite file; None: no audit log")
 
@@ -75,6 +87,12 @@ class ServeConfig(Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
     allow_unreleased: bool = Field(
         False, description="serve a model without a passing `lmforge release` record (for development)")
+
+    @property
+    def served_model_name(self) -> str:
+        """The id clients send as `model` (and /metrics' `model_name`): server.model_name or the model dir's name."""
+        return self.server.model_name or Path(self.model or "lmforge").name

@@ -67,6 +67,9 @@ class _Sequence:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
+    queued_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None  # when it got a cache slot
+    timing_sent: bool = False  # queued_at/scheduled_at go out on the first output only
     stop_token_id: int | None = None
 
 
@@ -231,6 +234,7 @@ class Engine(BaseEngine):
         while self._waiting and self.slots.has_free():
             seq = self._waiting.popleft()
             seq.slot = self.slots.allocate()
+            seq.scheduled_at = time.monotonic()
             self._running.append(seq)
         decoding = sorted((s for s in self._running if s.next_token is not None), key=lambda s: s.slot)
         prefilling = [s for s in self._running if s.computed < len(s.prompt_ids)]
@@ -341,7 +345,10 @@ class Engine(BaseEngine):
             num_output_tokens=len(s.output_ids),
             prompt_logprobs=prompt_logprobs,
             stop_token_id=s.stop_token_id if finished else None,
+            queued_at=None if s.timing_sent else s.queued_at,
+            scheduled_at=None if s.timing_sent else s.scheduled_at,
         ))
+        s.timing_sent = True
         s.new_ids, s.new_logprobs = [], []
 
     def _finish(self, s: _Sequence, reason: str) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 import uuid
-from pathlib import Path
 
 from fastapi import Request
 
@@ -27,8 +26,8 @@ class Gateway:
     def __init__(self, engine: BaseEngine, config: ServeConfig, moderator: ModerationHook | None = None,
                  model_name: str | None = None):
         self.engine, self.config, self.tokenizer = engine, config, engine.tokenizer
-        self.model_name = model_name or config.server.model_name or Path(config.model or "lmforge").name
-        self.metrics = ServeMetrics(engine)
+        self.model_name = model_name or config.served_model_name
+        self.metrics = ServeMetrics(engine, self.model_name, engine.max_len)
         self.admission = Admission(engine, config, self.metrics, self.model_name)
         self.audit = AuditLog(config.audit.path) if config.audit.path else None
         m = config.moderation
@@ -54,10 +53,10 @@ class Gateway:
             decision = await self._call(self.moderator.check_output, texts[0])
         if final or not decision.allowed:
             for category, action in decision.actions.items():
-                self.metrics.moderation.labels(direction, category, action).inc()
+                self.metrics.moderation.labels(direction, category, action, job.model_name).inc()
             if not decision.allowed and not decision.actions:  # a hook that gives no categories
                 for category in decision.categories or ["unspecified"]:
-                    self.metrics.moderation.labels(direction, category, "block").inc()
+                    self.metrics.moderation.labels(direction, category, "block", job.model_name).inc()
             if decision.action != "allow":
                 job.moderation.append(f"{direction} {decision.action}: {decision.reason or ', '.join(decision.categories)}")
         return decision
@@ -88,6 +87,9 @@ class Job:
         self.finish_reasons: list[str] = []
         self.ticket = None
         self.first_token_at: float | None = None
+        self.model_name = gateway.model_name  # the request series' label (an adapter may set its own)
+        self.scheduled_at: dict[int, float] = {}  # by choice: when the engine gave it a slot
+        self.first_at: dict[int, float] = {}  # by choice: when its first token came
 
     @property
     def usage(self) -> dict:
@@ -103,23 +105,41 @@ class Job:
                  moderation="; ".join(self.moderation) or "allowed", error=error)
 
     def observe(self, output: RequestOutput, last_at: dict[int, float], index: int) -> None:
+        """Record one output of choice `index` in the metrics (the phases as vLLM splits a request:
+        queue -> prefill (to the first token) -> decode (to the last))."""
         now = time.monotonic()
-        m = self.gateway.metrics
+        m, model = self.gateway.metrics, self.model_name
+        if output.scheduled_at is not None and output.queued_at is not None:
+            self.scheduled_at[index] = output.scheduled_at
+            m.queue_time.labels(model).observe(output.scheduled_at - output.queued_at)
         if output.token_ids:
+            if index not in self.first_at:
+                self.first_at[index] = now
+                if index in self.scheduled_at:
+                    m.prefill_time.labels(model).observe(now - self.scheduled_at[index])
             if self.first_token_at is None:
                 self.first_token_at = now
-                m.ttft.observe(now - self.arrival)
+                m.ttft.labels(model).observe(now - self.arrival)
             elif index in last_at:
-                m.itl.observe((now - last_at[index]) / len(output.token_ids))
+                gap = (now - last_at[index]) / len(output.token_ids)
+                m.itl.labels(model).observe(gap)
+                m.tpot.labels(model).observe(gap)
             last_at[index] = now
             self.completion_tokens += len(output.token_ids)
-            m.generation_tokens.inc(len(output.token_ids))
-        if output.finished and output.finish_reason:
-            self.finish(output.finish_reason)
+            m.generation_tokens.labels(model).inc(len(output.token_ids))
+        if output.finished:
+            m.request_prompt_tokens.labels(model).observe(output.num_prompt_tokens)
+            m.request_generation_tokens.labels(model).observe(output.num_output_tokens)
+            if index in self.first_at:
+                m.decode_time.labels(model).observe(now - self.first_at[index])
+            if output.finish_reason:
+                self.finish(output.finish_reason)
 
     def finish(self, reason: str) -> None:
         self.finish_reasons.append(reason)
-        self.gateway.metrics.finished.labels(reason).inc()
+        # vLLM's finished_reason values are stop, length and abort; the others are lmforge's own.
+        label = "abort" if reason == "cancelled" else reason
+        self.gateway.metrics.success.labels(self.model_name, label).inc()
 
     async def moderated_output(self, text: str, reason: str | None) -> tuple[str, str | None]:
         """A whole (non-streamed) choice's text and finish reason after output moderation."""

@@ -1,11 +1,16 @@
-"""ASGI middleware: a request-body size limit (413) and request counts by route and status."""
+"""ASGI middleware: a request-body size limit (413), request counts by route and status, and
+the `x-ratelimit-*` headers of authenticated responses."""
 
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
+from lmforge.serve.auth import RateLimiter, duration
+
 KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
                 "/tokenizer_info", "/health", "/metrics")
+RATE_LIMIT_HEADERS = [f"x-ratelimit-{part}-{limit}" for limit in ("requests", "tokens")
+                      for part in ("limit", "remaining", "reset")] + ["retry-after"]
 
 
 def _too_large(max_bytes: int) -> JSONResponse:
@@ -73,4 +78,33 @@ class RequestCountMiddleware:
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.requests.labels(route, str(status), self.metrics.model_name).inc()
+
+
+class RateLimitHeaders:
+    """OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` on every response to a request
+    whose key was authenticated (`request.state.rate_limit_key`), for the limits that are configured.
+
+    Computed when the response starts: a reply's own use is counted (a stream's as its estimate,
+    prompt + max_tokens, until it ends), and a 429 shows what refused it."""
+
+    def __init__(self, app, limiter: RateLimiter):
+        self.app, self.limiter = app, limiter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (self.limiter.rpm is None and self.limiter.tpm is None):
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})  # request.state of the routes below
+
+        async def send_with_headers(message):
+            key = state.get("rate_limit_key")
+            if message["type"] == "http.response.start" and key is not None:
+                headers = list(message.get("headers", []))
+                for name, limit in self.limiter.state(key).items():
+                    headers += [(f"x-ratelimit-limit-{name}".encode(), str(limit.limit).encode()),
+                                (f"x-ratelimit-remaining-{name}".encode(), str(limit.remaining).encode()),
+                                (f"x-ratelimit-reset-{name}".encode(), duration(limit.reset_s).encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

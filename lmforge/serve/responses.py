@@ -61,7 +61,7 @@ def refusal(job: Job, body, choices: int) -> dict | StreamingResponse:
     g = job.gateway
     message = g.config.moderation.refusal_message
     job.finish_reasons = ["content_filter"] * choices
-    g.metrics.finished.labels("content_filter").inc(choices)
+    g.metrics.success.labels(job.model_name, "content_filter").inc(choices)
     head = {"id": job.id, "created": job.created, "model": g.model_name}
     if job.chat:
         whole = [{"index": i, "message": {"role": "assistant", "content": message}, "logprobs": None,

@@ -33,7 +33,9 @@ def run(config: ServeConfig) -> None:
     else:
         record = check_released(config.model)  # hashes the weight files; the model is not loaded yet
         log.info("release record: policy %r passed on %s", record.get("policy"), record.get("created_at"))
-    engine = Engine.from_path(config.model, config.engine)
+    if config.engine.backend == "vllm":  # vLLM's own series then carry the model_name that lmforge's do
+        config.engine.vllm_args.setdefault("served_model_name", config.served_model_name)
+    engine = Engine.from_path(config.model, config.engine, config.lora)
     app = create_app(engine, config, moderator=moderator)
     log.info("serving %s as %r on http://%s:%d (device %s, %s)", config.model, app.state.gateway.model_name,
              config.server.host, config.server.port, engine.device, dtype_name(engine.dtype))

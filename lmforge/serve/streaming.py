@@ -122,7 +122,7 @@ async def stream(job: Job, body, handles: list[RequestHandle], chunk: Chunk,
                 if include_usage:
                     event["usage"] = None
                 yield event if isinstance(event, str) else sse(event)
-        g.metrics.e2e.observe(time.monotonic() - job.arrival)
+        g.metrics.e2e.labels(job.model_name).observe(time.monotonic() - job.arrival)
         if ending is not None:
             for event in ending():
                 yield event

@@ -208,13 +208,22 @@ class VllmEngine(BaseEngine):
     def stats(self) -> EngineStats:
         running = len(self._active)
         return EngineStats(running=min(running, self.config.max_num_seqs),
-                           waiting=max(0, running - self.config.max_num_seqs), kv_cache_usage=_kv_usage(self._engine))
+                           waiting=max(0, running - self.config.max_num_seqs),
+                           kv_cache_usage=kv_usage(self.metrics_registry()))
+
+    def metrics_registry(self):
+        """Where vLLM records its `vllm:*` series (its stat logger's, in-process): /metrics shows
+        them instead of lmforge's measure of the same (`ServeMetrics.render`)."""
+        import prometheus_client
+
+        return prometheus_client.REGISTRY
 
 
-def _kv_usage(engine: Any) -> float:
-    """vLLM's own KV-cache use where its version exposes it; 0 otherwise."""
-    for attr in ("kv_cache_usage", "gpu_cache_usage"):
-        value = getattr(engine, attr, None)
-        if isinstance(value, int | float):
-            return float(value)
+def kv_usage(registry: Any) -> float:
+    """vLLM's KV-cache use, as its stat logger last set it (the highest of its engines'); 0 before
+    the first step. The newer name first; vLLM before 0.9 has only the older one."""
+    for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+        values = [s.value for family in registry.collect() if family.name == name for s in family.samples]
+        if values:
+            return float(max(values))
     return 0.0

@@ -259,16 +259,42 @@ def test_metrics_parse_and_count_what_happened(served):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
 
+    model = {"model_name": MODEL_NAME}
     for status in ("200", "401", "400", "413"):  # the body limit's answers are counted too
-        assert added("lmforge_requests_total", route="/v1/completions", status=status) == 1, status
+        assert added("lmforge_requests_total", route="/v1/completions", status=status, **model) == 1, status
     assert out.usage.completion_tokens == 5
-    assert added("lmforge_generation_tokens_total") == 5
-    assert added("lmforge_prompt_tokens_total") == out.usage.prompt_tokens
-    assert added("lmforge_time_to_first_token_seconds_count") == 1
-    assert added("lmforge_e2e_request_latency_seconds_count") == 1
-    assert added("lmforge_finished_requests_total", finish_reason="length") == 1
-    assert after[("lmforge_requests_running", ())] == 0
-    assert after[("lmforge_kv_cache_usage_ratio", ())] == 0  # idle: every slot freed
+    # vLLM's names, so vLLM's dashboards and autoscalers read lmforge as they are.
+    assert added("vllm:generation_tokens_total", **model) == 5
+    assert added("vllm:prompt_tokens_total", **model) == out.usage.prompt_tokens
+    assert added("vllm:request_prompt_tokens_sum", **model) == out.usage.prompt_tokens
+    assert added("vllm:request_generation_tokens_sum", **model) == 5
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                      "request_prefill_time_seconds", "request_decode_time_seconds"):
+        assert added(f"vllm:{histogram}_count", **model) == 1, histogram
+    # Four gaps between five tokens, at most (the engine may hand over two tokens at once).
+    assert 1 <= added("vllm:inter_token_latency_seconds_count", **model) <= 4
+    assert added("vllm:time_per_output_token_seconds_count", **model) == added(
+        "vllm:inter_token_latency_seconds_count", **model)
+    assert added("vllm:request_success_total", finished_reason="length", **model) == 1
+    assert after[("vllm:num_preemptions_total", tuple(model.items()))] == 0
+    assert after[("vllm:num_requests_running", tuple(model.items()))] == 0
+    assert after[("vllm:kv_cache_usage_perc", tuple(model.items()))] == 0  # idle: every slot freed
+    assert after[("vllm:gpu_cache_usage_perc", tuple(model.items()))] == 0
+
+
+def test_metrics_use_vllm_buckets_and_the_served_model_name(served):
+    client(served).completions.create(model=MODEL_NAME, prompt="Sets", max_tokens=2)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(served.url + "/metrics").text)}
+    ttft = families["vllm:time_to_first_token_seconds"]
+    assert ttft.type == "histogram"
+    bounds = [s.labels["le"] for s in ttft.samples if s.name.endswith("_bucket")]
+    assert bounds[:3] == ["0.001", "0.005", "0.01"] and bounds[-2:] == ["2560.0", "+Inf"]
+    tokens = families["vllm:request_prompt_tokens"]
+    bounds = [float(s.labels["le"]) for s in tokens.samples if s.name.endswith("_bucket")][:-1]
+    assert bounds[:4] == [1, 2, 5, 10] and bounds[-1] <= served.engine.max_len
+    for family in families.values():
+        if family.name.startswith(("vllm:", "lmforge_")):
+            assert all(s.labels.get("model_name") == MODEL_NAME for s in family.samples), family.name
 
 
 def test_audit_log_records_key_names_never_keys(served):
