@@ -214,9 +214,13 @@ class VllmEngine(BaseEngine):
     def metrics_registry(self):
         """Where vLLM records its `vllm:*` series (its stat logger's, in-process): /metrics shows
         them instead of lmforge's measure of the same (`ServeMetrics.render`)."""
-        import prometheus_client
+        try:  # vLLM's choice: the default registry, or its multiprocess files when PROMETHEUS_MULTIPROC_DIR is set
+            from vllm.v1.metrics.prometheus import get_prometheus_registry
+        except ImportError:  # a vLLM before v1's metrics: the default registry
+            import prometheus_client
 
-        return prometheus_client.REGISTRY
+            return prometheus_client.REGISTRY
+        return get_prometheus_registry()
 
 
 def kv_usage(registry: Any) -> float:
