@@ -78,6 +78,7 @@ class VllmEngine(BaseEngine):
         self._error: BaseException | None = None
         self._active: dict[str, asyncio.Future] = {}
         self._ids = itertools.count()
+        self._kv_read = (float("-inf"), 0.0)  # (when, value): stats() runs per request, a registry read per second
 
     @classmethod
     def from_path(cls, path: str, config: EngineConfig | None = None) -> VllmEngine:
@@ -209,7 +210,14 @@ class VllmEngine(BaseEngine):
         running = len(self._active)
         return EngineStats(running=min(running, self.config.max_num_seqs),
                            waiting=max(0, running - self.config.max_num_seqs),
-                           kv_cache_usage=kv_usage(self.metrics_registry()))
+                           kv_cache_usage=self._kv_cache_usage())
+
+    def _kv_cache_usage(self) -> float:
+        when, value = self._kv_read
+        if time.monotonic() - when > 1.0:
+            value = kv_usage(self.metrics_registry())
+            self._kv_read = (time.monotonic(), value)
+        return value
 
     def metrics_registry(self):
         """Where vLLM records its `vllm:*` series (its stat logger's, in-process): /metrics shows
