@@ -31,6 +31,7 @@ from lmforge.serve.middleware import (
     RequestCountMiddleware,
 )
 from lmforge.serve.protocol import DetokenizeRequest, TokenizeRequest
+from lmforge.serve.responses_api import add_responses_routes
 
 
 def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHook | None = None,
@@ -62,6 +63,7 @@ def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHoo
     _add_status_routes(app, gateway)
     _add_model_routes(app, gateway)
     _add_tokenizer_routes(app, gateway)
+    add_responses_routes(app, gateway)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
