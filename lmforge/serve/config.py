@@ -32,6 +32,8 @@ class ServerConfig(Section):
                                 "default: ignore them, logging each name once (as vLLM)")
     responses_store_size: int = Field(
         512, ge=0, description="/v1/responses kept in memory for previous_response_id and GET (LRU); 0: none")
+    embedding_pooling: Literal["mean", "last"] = Field(
+        "mean", description="/v1/embeddings: the final hidden states averaged over the tokens, or the last token's")
 
 
 class LimitsConfig(Section):
