@@ -148,10 +148,16 @@ class Admission:
                               code="client_disconnected") from None
         return parse_body(raw, model, self.strict_params)
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise OpenAIError(404, f"The model '{short(name)}' does not exist (this server has '{self.model_name}').",
-                              param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model); 404 for any other name."""
+        adapters = getattr(self.engine, "lora_adapters", {})
+        if name is None or name == self.model_name:
+            return None
+        if name in adapters:
+            return name
+        served = ", ".join(f"'{n}'" for n in [self.model_name, *adapters])
+        raise OpenAIError(404, f"The model '{short(name)}' does not exist (this server has {served}).",
+                          param="model", code="model_not_found")
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """Ids a client sends are checked before anything (the tokenizer, the model) reads them."""

@@ -21,7 +21,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from lmforge.serve.backend import BaseEngine
 from lmforge.serve.completions import chat_messages, handle_generation
 from lmforge.serve.config import ServeConfig
-from lmforge.serve.embeddings import add_embeddings_routes
 from lmforge.serve.errors import OpenAIError, add_error_handlers
 from lmforge.serve.gateway import Gateway
 from lmforge.serve.hooks import ModerationHook
@@ -32,7 +31,6 @@ from lmforge.serve.middleware import (
     RequestCountMiddleware,
 )
 from lmforge.serve.protocol import DetokenizeRequest, TokenizeRequest
-from lmforge.serve.responses_api import add_responses_routes
 
 
 def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHook | None = None,
@@ -64,8 +62,6 @@ def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHoo
     _add_status_routes(app, gateway)
     _add_model_routes(app, gateway)
     _add_tokenizer_routes(app, gateway)
-    add_responses_routes(app, gateway)
-    add_embeddings_routes(app, gateway)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -92,20 +88,24 @@ def _add_status_routes(app: FastAPI, gateway: Gateway) -> None:
 
 
 def _add_model_routes(app: FastAPI, gateway: Gateway) -> None:
-    def model_card() -> dict:
-        return {"id": gateway.model_name, "object": "model", "created": gateway.created, "owned_by": "lmforge",
-                "max_model_len": gateway.engine.max_len}
+    adapters = getattr(gateway.engine, "lora_adapters", {})
+
+    def model_card(adapter: str | None = None) -> dict:
+        card = {"id": adapter or gateway.model_name, "object": "model", "created": gateway.created,
+                "owned_by": "lmforge", "max_model_len": gateway.engine.max_len}
+        if adapter is not None:  # a LoRA adapter over the base, as vLLM lists them
+            card.update(root=adapters[adapter], parent=gateway.model_name)
+        return card
 
     @app.get("/v1/models")
     async def list_models(request: Request):
         gateway.admission.authenticate(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(), *map(model_card, adapters)]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request):
         gateway.admission.authenticate(request)
-        gateway.admission.check_model(name)
-        return model_card()
+        return model_card(gateway.admission.check_model(name))
 
 
 def _add_tokenizer_routes(app: FastAPI, gateway: Gateway) -> None:

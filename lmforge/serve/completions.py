@@ -91,6 +91,7 @@ def sampling_params(gateway: Gateway, body, prompts: Prompts, seed_offset: int) 
         stop_token_ids=list(body.stop_token_ids or []),
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
         timeout_s=gateway.admission.limits.request_timeout_s,
+        adapter=gateway.admission.check_model(body.model),  # a LoRA adapter's name picks it
     )
 
 
@@ -147,7 +148,7 @@ async def handle_generation(gateway: Gateway, request: Request, chat: bool):
     try:
         job.key_id = a.authenticate(request)
         body = await a.parse(request, ChatCompletionRequest if chat else CompletionRequest)
-        a.check_model(body.model)
+        job.model_name = a.check_model(body.model) or job.model_name  # an adapter's requests: its own series
         a.check_sampling(body)
         prompts = chat_prompts(gateway, body) if chat else completion_prompts(gateway, body)
         handles, ids = await start_generation(gateway, job, body, prompts)

@@ -30,10 +30,6 @@ class ServerConfig(Section):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     strict_params: bool = Field(False, description="refuse request fields the API does not know (400, as OpenAI); "
                                 "default: ignore them, logging each name once (as vLLM)")
-    responses_store_size: int = Field(
-        512, ge=0, description="/v1/responses kept in memory for previous_response_id and GET (LRU); 0: none")
-    embedding_pooling: Literal["mean", "last"] = Field(
-        "mean", description="/v1/embeddings: the final hidden states averaged over the tokens, or the last token's")
 
 
 class LimitsConfig(Section):
@@ -84,6 +80,13 @@ class ModerationConfig(Section):
         64, ge=1, description="streamed output is checked (and released) every this many characters")
 
 
+class LoraConfig(Section):
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served over the model, {name: adapter dir}; a request's "
+        "`model` picks one by name (`lmforge sft lora.enabled=true` writes RUN/adapter)")
+    max_rank: int | None = Field(None, ge=1, description="refuse adapters of a higher rank; None: any")
+
+
 class ServeConfig(Section):
     model: str = Field("", description="model dir, run dir or checkpoint")
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -93,6 +96,7 @@ class ServeConfig(Section):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     cors: CorsConfig = Field(default_factory=CorsConfig)
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     allow_unreleased: bool = Field(
         False, description="serve a model without a passing `lmforge release` record (for development)")
 

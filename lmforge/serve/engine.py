@@ -35,9 +35,9 @@ from lmforge.serve.backend import (
     RequestHandle,
     RequestOutput,
 )
-from lmforge.serve.config import EngineConfig
+from lmforge.serve.config import EngineConfig, LoraConfig
 from lmforge.serve.kv_cache import SlotKVCache
-from lmforge.serve.pooling import Pooling, embed_prompts
+from lmforge.serve.lora import AdapterSet, load_with_adapters
 from lmforge.serve.sampling import (
     Sampler,
     SamplingParams,
@@ -45,7 +45,6 @@ from lmforge.serve.sampling import (
     TokenLogprob,
     token_logprobs,
 )
-from lmforge.store.loading import load_model
 from lmforge.tokenizer import LmTokenizer
 
 log = logging.getLogger(__name__)
@@ -77,8 +76,12 @@ class _Sequence:
 class Engine(BaseEngine):
     """Continuous-batching generation over one model. Thread-safe: `submit` from anywhere."""
 
-    def __init__(self, model: Transformer, tokenizer: LmTokenizer, config: EngineConfig | None = None):
+    def __init__(self, model: Transformer, tokenizer: LmTokenizer, config: EngineConfig | None = None,
+                 adapters: AdapterSet | None = None):
         self.config = config or EngineConfig()
+        self.adapters = adapters or AdapterSet()  # LoRA adapters served over the model (`serve.lora`)
+        self.adapters.install(model)
+        self.lora_adapters = dict(self.adapters.paths)
         self.model, self.tokenizer = model.eval(), tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -95,7 +98,9 @@ class Engine(BaseEngine):
         self._stopping = False
         self._drain = True
         self.steps = 0
-        self.blocks = self._compiled_blocks() if self.config.compile else None
+        if self.config.compile and self.adapters:
+            log.warning("engine.compile: not with LoRA adapters (lora.adapters); decoding uncompiled")
+        self.blocks = self._compiled_blocks() if self.config.compile and not self.adapters else None
 
     def _compiled_blocks(self):
         """The blocks wrapped by torch.compile (dynamic shapes: batch and cache length vary), or
@@ -107,19 +112,20 @@ class Engine(BaseEngine):
         return [torch.compile(block, dynamic=True) for block in self.model.layers]
 
     @classmethod
-    def from_path(cls, path: str, config: EngineConfig | None = None) -> BaseEngine:
-        """Load a model dir, run dir or checkpoint onto the configured device (bf16 on CUDA by default).
+    def from_path(cls, path: str, config: EngineConfig | None = None, lora: LoraConfig | None = None) -> BaseEngine:
+        """Load a model dir, run dir or checkpoint onto the configured device (bf16 on CUDA by default),
+        with `lora`'s adapters over it.
 
         With `backend: vllm`, the model dir is served by vLLM instead (`lmforge.serve.vllm_engine`)."""
-        config = config or EngineConfig()
+        config, lora = config or EngineConfig(), lora or LoraConfig()
         if config.backend == "vllm":
             from lmforge.serve.vllm_engine import VllmEngine
 
-            return VllmEngine.from_path(path, config)
+            return VllmEngine.from_path(path, config, lora)
         device = resolve_device(config.device, "engine.device")  # one line, not a traceback, if it is missing
         dtype = inference_dtype(config.dtype, device)
-        model, tokenizer, _ = load_model(path, device, dtype)
-        return cls(model, tokenizer, config)
+        model, tokenizer, adapters = load_with_adapters(path, device, dtype, lora.adapters, lora.max_rank)
+        return cls(model, tokenizer, config, adapters)
 
     # -- the public API ------------------------------------------------------------------
 
@@ -151,6 +157,7 @@ class Engine(BaseEngine):
         params = params or SamplingParams()
         prompt_ids = self.encode(prompt)
         self.check_prompt(prompt_ids, params.max_tokens)
+        self.adapters.check(params.adapter)
         request_id = request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(self, request_id, prompt_ids, loop)
         stop = list(params.stop)
@@ -182,15 +189,6 @@ class Engine(BaseEngine):
             waiting=len(self._waiting) + len(self._incoming),
             kv_cache_usage=used / (self.config.max_num_seqs * self.max_len),
         )
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.model.config.dim
-
-    def embed(self, prompts: list[list[int]], pooling: Pooling = "mean") -> list[list[float]]:
-        """Unit vectors of the prompts' final hidden states (`lmforge.serve.pooling`), computed in
-        the calling thread outside the KV cache, beside the step loop."""
-        return embed_prompts(self.model, prompts, pooling)
 
     # -- the step loop (engine thread only) ------------------------------------------------
 
@@ -259,6 +257,7 @@ class Engine(BaseEngine):
         positions = torch.tensor([[s.computed] for s in seqs], device=self.device)
         slots = [s.slot for s in seqs]
         cache = self.slots.rows(slots, positions.new_tensor(slots)[:, None])
+        self.adapters.select([s.params.adapter for s in seqs])  # each row's LoRA adapter, for this forward
         hidden = self.model.hidden_states(tokens, positions, cache, blocks=self.blocks)
         logits = self.model.output(hidden[:, -1]).float()
         for s in seqs:
@@ -284,6 +283,7 @@ class Engine(BaseEngine):
             positions[b, :n] = torch.arange(start, start + n)
             write[b, :n] = s.slot
         cache = self.slots.rows([s.slot for s, _, _ in rows], write.to(self.device))
+        self.adapters.select([s.params.adapter for s, _, _ in rows])  # each row's LoRA adapter
         hidden = self.model.hidden_states(tokens.to(self.device), positions.to(self.device), cache)
         done, last = [], []
         for b, (s, start, n) in enumerate(rows):
@@ -293,6 +293,7 @@ class Engine(BaseEngine):
                 scored = min(n, len(s.prompt_ids) - 1 - start)
                 if scored > 0:
                     targets = torch.tensor(s.prompt_ids[start + 1 : start + 1 + scored], device=self.device)
+                    self.adapters.select([s.params.adapter])
                     logits = self.model.output(hidden[b, :scored]).float()
                     s.prompt_logprobs.extend(token_logprobs(logits, targets, s.params.prompt_logprobs))
             if s.computed == len(s.prompt_ids):
@@ -302,6 +303,7 @@ class Engine(BaseEngine):
                     done.append(s)
                     last.append(hidden[b, n - 1])
         if done:
+            self.adapters.select([s.params.adapter for s in done])
             self._sample(done, self.model.output(torch.stack(last)).float())
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:

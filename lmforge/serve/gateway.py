@@ -9,6 +9,7 @@ import uuid
 
 from fastapi import Request
 
+from lmforge.errors import ConfigError
 from lmforge.serve.admission import Admission
 from lmforge.serve.audit import AuditLog
 from lmforge.serve.backend import BaseEngine, RequestOutput
@@ -27,6 +28,8 @@ class Gateway:
                  model_name: str | None = None):
         self.engine, self.config, self.tokenizer = engine, config, engine.tokenizer
         self.model_name = model_name or config.served_model_name
+        if self.model_name in getattr(engine, "lora_adapters", {}):
+            raise ConfigError(f"lora.adapters: {self.model_name!r} is the served model's own name; name the adapter otherwise")
         self.metrics = ServeMetrics(engine, self.model_name, engine.max_len)
         self.admission = Admission(engine, config, self.metrics, self.model_name)
         self.audit = AuditLog(config.audit.path) if config.audit.path else None

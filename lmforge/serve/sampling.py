@@ -57,6 +57,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (completions `echo`)
     timeout_s: float | None = None
+    adapter: str | None = None  # the LoRA adapter (its name in lora.adapters) the request runs with; None: the base
 
     def __post_init__(self):
         if self.max_tokens < 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ import torch
 from lmforge import device as devices
 from lmforge.errors import ConfigError
 from lmforge.serve.backend import BaseEngine, EngineStats, RequestHandle, RequestOutput
-from lmforge.serve.config import EngineConfig
+from lmforge.serve.config import EngineConfig, LoraConfig
 from lmforge.serve.sampling import SamplingParams, TokenLogprob
 from lmforge.store.model_dir import is_model_dir, read_model_config
 from lmforge.tokenizer import load_tokenizer
@@ -50,7 +51,7 @@ def _token_logprob(token_id: int, entry: dict | None, top: int) -> TokenLogprob 
 class VllmEngine(BaseEngine):
     """`BaseEngine` over `vllm.AsyncLLMEngine`; thread-safe `submit` like the built-in engine."""
 
-    def __init__(self, path: str | Path, config: EngineConfig):
+    def __init__(self, path: str | Path, config: EngineConfig, lora: LoraConfig | None = None):
         try:
             import vllm
         except ImportError:
@@ -68,7 +69,8 @@ class VllmEngine(BaseEngine):
         self.model = None
         args = {"model": str(path), "tokenizer": str(path), "max_model_len": self.max_len,
                 "max_num_seqs": config.max_num_seqs, "dtype": self.dtype, "seed": 0,
-                "enforce_eager": not config.compile, **config.vllm_args}
+                "enforce_eager": not config.compile, **_lora_args(lora), **config.vllm_args}
+        self.lora_adapters = dict(lora.adapters) if lora else {}
         self._vllm_module = vllm
         self._args = vllm.AsyncEngineArgs(**args)
         self._engine = None
@@ -81,8 +83,8 @@ class VllmEngine(BaseEngine):
         self._kv_read = (float("-inf"), 0.0)  # (when, value): stats() runs per request, a registry read per second
 
     @classmethod
-    def from_path(cls, path: str, config: EngineConfig | None = None) -> VllmEngine:
-        return cls(path, config or EngineConfig(backend="vllm"))
+    def from_path(cls, path: str, config: EngineConfig | None = None, lora: LoraConfig | None = None) -> VllmEngine:
+        return cls(path, config or EngineConfig(backend="vllm"), lora)
 
     # -- lifecycle: vLLM's engine lives on its own event loop ---------------------------------
 
@@ -165,7 +167,8 @@ class VllmEngine(BaseEngine):
         else:
             scoring_only = False
         try:
-            generator = self._engine.generate({"prompt_token_ids": prompt_ids}, self.sampling_params(params), rid)
+            generator = self._engine.generate({"prompt_token_ids": prompt_ids}, self.sampling_params(params), rid,
+                                              lora_request=self._lora_request(params.adapter))
             async for result in generator:
                 out = result.outputs[0]
                 prompt_lp = None
@@ -200,6 +203,14 @@ class VllmEngine(BaseEngine):
         except Exception:  # noqa: BLE001 - one failed request must not stop the server
             log.exception("vLLM failed on request %s", rid)
             emit([], "", None, True, "error")
+
+    def _lora_request(self, name: str | None):
+        """vLLM's LoRARequest for a served adapter (ids 1..n, in lora.adapters' order); None: the base."""
+        if name is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(name, list(self.lora_adapters).index(name) + 1, self.lora_adapters[name])
 
     def cancel(self, request_id: str) -> None:
         future = self._active.get(request_id)
@@ -239,3 +250,21 @@ def kv_usage(registry: Any) -> float:
         if values:
             return float(max(values))
     return 0.0
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def _lora_args(lora: LoraConfig | None) -> dict[str, Any]:
+    """vLLM's engine arguments for serving `lora.adapters` (their base is not checked by hash here)."""
+    if lora is None or not lora.adapters:
+        return {}
+    ranks = []
+    for name, path in lora.adapters.items():
+        try:
+            ranks.append(json.loads((Path(path) / "adapter_config.json").read_text())["r"])
+        except (OSError, ValueError, KeyError):
+            raise ConfigError(f"lora.adapters.{name}: {path} is not a LoRA adapter dir (no adapter_config.json)") from None
+    rank = lora.max_rank or max(ranks)
+    return {"enable_lora": True, "max_loras": len(lora.adapters),
+            "max_lora_rank": next((r for r in VLLM_LORA_RANKS if r >= rank), rank)}

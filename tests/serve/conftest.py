@@ -21,6 +21,7 @@ from lmforge.serve.app import create_app  # noqa: E402
 from lmforge.serve.auth import hash_key  # noqa: E402
 from lmforge.serve.config import ServeConfig  # noqa: E402
 from lmforge.serve.engine import Engine  # noqa: E402
+from lmforge.serve.lora import read_adapters  # noqa: E402
 from lmforge.store.loading import load_model  # noqa: E402
 
 KEY = "sk-test-alice-0123456789"
@@ -80,7 +81,9 @@ def make_server(serve_model, tmp_path: Path, moderator=None, **sections):
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     config = ServeConfig.model_validate(data)
-    engine = Engine(model, tokenizer, config.engine)
+    # lora.adapters wrap the model's modules in place: pass a model of your own (not the session's) with them.
+    adapters = read_adapters(config.lora.adapters, model, config.lora.max_rank) if config.lora.adapters else None
+    engine = Engine(model, tokenizer, config.engine, adapters)
     app = create_app(engine, config, moderator=moderator)
     server, thread, url = start(app)
     served = Served(url, engine, app, Path(config.audit.path), server)
