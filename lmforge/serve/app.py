@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from lmforge.serve.backend import BaseEngine
 from lmforge.serve.completions import chat_messages, handle_generation
 from lmforge.serve.config import ServeConfig
+from lmforge.serve.embeddings import add_embeddings_routes
 from lmforge.serve.errors import OpenAIError, add_error_handlers
 from lmforge.serve.gateway import Gateway
 from lmforge.serve.hooks import ModerationHook
@@ -31,6 +32,7 @@ from lmforge.serve.middleware import (
     RequestCountMiddleware,
 )
 from lmforge.serve.protocol import DetokenizeRequest, TokenizeRequest
+from lmforge.serve.responses_api import add_responses_routes
 
 
 def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHook | None = None,
@@ -62,6 +64,8 @@ def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHoo
     _add_status_routes(app, gateway)
     _add_model_routes(app, gateway)
     _add_tokenizer_routes(app, gateway)
+    add_responses_routes(app, gateway)
+    add_embeddings_routes(app, gateway)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -130,6 +130,7 @@ class BaseEngine(ABC):
     tokenizer: LmTokenizer
     max_len: int
     vocab_size: int
+    embedding_dim: int | None = None  # width of `embed`'s vectors; None: this backend computes none
     lora_adapters: dict[str, str] = {}  # LoRA adapters served over the model: name -> adapter dir
 
     @abstractmethod
@@ -158,6 +159,11 @@ class BaseEngine(ABC):
 
     def __exit__(self, *exc) -> None:
         self.shutdown(drain=False)
+
+    def embed(self, prompts: list[list[int]], pooling: str = "mean") -> list[list[float]]:
+        """One L2-normalised vector per prompt (token ids): the model's final hidden states, averaged
+        over the tokens (`mean`) or the `last` token's (`lmforge.serve.pooling`)."""
+        raise RequestError("this backend does not compute embeddings")
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Text is a document: BOS + text, as in training. Token ids are taken as they are."""

@@ -30,6 +30,10 @@ class ServerConfig(Section):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     strict_params: bool = Field(False, description="refuse request fields the API does not know (400, as OpenAI); "
                                 "default: ignore them, logging each name once (as vLLM)")
+    responses_store_size: int = Field(
+        512, ge=0, description="/v1/responses kept in memory for previous_response_id and GET (LRU); 0: none")
+    embedding_pooling: Literal["mean", "last"] = Field(
+        "mean", description="/v1/embeddings: the final hidden states averaged over the tokens, or the last token's")
 
 
 class LimitsConfig(Section):

@@ -37,6 +37,7 @@ from lmforge.serve.backend import (
 )
 from lmforge.serve.config import EngineConfig, LoraConfig
 from lmforge.serve.kv_cache import SlotKVCache
+from lmforge.serve.pooling import Pooling, embed_prompts
 from lmforge.serve.lora import AdapterSet, load_with_adapters
 from lmforge.serve.sampling import (
     Sampler,
@@ -189,6 +190,15 @@ class Engine(BaseEngine):
             waiting=len(self._waiting) + len(self._incoming),
             kv_cache_usage=used / (self.config.max_num_seqs * self.max_len),
         )
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.config.dim
+
+    def embed(self, prompts: list[list[int]], pooling: Pooling = "mean") -> list[list[float]]:
+        """Unit vectors of the prompts' final hidden states (`lmforge.serve.pooling`), computed in
+        the calling thread outside the KV cache, beside the step loop."""
+        return embed_prompts(self.model, prompts, pooling)
 
     # -- the step loop (engine thread only) ------------------------------------------------
 
