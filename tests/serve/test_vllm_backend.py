@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 
+import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from lmforge.errors import ConfigError
 from lmforge.serve.config import EngineConfig, ServeConfig
@@ -65,6 +67,13 @@ def test_vllm_backend_matches_the_builtin_engine_and_serves_the_openai_client(mo
             stream = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
                                                     max_tokens=6, stream=True, seed=1)
             assert sum(1 for _ in stream) >= 2
+            # /metrics: vLLM's own series (its `engine` label), each name once, lmforge's beside them.
+            names = [f.name for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)]
+            assert len(names) == len(set(names))
+            families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+            assert "engine" in families["vllm:num_requests_running"].samples[0].labels
+            assert sum(s.value for s in families["vllm:generation_tokens"].samples if s.name.endswith("_total")) >= 14
+            assert "lmforge_requests" in families
         finally:
             server.should_exit = True
             thread.join(15)
