@@ -7,8 +7,9 @@ from fastapi.responses import JSONResponse
 
 from lmforge.serve.auth import RateLimiter, duration
 
-KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
-                "/tokenizer_info", "/health", "/metrics")
+KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/models",
+                "/tokenize", "/detokenize", "/tokenizer_info", "/health", "/metrics")
+PREFIXED = ("/v1/models", "/v1/responses")  # /v1/models/{name}, /v1/responses/{id}: counted under the route
 RATE_LIMIT_HEADERS = [f"x-ratelimit-{part}-{limit}" for limit in ("requests", "tokens")
                       for part in ("limit", "remaining", "reset")] + ["retry-after"]
 
@@ -66,7 +67,8 @@ class RequestCountMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        route = "/v1/models" if path.startswith("/v1/models") else path if path in KNOWN_ROUTES else "other"
+        prefix = next((p for p in PREFIXED if path.startswith(p + "/")), None)
+        route = prefix or (path if path in KNOWN_ROUTES else "other")  # a bounded label set, whatever clients send
         status = 500
 
         async def counting_send(message):
