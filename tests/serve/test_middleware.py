@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import openai
 import pytest
 
-from lmforge.cli.infer import _listed
-from lmforge.errors import ConfigError
+from lmforge.cli import main
 from lmforge.serve.auth import RateLimiter, duration
 from tests.serve.conftest import KEY, MODEL_NAME, OTHER_KEY, make_server
 
@@ -109,10 +106,29 @@ def test_allowed_origins_answer_a_browsers_preflight_and_label_its_replies(serve
         assert "access-control-allow-origin" not in elsewhere.headers
 
 
-def test_cors_flags_take_repeats_commas_and_vllms_json_lists():
-    assert _listed(['["https://a.example", "https://b.example"]']) == ["https://a.example", "https://b.example"]
-    assert _listed(["https://a.example,https://b.example", "*"]) == ["https://a.example", "https://b.example", "*"]
-    assert _listed(None) is None
-    with pytest.raises(ConfigError, match="JSON list"):
-        _listed(['["https://a.example", 3]'])
-    assert json.loads('["*"]') == _listed(['["*"]'])
+def test_lmforge_serve_takes_vllms_cors_flags_as_json_lists_repeats_or_commas(monkeypatch):
+    from lmforge.serve import server
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def run(config):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(server, "run", run)
+    monkeypatch.setenv("LMFORGE_DEBUG", "1")  # let Stop through main's error handling
+    with pytest.raises(Stop):
+        main(["serve", "m", "--allowed-origins", '["https://a.example", "https://b.example"]',
+              "--allowed-methods", "GET,POST", "--allowed-methods", "OPTIONS", "--allow-credentials"])
+    cors = seen["config"].cors
+    assert cors.allowed_origins == ["https://a.example", "https://b.example"]
+    assert cors.allowed_methods == ["GET", "POST", "OPTIONS"] and cors.allowed_headers == ["*"]
+    assert cors.allow_credentials
+    with pytest.raises(Stop):
+        main(["serve", "m"])
+    assert seen["config"].cors.allowed_origins == []  # the default: no CORS
+    monkeypatch.delenv("LMFORGE_DEBUG")
+    assert main(["serve", "m", "--allowed-origins", '["https://a.example", 3]']) == 2  # one line, exit 2
