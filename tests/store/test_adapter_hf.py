@@ -94,3 +94,16 @@ def test_an_adapter_whose_q_k_v_updates_do_not_share_lora_a_is_refused_by_name(l
     save_file(tensors, str(copy / "adapter_model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="lora_A of self_attn.q_proj, self_attn.k_proj, self_attn.v_proj in layer 0 differ"):
         load_adapter(copy)
+
+
+def test_an_adapter_in_lmforges_own_module_names_as_older_lmforge_wrote_still_loads(lora_run, tmp_path):
+    import shutil
+
+    _, adapter = lora_run
+    ours, _, _ = load_adapter(adapter)
+    ours.save_pretrained(str(tmp_path / "old"))  # peft's own save: lmforge's module names (wqkv, w13, ...)
+    shutil.copy(adapter / "lmforge_adapter.json", tmp_path / "old")
+    assert "wqkv" in json.loads((tmp_path / "old" / "adapter_config.json").read_text())["target_modules"]
+    old, _, _ = load_adapter(tmp_path / "old")
+    with torch.no_grad():
+        torch.testing.assert_close(old.eval()(tokens()), ours.eval()(tokens()), atol=1e-6, rtol=0)
