@@ -8,6 +8,11 @@ Chat format (token-exact; `CHAT_TEMPLATE` renders the same ids in transformers):
 
     <|endoftext|> <|system|>...<|end|> <|user|>...<|end|> <|assistant|>...<|end|>
 
+Tool calling (OpenAI function calling, Hermes/Qwen2.5 style, in plain text so no token is
+added): the tools are listed in the system turn, an assistant's calls follow its content as
+`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` blocks, and tool results are
+a user turn of `<tool_response>\n...\n</tool_response>` blocks (`chat_turns`).
+
 Tokenizers of imported models (no lmforge special tokens) load too: their BOS/EOS and
 chat template come from the model dir's `tokenizer_config.json`.
 """
@@ -45,33 +50,155 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_KIND = "tokenizer"  # the output marker's kind (atomic.check_output_dir)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 END_OF_TURN = "<|end|>"
 
-# The same format as `LmTokenizer.encode_chat`, as a Jinja template for HF
-# `apply_chat_template` (which tokenizes the rendered string with special tokens parsed).
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+# The instruction around the tools' signatures: short, since every prompt with tools carries it.
+TOOLS_HEADER = "You may call these functions:\n<tools>"
+TOOLS_FOOTER = '\n</tools>\nTo call one, write a block per call:\n<tool_call>\n{"name": <name>, "arguments": <object>}\n</tool_call>'
+
+
+
+def _jinja(text: str) -> str:
+    return json.dumps(text)  # a Jinja string literal: Jinja reads JSON's escapes as Python's
+
+
+# The same format as `chat_turns` and `LmTokenizer.encode_chat`, as a Jinja template for HF
+# `apply_chat_template(messages, tools=...)` (which tokenizes the rendered string with special
+# tokens parsed). Every piece of text is an expression: transformers renders with trim_blocks.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown chat role ' + message['role']) }}"
+    "{% set ns = namespace(listing='') %}"
+    "{% if tools %}"
+    "{% set ns.listing = " + _jinja(TOOLS_HEADER) + " %}"
+    "{% for tool in tools %}{% set ns.listing = ns.listing + '\\n' + (tool | tojson) %}{% endfor %}"
+    "{% set ns.listing = ns.listing + " + _jinja(TOOLS_FOOTER) + " %}"
+    "{% if messages[0]['role'] != 'system' %}{{ '<|system|>' + ns.listing + '<|end|>' }}{% endif %}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% for message in messages %}"
+    "{% set role = message['role'] %}"
+    "{% if role not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown chat role ' + role) }}"
+    "{% endif %}"
+    "{% if role == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|user|>' }}{% else %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|end|>' }}{% endif %}"
+    "{% else %}"
+    "{{ '<|' + role + '|>' }}{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% if loop.first and role == 'system' and tools %}"
+    "{% if message['content'] %}{{ '\\n\\n' }}{% endif %}{{ ns.listing }}"
+    "{% endif %}"
+    "{% if role == 'assistant' and message['tool_calls'] %}{% for call in message['tool_calls'] %}"
+    "{% set function = call['function'] if call['function'] is defined else call %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": ' + (function['name'] | tojson) + ', \"arguments\": ' }}"
+    "{% if function['arguments'] is string %}{{ function['arguments'] }}{% else %}{{ function['arguments'] | tojson }}{% endif %}"
+    "{{ '}\\n</tool_call>' }}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|end|>' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    """Messages as OpenAI/HF send them: a list of {"role", "content"} with string content."""
+def _call_arguments(value: Any, where: str) -> dict:
+    """A call's arguments as an object: OpenAI sends a JSON string, HF templates take a dict."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{where} has arguments that are not valid JSON") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{where} must have arguments that are a JSON object")
+    return value
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict]:
+    """OpenAI's {"id", "type", "function": {"name", "arguments"}} (or HF's flat {"name", "arguments"}),
+    normalized to the OpenAI shape with the arguments as a dict."""
+    if not isinstance(calls, list):
+        raise DataError(f"chat message {i} must have 'tool_calls' as a list")
+    out = []
+    for j, call in enumerate(calls):
+        where = f"chat message {i} tool call {j}"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DataError(f"{where} must be an object with a function 'name'")
+        arguments = _call_arguments(function.get("arguments", {}), where)
+        rest = {k: v for k, v in call.items() if k not in ("name", "arguments", "function", "type")}  # the id
+        out.append({**rest, "type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def check_messages(messages: Any) -> list[dict]:
+    """Messages as OpenAI/HF send them: a list of {"role", "content"} with string content; assistant
+    turns may carry `tool_calls` (and then no content), `tool` turns hold a call's result."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise DataError("chat messages must be a non-empty list of {role, content} objects")
+    out = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        if not isinstance(message, dict):
             raise DataError(f"chat message {i} must be an object with a string 'content'")
         if message.get("role") not in CHAT_ROLES:
             raise DataError(f"chat message {i} has role {message.get('role')!r} (allowed: {', '.join(CHAT_ROLES)})")
-    return list(messages)
+        calls = message.get("tool_calls")
+        if calls is not None and message["role"] != "assistant":
+            raise DataError(f"chat message {i} has 'tool_calls' but only assistant turns make calls")
+        if calls:
+            message = {**message, "tool_calls": _tool_calls(calls, i)}
+        if not isinstance(message.get("content"), str) and not (calls and message.get("content") is None):
+            raise DataError(f"chat message {i} must be an object with a string 'content'")
+        out.append(message)
+    return out
+
+
+def check_tools(tools: Any) -> list[dict] | None:
+    """OpenAI's `tools` ({"type": "function", "function": {"name", "description", "parameters"}});
+    None or an empty list: no tools."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError("tools must be a list of {type, function} objects")
+    return tools or None
+
+
+def tool_call_text(name: str, arguments: dict) -> str:
+    """One call as the assistant writes it; the JSON is json.dumps's (HF's `tojson`)."""
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
+
+
+def tools_text(tools: list[dict]) -> str:
+    """The instruction and the tools' signatures, one JSON object a line, for the system turn."""
+    return TOOLS_HEADER + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools) + TOOLS_FOOTER
+
+
+def chat_turns(messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, str]]:
+    """(role, text) of each turn in lmforge's chat format, from checked messages: the tools join
+    the system turn (or are one), calls follow the assistant's content, and consecutive tool
+    results share one user turn."""
+    turns: list[tuple[str, str]] = []
+    if tools:
+        listing = tools_text(tools)
+        if messages[0]["role"] == "system":
+            content, messages = messages[0]["content"], messages[1:]
+            listing = f"{content}\n\n{listing}" if content else listing
+        turns.append(("system", listing))
+    for message in messages:
+        role, text = message["role"], message.get("content") or ""
+        if role == "tool":
+            text = f"<tool_response>\n{text}\n</tool_response>"
+            if turns and turns[-1][0] == "tool":
+                turns[-1] = ("tool", f"{turns[-1][1]}\n{text}")
+                continue
+        for call in message.get("tool_calls") or []:
+            block = tool_call_text(call["function"]["name"], call["function"]["arguments"])
+            text = f"{text}\n{block}" if text else block
+        turns.append((role, text))
+    return [("user" if role == "tool" else role, text) for role, text in turns]
 
 
 class LmTokenizer:
@@ -139,34 +266,37 @@ class LmTokenizer:
         """A completion prompt: BOS (when the tokenizer has one), then the text."""
         return ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
 
-    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
-        """Token ids of a conversation; `add_generation_prompt` opens the assistant's turn."""
-        return self.encode_chat_with_mask(messages, add_generation_prompt)[0]
+    def encode_chat(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+    ) -> list[int]:
+        """Token ids of a conversation; `add_generation_prompt` opens the assistant's turn; `tools`
+        (OpenAI's function definitions) are listed in the system turn."""
+        return self.encode_chat_with_mask(messages, add_generation_prompt, tools)[0]
 
     def encode_chat_with_mask(
-        self, messages: Sequence[dict], add_generation_prompt: bool = False
+        self, messages: Sequence[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
     ) -> tuple[list[int], list[bool]]:
-        """Ids and a mask of the tokens the assistant wrote (its content and `<|end|>`).
+        """Ids and a mask of the tokens the assistant wrote (its content, tool calls and `<|end|>`).
 
         Native tokenizers build ids piecewise, so message content is always text. Imported
         ones render their own Jinja template (as transformers does); no mask is known then.
         """
-        messages = check_messages(messages)
+        messages, tools = check_messages(messages), check_tools(tools)
         if not self.native:
-            ids = self._render_template(messages, add_generation_prompt)
+            ids = self._render_template(messages, add_generation_prompt, tools)
             return ids, [False] * len(ids)
         end = self.tk.token_to_id(END_OF_TURN)
         ids, mask = [self.bos_id], [False]
-        for message in messages:
-            body = [*self.encode(message["content"]), end]
-            ids += [self.tk.token_to_id(f"<|{message['role']}|>"), *body]
-            mask += [False] + [message["role"] == "assistant"] * len(body)
+        for role, text in chat_turns(messages, tools):
+            body = [*self.encode(text), end]
+            ids += [self.tk.token_to_id(f"<|{role}|>"), *body]
+            mask += [False] + [role == "assistant"] * len(body)
         if add_generation_prompt:
             ids.append(self.tk.token_to_id("<|assistant|>"))
             mask.append(False)
         return ids, mask
 
-    def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    def _render_template(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None) -> list[int]:
         if not self.chat_template:
             raise TokenizerError(f"tokenizer {self.path or ''} has no chat_template")
         from jinja2 import TemplateError
@@ -177,9 +307,13 @@ class LmTokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
+        # transformers' tojson: json.dumps as is (Jinja's own escapes <, >, & and ' for HTML).
+        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
         try:
             text = env.from_string(self.chat_template).render(
-                messages=messages,
+                messages=[{k: v for k, v in m.items() if v is not None} for m in messages],  # as transformers
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token,

@@ -15,10 +15,12 @@ from lmforge.config import build
 from lmforge.data.tokenizer_train import TokenizerTrainConfig, run_train
 from lmforge.errors import ConfigError, LmforgeError, TokenizerError
 from lmforge.tokenizer import (
+    CHAT_TEMPLATE,
     ENDOFTEXT,
     SPECIAL_TOKENS,
     TOKENIZER_FILE,
     load_tokenizer,
+    tools_text,
     train_tokenizer,
 )
 
@@ -199,11 +201,83 @@ def test_chat_content_that_spells_a_role_token_stays_text(trained_tokenizer):
     [
         ([], "non-empty list"),
         ("hello", "non-empty list"),
-        ([{"role": "tool", "content": "x"}], "role 'tool'"),
+        ([{"role": "function", "content": "x"}], "role 'function'"),
         ([{"role": "user"}], "string 'content'"),
         ([{"role": "user", "content": ["parts"]}], "string 'content'"),
+        ([{"role": "user", "content": None}], "string 'content'"),
+        ([{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}],
+         "only assistant turns make calls"),
+        ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": {}}}]}], "function 'name'"),
+        ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
+         "not valid JSON"),
+        ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}],
+         "JSON object"),
     ],
 )
 def test_malformed_chat_messages_are_refused_naming_the_problem(trained_tokenizer, messages, problem):
     with pytest.raises(LmforgeError, match=problem):
         trained_tokenizer.encode_chat(messages)
+
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city <now> & 'today'",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}},
+]
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Zürich, and 2 + 3?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}},
+        {"id": "call_2", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "5"},
+    {"role": "assistant", "content": "It is 18 C and sunny; 2 + 3 = 5."},
+    {"role": "user", "content": "And 1 + 1?"},
+    {"role": "assistant", "content": "Let me add them.", "tool_calls": [
+        {"id": "call_3", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 1}'}}]},
+    {"role": "tool", "tool_call_id": "call_3", "content": "2"},
+]
+
+
+def test_tools_join_the_system_turn_calls_follow_the_content_and_results_share_a_user_turn(trained_tokenizer):
+    tk = trained_tokenizer
+    listing = tools_text(TOOLS)
+    lines = listing.split("\n")
+    assert [json.loads(line) for line in lines[lines.index("<tools>") + 1: lines.index("</tools>")]] == TOOLS
+    text = tk.decode(tk.encode_chat([{"role": "system", "content": "Be brief."}, *TOOL_CHAT], True, tools=TOOLS))
+    assert text.startswith(f"{ENDOFTEXT}<|system|>Be brief.\n\n{listing}<|end|><|user|>Weather")
+    calls = ('<|assistant|><tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|end|>')
+    results = "<|user|><tool_response>\n18 C, sunny\n</tool_response>\n<tool_response>\n5\n</tool_response><|end|>"
+    assert calls + results in text
+    assert '<|assistant|>Let me add them.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 1}}\n</tool_call><|end|>' in text
+    assert text.endswith("<tool_response>\n2\n</tool_response><|end|><|assistant|>")
+    # Without a system message the tools are a system turn of their own; without tools nothing changes.
+    assert tk.decode(tk.encode_chat(TOOL_CHAT[:1], tools=TOOLS)).startswith(f"{ENDOFTEXT}<|system|>{listing}<|end|><|user|>")
+    assert tk.encode_chat(CHAT, tools=[]) == tk.encode_chat(CHAT)
+
+
+def test_chat_mask_covers_the_assistants_tool_calls_but_not_the_tools_or_their_results(trained_tokenizer):
+    tk = trained_tokenizer
+    ids, mask = tk.encode_chat_with_mask(TOOL_CHAT, tools=TOOLS)
+    trained = tk.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|end|>'
+        "It is 18 C and sunny; 2 + 3 = 5.<|end|>"
+        'Let me add them.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 1}}\n</tool_call><|end|>'
+    )
+
+
+def test_transformers_chat_template_renders_the_same_ids_with_tools(trained_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(trained_tokenizer.path), bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, chat_template=CHAT_TEMPLATE)
+    system = [{"role": "system", "content": "Be brief."}]
+    for messages, tools in [(CHAT, None), (CHAT, TOOLS), (TOOL_CHAT, TOOLS), (system + TOOL_CHAT, TOOLS), (TOOL_CHAT, None)]:
+        for generation_prompt in (False, True):
+            out = theirs.apply_chat_template(messages, tools=tools, tokenize=True, add_generation_prompt=generation_prompt)
+            ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+            assert ids == trained_tokenizer.encode_chat(messages, generation_prompt, tools=tools)

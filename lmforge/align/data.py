@@ -1,6 +1,8 @@
 """Alignment data: conversations for SFT and preference pairs for DPO, tokenized in the chat format.
 
-    conversations   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    conversations   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...],
+                     "tools": [...]}   (optional: OpenAI's function tools; then assistant turns may
+                     carry "tool_calls" and "tool" turns their results, as in OpenAI's fine-tuning files)
     preferences     {"prompt": messages | "text", "chosen": messages | "text", "rejected": ...}
 
 Files are JSONL (optionally .gz); every bad record is reported as `file:line: problem`.
@@ -19,12 +21,12 @@ import torch
 from lmforge import jsonl
 from lmforge.errors import DataError, LmforgeError
 from lmforge.model.losses import IGNORE_INDEX
-from lmforge.tokenizer import LmTokenizer, check_messages
+from lmforge.tokenizer import LmTokenizer, check_messages, check_tools
 
 LossOn = Literal["assistant", "all"]
 
 
-def _messages(value: Any, default_role: str, where: str) -> list[dict[str, str]]:
+def _messages(value: Any, default_role: str, where: str) -> list[dict]:
     if isinstance(value, str):
         value = [{"role": default_role, "content": value}]
     try:
@@ -33,8 +35,8 @@ def _messages(value: Any, default_role: str, where: str) -> list[dict[str, str]]
         raise DataError(f"{where}: {err}") from None
 
 
-def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict[str, str]]]]:
-    """(where, messages) per record; each conversation must contain an assistant turn."""
+def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict], list[dict] | None]]:
+    """(where, messages, tools) per record; each conversation must contain an assistant turn."""
     out = []
     for number, record in jsonl.load_jsonl(path):
         where = f"{path}:{number}"
@@ -43,7 +45,11 @@ def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict[str
         messages = _messages(record["messages"], "user", where)
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: conversation has no assistant turn to learn from")
-        out.append((where, messages))
+        try:
+            tools = check_tools(record.get("tools"))
+        except LmforgeError as err:
+            raise DataError(f"{where}: {err}") from None
+        out.append((where, messages, tools))
     return out
 
 
@@ -78,10 +84,12 @@ class Sequence:
     trained: list[bool]
 
 
-def encode_conversation(tokenizer: LmTokenizer, messages: list[dict], loss_on: LossOn, max_len: int) -> Sequence:
+def encode_conversation(tokenizer: LmTokenizer, messages: list[dict], loss_on: LossOn, max_len: int,
+                        tools: list[dict] | None = None) -> Sequence:
+    """A conversation's ids; with loss on the assistant, what it wrote (content, tool calls) is trained."""
     if not tokenizer.native:
         raise DataError("SFT needs a tokenizer with lmforge's chat tokens (imported tokenizers have no assistant mask)")
-    ids, mask = tokenizer.encode_chat_with_mask(messages)
+    ids, mask = tokenizer.encode_chat_with_mask(messages, tools=tools)
     trained = mask if loss_on == "assistant" else [True] * len(ids)
     trained[0] = False  # BOS is never predicted
     return Sequence(ids[: max_len + 1], trained[: max_len + 1])

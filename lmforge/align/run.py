@@ -123,7 +123,8 @@ def _sft(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite:
     train, val = _split(records, config.data.val, config.data.val_fraction, config.run.seed, align_data.read_conversations)
 
     def rows(items):
-        sequences = [align_data.encode_conversation(tokenizer, messages, config.data.loss_on, config.data.seq_len) for _, messages in items]
+        sequences = [align_data.encode_conversation(tokenizer, messages, config.data.loss_on, config.data.seq_len, tools)
+                     for _, messages, tools in items]
         return align_data.build_rows(sequences, config.data.seq_len, tokenizer.pad_id, config.data.pack)
 
     accum = accumulation(config.train, config.data.seq_len, env.world_size)

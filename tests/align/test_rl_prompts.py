@@ -53,7 +53,7 @@ def test_numeric_match_reads_the_prompt_set_and_scores_replies():
 
 
 def test_sft_conversations_work_out_unseen_questions_and_end_on_the_right_answer():
-    conversations = [messages for _, messages in read_conversations(SFT)]
+    conversations = [messages for _, messages, _ in read_conversations(SFT)]
     assert len(conversations) == 3000
     held_out = {r["prompt"] for p in SPLITS.values() for _, r in load_jsonl(p)}
     held_out |= {json.loads(line)["question"] for line in
