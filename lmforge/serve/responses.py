@@ -38,7 +38,7 @@ async def completion_response(job: Job, body, results: list[list[RequestOutput]]
         if body.echo:
             text = texts[p] + text
         choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
-    return {"id": job.id, "object": "text_completion", "created": job.created, "model": g.model_name,
+    return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model_name,
             "choices": choices, "usage": job.usage}
 
 
@@ -52,7 +52,7 @@ async def chat_response(job: Job, body, results: list[list[RequestOutput]]) -> d
             logprobs = {"content": chat_logprobs(g.tokenizer, [lp for o in outs for lp in (o.logprobs or [])])}
         choices.append({"index": index, "message": {"role": "assistant", "content": text},
                         "logprobs": logprobs, "finish_reason": reason})
-    return {"id": job.id, "object": "chat.completion", "created": job.created, "model": g.model_name,
+    return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model_name,
             "choices": choices, "usage": job.usage}
 
 
@@ -62,7 +62,7 @@ def refusal(job: Job, body, choices: int) -> dict | StreamingResponse:
     message = g.config.moderation.refusal_message
     job.finish_reasons = ["content_filter"] * choices
     g.metrics.success.labels(job.model_name, "content_filter").inc(choices)
-    head = {"id": job.id, "created": job.created, "model": g.model_name}
+    head = {"id": job.id, "created": job.created, "model": job.model_name}
     if job.chat:
         whole = [{"index": i, "message": {"role": "assistant", "content": message}, "logprobs": None,
                   "finish_reason": "content_filter"} for i in range(choices)]

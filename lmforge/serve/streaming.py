@@ -129,7 +129,7 @@ async def stream(job: Job, body, handles: list[RequestHandle], chunk: Chunk,
             return
         if include_usage:
             yield sse({"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
-                       "created": job.created, "model": g.model_name, "choices": [], "usage": job.usage})
+                       "created": job.created, "model": job.model_name, "choices": [], "usage": job.usage})
         yield sse("[DONE]")
     except (asyncio.CancelledError, GeneratorExit):  # the client went away: free the slots
         status, error = 499, "client disconnected"
@@ -161,7 +161,7 @@ def stream_chat(job: Job, body, handles: list[RequestHandle]) -> AsyncIterator[s
         if text or not reason:
             delta["content"] = text
         logprobs = {"content": chat_logprobs(g.tokenizer, out.logprobs)} if body.logprobs and out.logprobs else None
-        return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": g.model_name,
+        return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model_name,
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
     return stream(job, body, handles, chunk)
@@ -179,7 +179,7 @@ def stream_completion(job: Job, body, handles: list[RequestHandle], texts: list[
         if body.echo and index not in echoed:
             echoed.add(index)
             text = texts[index // body.n] + text
-        return {"id": job.id, "object": "text_completion", "created": job.created, "model": g.model_name,
+        return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model_name,
                 "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
 
     return stream(job, body, handles, chunk)

@@ -79,9 +79,9 @@ def test_models_lists_the_base_and_each_adapter_with_its_parent_and_dir(lora_ser
 def test_each_adapter_answers_as_its_merged_model_and_differently_from_the_others(lora_server, expected):
     api = client(lora_server)
     for name in (MODEL_NAME, "terse", "verbose"):
-        got = [api.completions.create(model=name, prompt=p, max_tokens=12, temperature=0).choices[0].text
-               for p in PROMPTS]
-        assert got == expected[name], name
+        replies = [api.completions.create(model=name, prompt=p, max_tokens=12, temperature=0) for p in PROMPTS]
+        assert [r.choices[0].text for r in replies] == expected[name], name
+        assert {r.model for r in replies} == {name}  # the reply names the model that wrote it, as vLLM's
     assert expected["terse"] != expected["verbose"] != expected[MODEL_NAME] != expected["terse"]
 
 
