@@ -20,6 +20,7 @@ from lmforge.serve.backend import BaseEngine, RequestError
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.errors import OpenAIError, short, validation_error
 from lmforge.serve.metrics import ServeMetrics
+from lmforge.serve.structured import StructuredError, StructuredSpec, spec_from_request
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,21 @@ class Admission:
         if len(body.stop_list()) > MAX_STOP_SEQUENCES:
             raise OpenAIError(400, f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.", param="stop",
                               code="invalid_value")
+
+    def check_structured(self, body, max_tokens: int, forced: StructuredSpec | None = None) -> StructuredSpec | None:
+        """The structured output a request asks for, compiled once here so a bad schema, regex or
+        grammar is a 400 before the request queues; a budget smaller than its shortest reply too.
+        `forced`: the grammar of the tool calls tool_choice forces, in place of any other."""
+        try:
+            spec = forced or spec_from_request(body)
+            shortest = None if spec is None else self.engine.check_structured(spec)
+        except StructuredError as err:
+            raise OpenAIError(400, f"Invalid structured output: {err}", param="tools" if forced else "response_format",
+                              code="invalid_value") from None
+        if shortest is not None and shortest > max_tokens:
+            raise OpenAIError(400, f"max_tokens is {max_tokens}, but the shortest reply matching the requested "
+                              f"format takes {shortest} tokens.", param="max_tokens", code="invalid_value")
+        return spec
 
     def admit(self, key_id: str, tokens: int, sequences: int):
         """A rate-limit ticket for `tokens` (settled with the real count later); 429 or 503 when full."""

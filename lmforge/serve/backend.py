@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from lmforge.errors import LmforgeError
 from lmforge.serve.config import EngineConfig
 from lmforge.serve.sampling import SamplingParams, TokenLogprob
+from lmforge.serve.structured import Grammars, StructuredSpec
 from lmforge.tokenizer import LmTokenizer
 
 
@@ -130,8 +131,8 @@ class BaseEngine(ABC):
     tokenizer: LmTokenizer
     max_len: int
     vocab_size: int
-    embedding_dim: int | None = None  # width of `embed`'s vectors; None: this backend computes none
     lora_adapters: dict[str, str] = {}  # LoRA adapters served over the model: name -> adapter dir
+    embedding_dim: int | None = None  # width of `embed`'s vectors; None: this backend computes none
 
     @abstractmethod
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -159,6 +160,17 @@ class BaseEngine(ABC):
 
     def __exit__(self, *exc) -> None:
         self.shutdown(drain=False)
+
+    @property
+    def grammars(self) -> Grammars:
+        """Structured outputs' compiler (and, for lmforge's engine, masker) for this tokenizer, built on first use."""
+        if getattr(self, "_grammars", None) is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size)
+        return self._grammars
+
+    def check_structured(self, spec: StructuredSpec) -> int | None:
+        """Token count of the shortest reply `spec` allows (None: unknown); StructuredError if it is invalid."""
+        return self.grammars.compile(spec)[1]
 
     def embed(self, prompts: list[list[int]], pooling: str = "mean") -> list[list[float]]:
         """One L2-normalised vector per prompt (token ids): the model's final hidden states, averaged

@@ -37,8 +37,8 @@ from lmforge.serve.backend import (
 )
 from lmforge.serve.config import EngineConfig, LoraConfig
 from lmforge.serve.kv_cache import SlotKVCache
-from lmforge.serve.pooling import Pooling, embed_prompts
 from lmforge.serve.lora import AdapterSet, load_with_adapters
+from lmforge.serve.pooling import Pooling, embed_prompts
 from lmforge.serve.sampling import (
     Sampler,
     SamplingParams,
@@ -46,6 +46,7 @@ from lmforge.serve.sampling import (
     TokenLogprob,
     token_logprobs,
 )
+from lmforge.serve.structured import GrammarState
 from lmforge.tokenizer import LmTokenizer
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class _Sequence:
     scheduled_at: float | None = None  # when it got a cache slot
     timing_sent: bool = False  # queued_at/scheduled_at go out on the first output only
     stop_token_id: int | None = None
+    grammar: GrammarState | None = None  # structured outputs: the matcher the reply must stay inside
 
 
 class Engine(BaseEngine):
@@ -168,6 +170,8 @@ class Engine(BaseEngine):
             Sampler(params, self.vocab_size, self.device, prompt_ids, self.tokenizer.stop_ids),
             TextTracker(self.tokenizer, prompt_ids, stop), handle, deadline,
         )
+        if params.structured is not None:
+            seq.grammar = self.grammars.state(params.structured, self._budget(seq))
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]  # the first token has nothing to be predicted from
         with self._cond:
@@ -318,9 +322,11 @@ class Engine(BaseEngine):
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """logits [len(seqs), vocab] (fp32): pick each row's token, record log-probs, emit."""
-        plain = [i for i, s in enumerate(seqs) if s.sampler.greedy_plain]
+        forced, sampled = self._constrain(seqs, logits)
+        plain = [i for i, s in enumerate(seqs) if s.sampler.greedy_plain and s.grammar is None]
         greedy = dict(zip(plain, logits[plain].argmax(-1).tolist(), strict=True)) if plain else {}
-        chosen = [greedy[i] if i in greedy else s.sampler.sample(logits[i]) for i, s in enumerate(seqs)]
+        chosen = [forced[i] if i in forced else greedy[i] if i in greedy else self._choose(s, sampled[i])
+                  for i, s in enumerate(seqs)]
         wants = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs: dict[int, TokenLogprob] = {}
         if wants:
@@ -332,11 +338,51 @@ class Engine(BaseEngine):
         for i, (s, token) in enumerate(zip(seqs, chosen, strict=True)):
             self._append(s, token, logprobs.get(i))
 
+    def _constrain(self, seqs: list[_Sequence], logits: torch.Tensor) -> tuple[dict[int, int], torch.Tensor]:
+        """Structured outputs: the tokens rows must take to close in budget, and the logits to sample
+        from, masked to what each constrained row's grammar allows (log-probs stay the model's own)."""
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not constrained:
+            return {}, logits
+        forced = {}
+        for i in constrained:
+            token = seqs[i].grammar.forced_token()
+            if token is not None:
+                forced[i] = token
+        rows = [i for i in constrained if i not in forced]
+        if rows:
+            logits = logits.clone()
+            masked = logits[rows]
+            self.grammars.mask([seqs[i].grammar for i in rows], masked)
+            logits[rows] = masked
+        return forced, logits
+
+    @staticmethod
+    def _choose(s: _Sequence, logits: torch.Tensor) -> int:
+        """Sample one row; a constrained row near the end of its budget resamples (up to 3 times)
+        a token after which its reply could not close in time, then closes it."""
+        token = s.sampler.sample(logits)
+        if s.grammar is None:
+            return token
+        for _ in range(3):
+            if s.grammar.fits(token):
+                return token
+            logits[token] = float("-inf")
+            token = s.sampler.sample(logits)
+        return token if s.grammar.fits(token) else s.grammar.close_now()
+
+    def _budget(self, s: _Sequence) -> int:
+        return min(s.params.max_tokens, self.max_len - len(s.prompt_ids))
+
     def _append(self, s: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
         ends = token in self.tokenizer.stop_ids and not s.params.ignore_eos
         if ends or token in s.params.stop_token_ids:
             s.stop_token_id = token
             self._finish(s, "stop")
+            return
+        if s.grammar is not None and not s.grammar.consume(token):
+            log.error("request %s: token %d is outside its grammar (%s)", s.id, token, s.grammar.matcher.get_error())
+            self._finish(s, "error")
             return
         s.output_ids.append(token)
         s.new_ids.append(token)
@@ -346,7 +392,9 @@ class Engine(BaseEngine):
         s.tracker.add(token)
         if s.tracker.stopped:
             self._finish(s, "stop")
-        elif len(s.output_ids) >= min(s.params.max_tokens, self.max_len - len(s.prompt_ids)):
+        elif s.grammar is not None and s.grammar.finished:
+            self._finish(s, s.grammar.finished)
+        elif len(s.output_ids) >= self._budget(s):
             self._finish(s, "length")
         else:
             s.next_token = token

@@ -132,7 +132,9 @@ class Sampler:
             # OpenAI's penalties: subtract count * frequency + (count > 0) * presence, over output tokens.
             logits = logits - self.counts * p.frequency_penalty - (self.counts > 0).float() * p.presence_penalty
         if self.end_ids and self.generated < p.min_tokens:
-            logits = logits.index_fill(0, torch.tensor(self.end_ids, device=logits.device), float("-inf"))
+            held = logits.index_fill(0, torch.tensor(self.end_ids, device=logits.device), float("-inf"))
+            if not torch.isneginf(held).all():  # a grammar that allows only the end wins over min_tokens
+                logits = held
         if p.min_p > 0 and self.temperature > 0:
             # Min-p (Nguyen et al., 2024): drop tokens under min_p x the top token's probability,
             # judged at the sampling temperature: logit < max + T * log(min_p).

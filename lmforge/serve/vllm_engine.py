@@ -30,6 +30,7 @@ from lmforge.errors import ConfigError
 from lmforge.serve.backend import BaseEngine, EngineStats, RequestHandle, RequestOutput
 from lmforge.serve.config import EngineConfig, LoraConfig
 from lmforge.serve.sampling import SamplingParams, TokenLogprob
+from lmforge.serve.structured import StructuredSpec
 from lmforge.store.model_dir import is_model_dir, read_model_config
 from lmforge.tokenizer import load_tokenizer
 
@@ -137,7 +138,19 @@ class VllmEngine(BaseEngine):
             logit_bias=params.logit_bias or None,
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
+            structured_outputs=self.structured_outputs(params.structured),
         )
+
+    def structured_outputs(self, spec: StructuredSpec | None):
+        """lmforge's constraint as vLLM's StructuredOutputsParams (vLLM >= 0.10.2; its guidance backend is
+        llguidance, as lmforge's engine)."""
+        if spec is None:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        value = {"json_schema": {"json": spec.value}, "json_object": {"json_object": True}, "regex": {"regex": spec.value},
+                 "choice": {"choice": list(spec.value or [])}, "lark": {"grammar": spec.value}}[spec.kind]
+        return StructuredOutputsParams(**value)
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
