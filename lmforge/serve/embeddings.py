@@ -59,7 +59,9 @@ async def handle_embeddings(gateway: Gateway, request: Request) -> dict:
     try:
         job.key_id = a.authenticate(request)
         body: EmbeddingRequest = await a.parse(request, EmbeddingRequest)
-        a.check_model(body.model)
+        if a.check_model(body.model) is not None:
+            raise OpenAIError(400, f"Embeddings come from the base model '{gateway.model_name}', not a LoRA adapter.",
+                              param="model", code="unsupported")
         if engine.embedding_dim is None:
             raise OpenAIError(400, "This server's backend does not compute embeddings.", param="model",
                               code="unsupported")
