@@ -127,3 +127,17 @@ def test_an_adapter_trained_on_other_base_weights_is_refused_naming_it(serve_mod
         read_adapters({"gone": str(tmp_path)}, model)
     with pytest.raises(ConfigError, match="rank 4, above lora.max_rank 2"):
         read_adapters(adapters, model, max_rank=2)
+
+
+def test_prompt_logprobs_under_an_adapter_are_its_merged_models(serve_model, adapters):
+    model, tokenizer = serve_model
+    params = dict(max_tokens=0, prompt_logprobs=0)
+    served = Engine(copy.deepcopy(model), tokenizer, EngineConfig(max_num_seqs=4),
+                    read_adapters(adapters, model))
+    got = served.run_to_completion([PROMPTS[0], PROMPTS[1]], [SamplingParams(**params, adapter="verbose"),
+                                                              SamplingParams(**params)])
+    for completion, reference in zip(got, [load_model(adapters["verbose"])[0], model], strict=True):
+        want = Engine(reference, tokenizer).run_to_completion([completion.prompt_ids], SamplingParams(**params))[0]
+        assert [lp.token_id for lp in completion.prompt_logprobs[1:]] == [lp.token_id for lp in want.prompt_logprobs[1:]]
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in completion.prompt_logprobs[1:]]),
+                                   torch.tensor([lp.logprob for lp in want.prompt_logprobs[1:]]), atol=1e-4, rtol=0)
