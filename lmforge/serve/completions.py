@@ -21,11 +21,18 @@ from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest
 from lmforge.serve.responses import SSE_HEADERS, chat_response, completion_response, refusal
 from lmforge.serve.sampling import SamplingParams
 from lmforge.serve.streaming import stream_chat, stream_completion
+from lmforge.serve.tools import check_tool_choice, prompt_tools
 
 
-def chat_messages(messages) -> list[dict[str, str]]:
-    # "developer" is OpenAI's newer name for the system role.
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+def chat_messages(messages) -> list[dict]:
+    # "developer" is OpenAI's newer name for the system role; an assistant's tool calls go with its turn.
+    out = []
+    for m in messages:
+        message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+        out.append(message)
+    return out
 
 
 @dataclass
@@ -43,10 +50,12 @@ def chat_prompts(gateway: Gateway, body: ChatCompletionRequest) -> Prompts:
     a = gateway.admission
     a.check_sequences(body.n)
     messages = chat_messages(body.messages)
+    tools = prompt_tools(body.tools)  # listed in the prompt whatever tool_choice says, as OpenAI and vLLM
+    check_tool_choice(body.tools, body.tool_choice)  # 400 for a choice the tools cannot meet
 
     def encode(texts: list[str]) -> list[list[int]]:
         turns = [dict(m, content=t) for m, t in zip(messages, texts, strict=True)]
-        return [gateway.tokenizer.encode_chat(turns, add_generation_prompt=True)]
+        return [gateway.tokenizer.encode_chat(turns, add_generation_prompt=True, tools=tools)]
 
     # No max_tokens: the rest of the context (the engine stops there), up to limits.max_tokens, as OpenAI and vLLM.
     default = a.limits.default_max_tokens or a.limits.max_tokens

@@ -9,13 +9,17 @@ what is left (prompt and message text).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 NAME_CHARS = 256  # model, user and message names: identifiers, not text
 STOP_CHARS = 512  # a stop sequence longer than this never ends a reply worth having
 MAX_MESSAGES = 4096
+MAX_TOOLS = 128  # OpenAI's bound on tools in a request
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+DESCRIPTION_CHARS = 32_768
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes, with room for n offsets
 
 # Strict: `true` or `1.0` is a client's mistake, not token id 1.
@@ -70,10 +74,61 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str = Field(max_length=NAME_CHARS)
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(_Body):
+    """A call an assistant made (in its reply, and in the messages a client sends back)."""
+
+    id: str = Field(max_length=NAME_CHARS)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = Field(None, max_length=DESCRIPTION_CHARS)
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # calls forced by tool_choice always match the schema; auto ones are not held to it
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str = Field(max_length=NAME_CHARS)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=NAME_CHARS)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # assistant turns
+    tool_call_id: str | None = Field(None, max_length=NAME_CHARS)  # tool turns: the call answered
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        for call in self.tool_calls or []:
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ValueError(f"tool call {call.id[:64]!r} has arguments that are not a JSON object")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -87,6 +142,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class TokenizeRequest(_Body):

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from lmforge.serve.backend import RequestOutput
 from lmforge.serve.gateway import Job
 from lmforge.serve.sampling import TokenLogprob
+from lmforge.serve.tools import chat_message, reads_tool_calls
 from lmforge.tokenizer import LmTokenizer
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -50,8 +51,10 @@ async def chat_response(job: Job, body, results: list[list[RequestOutput]]) -> d
         logprobs = None
         if body.logprobs:
             logprobs = {"content": chat_logprobs(g.tokenizer, [lp for o in outs for lp in (o.logprobs or [])])}
-        choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                        "logprobs": logprobs, "finish_reason": reason})
+        message = {"role": "assistant", "content": text}
+        if reads_tool_calls(body):
+            message, reason = chat_message(text, reason)
+        choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
     return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model_name,
             "choices": choices, "usage": job.usage}
 

@@ -18,6 +18,7 @@ from typing import Any
 from lmforge.serve.backend import RequestHandle, RequestOutput
 from lmforge.serve.gateway import Job
 from lmforge.serve.responses import chat_logprobs, completion_logprobs, sse
+from lmforge.serve.tools import ToolCallStream, finish_reason, reads_tool_calls
 
 STREAM_HOLDBACK_CHARS = 48  # held back in moderated streams that may redact: longer than most e-mail addresses
 
@@ -119,9 +120,10 @@ async def stream(job: Job, body, handles: list[RequestHandle], chunk: Chunk,
                     job.finish(reason)
             if text or reason or out.logprobs:
                 event = chunk(index, text, out, reason)
-                if include_usage:
+                if include_usage and isinstance(event, dict):
                     event["usage"] = None
-                yield event if isinstance(event, str) else sse(event)
+                if event:  # SSE text may be empty: nothing to send yet
+                    yield event if isinstance(event, str) else sse(event)
         g.metrics.e2e.labels(job.model_name).observe(time.monotonic() - job.arrival)
         if ending is not None:
             for event in ending():
@@ -152,17 +154,29 @@ def joined(outputs: list[RequestOutput]) -> RequestOutput:
 def stream_chat(job: Job, body, handles: list[RequestHandle]) -> AsyncIterator[str]:
     g = job.gateway
     started: set[int] = set()
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    tool_calls = [ToolCallStream() for _ in handles] if reads_tool_calls(body) else None
 
-    def chunk(index, text, out, reason):
-        delta: dict[str, Any] = {}
+    def event(index: int, delta: dict[str, Any], logprobs, reason) -> dict:
         if index not in started:
             started.add(index)
-            delta["role"] = "assistant"
-        if text or not reason:
-            delta["content"] = text
-        logprobs = {"content": chat_logprobs(g.tokenizer, out.logprobs)} if body.logprobs and out.logprobs else None
+            delta = {"role": "assistant", **delta}
         return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model_name,
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+
+    def chunk(index, text, out, reason):
+        logprobs = {"content": chat_logprobs(g.tokenizer, out.logprobs)} if body.logprobs and out.logprobs else None
+        if tool_calls is None:
+            return event(index, {"content": text} if text or not reason else {}, logprobs, reason)
+        # With tools: content and call deltas as the parser releases them, one event each.
+        calls = tool_calls[index]
+        deltas = calls.feed(text) + (calls.finish() if reason else [])
+        reason = finish_reason(reason, bool(calls.calls))
+        if not deltas and (reason or logprobs):
+            deltas = [{}]
+        events = [event(index, delta, logprobs if i == 0 else None, reason if i == len(deltas) - 1 else None)
+                  for i, delta in enumerate(deltas)]
+        return "".join(sse({**e, "usage": None} if include_usage else e) for e in events)
 
     return stream(job, body, handles, chunk)
 
