@@ -198,8 +198,13 @@ class FirstTokenClock:
         pass
 
 
-def hf_run(model, clients: int, prompts: list[list[int]], max_tokens: int, batch: bool, pad_id: int):
-    """A worker thread runs `generate` (one request, or all queued up to `clients`); asyncio clients wait."""
+def hf_run(model, clients: int, prompts: list[list[int]], max_tokens: int, batch: bool, pad_id: int,
+           generate_kwargs=None, on_output=None):
+    """A worker thread runs `generate` (one request, or all queued up to `clients`); asyncio clients wait.
+
+    `generate_kwargs(rows)`: the keywords of one `generate` over `rows` requests (default: exactly
+    `max_tokens` new tokens); `on_output(new_ids)`: sees each request's new tokens. A request's
+    output is its new tokens up to the first padding (rows that ended early are padded)."""
     jobs: queue.Queue = queue.Queue()
 
     def worker():
@@ -217,11 +222,17 @@ def hf_run(model, clients: int, prompts: list[list[int]], max_tokens: int, batch
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
             clock = FirstTokenClock()
+            kwargs = {"min_new_tokens": max_tokens} if generate_kwargs is None else generate_kwargs(len(group))
             with torch.inference_mode():
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                     do_sample=False, pad_token_id=pad_id, streamer=clock)
-            for _, sent, done in group:
-                done((clock.first - sent, out.shape[1] - width))
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                                     pad_token_id=pad_id, streamer=clock, **kwargs)
+            for row, (_, sent, done) in enumerate(group):
+                new = out[row, width:].tolist()
+                if generate_kwargs is not None and pad_id in new:  # rows that ended early, padded
+                    new = new[: new.index(pad_id)]
+                if on_output is not None:
+                    on_output(new)
+                done((clock.first - sent, len(new)))
 
     thread = threading.Thread(target=worker, daemon=True)
     thread.start()

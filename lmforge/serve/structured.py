@@ -198,6 +198,8 @@ class GrammarState:
         self.walk = shortest or 0  # length of the last closing walk computed
         self.closing: list[int] | None = None  # forced tokens that close the reply, once the budget demands it
         self.closed_by_budget = False
+        self._checked: tuple[int, list[int]] | None = None  # (token, walk after it) from the last `fits`
+        self._walk_here: list[int] | None = None  # the closing walk from the current state, when known
 
     @property
     def left(self) -> int:
@@ -210,7 +212,7 @@ class GrammarState:
     def forced_token(self) -> int | None:
         """The token this step must take to close the reply in budget, or None to sample (masked)."""
         if self.closing is None and self.tight:
-            walk = _close(self.matcher.deep_copy(), self.grammars)
+            walk = self._walk_here if self._walk_here is not None else _close(self.matcher.deep_copy(), self.grammars)
             if walk is not None:
                 self.walk = len(walk)
                 if len(walk) >= self.left:
@@ -228,7 +230,10 @@ class GrammarState:
         if not after.consume_token(token):
             return False
         walk = _close(after, self.grammars)
-        return walk is not None and len(walk) <= self.left - 1
+        if walk is None or len(walk) > self.left - 1:
+            return False
+        self._checked = (token, walk)
+        return True
 
     def close_now(self) -> int:
         """Give up sampling: take the first token of the closing walk (which fits, or nothing does)."""
@@ -242,6 +247,8 @@ class GrammarState:
     def consume(self, token: int) -> bool:
         """Advance past a chosen token; False if the grammar rejects it (a bug: the row was masked)."""
         self.generated += 1
+        self._walk_here = list(self._checked[1]) if self._checked and self._checked[0] == token else None
+        self._checked = None
         if token in self.grammars.tokenizer.eos_tokens:
             return True
         return self.matcher.consume_token(token)
