@@ -21,7 +21,8 @@ from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest
 from lmforge.serve.responses import SSE_HEADERS, chat_response, completion_response, refusal
 from lmforge.serve.sampling import SamplingParams
 from lmforge.serve.streaming import stream_chat, stream_completion
-from lmforge.serve.tools import check_tool_choice, prompt_tools
+from lmforge.serve.structured import StructuredSpec
+from lmforge.serve.tools import prompt_tools, tool_structured
 
 
 def chat_messages(messages) -> list[dict]:
@@ -44,6 +45,7 @@ class Prompts:
     max_tokens: int
     logprobs: int | None
     prompt_logprobs: int | None
+    structured: StructuredSpec | None = None  # the grammar replies must match (response_format, tools)
 
 
 def chat_prompts(gateway: Gateway, body: ChatCompletionRequest) -> Prompts:
@@ -51,7 +53,7 @@ def chat_prompts(gateway: Gateway, body: ChatCompletionRequest) -> Prompts:
     a.check_sequences(body.n)
     messages = chat_messages(body.messages)
     tools = prompt_tools(body.tools)  # listed in the prompt whatever tool_choice says, as OpenAI and vLLM
-    check_tool_choice(body.tools, body.tool_choice)  # 400 for a choice the tools cannot meet
+    forced_calls = tool_structured(body.tools, body.tool_choice, body.parallel_tool_calls)  # 400 for a bad choice
 
     def encode(texts: list[str]) -> list[list[int]]:
         turns = [dict(m, content=t) for m, t in zip(messages, texts, strict=True)]
@@ -61,7 +63,8 @@ def chat_prompts(gateway: Gateway, body: ChatCompletionRequest) -> Prompts:
     default = a.limits.default_max_tokens or a.limits.max_tokens
     max_tokens = a.max_tokens(body.max_completion_tokens or body.max_tokens, default)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return Prompts([m["content"] for m in messages], encode, max_tokens, logprobs, None)
+    return Prompts([m["content"] for m in messages], encode, max_tokens, logprobs, None,
+                   a.check_structured(body, max_tokens, forced_calls))
 
 
 def completion_prompts(gateway: Gateway, body: CompletionRequest) -> Prompts:
@@ -86,7 +89,9 @@ def completion_prompts(gateway: Gateway, body: CompletionRequest) -> Prompts:
                 for p, t, original in zip(raw, texts, originals, strict=True)]
 
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    return Prompts(list(originals), encode, a.max_tokens(body.max_tokens, 16), body.logprobs, prompt_logprobs)
+    max_tokens = a.max_tokens(body.max_tokens, 16)
+    return Prompts(list(originals), encode, max_tokens, body.logprobs, prompt_logprobs,
+                   a.check_structured(body, max_tokens))
 
 
 def sampling_params(gateway: Gateway, body, prompts: Prompts, seed_offset: int) -> SamplingParams:
@@ -99,7 +104,7 @@ def sampling_params(gateway: Gateway, body, prompts: Prompts, seed_offset: int) 
         min_p=body.min_p, repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
         stop_token_ids=list(body.stop_token_ids or []),
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
-        timeout_s=gateway.admission.limits.request_timeout_s,
+        timeout_s=gateway.admission.limits.request_timeout_s, structured=prompts.structured,
         adapter=gateway.admission.check_model(body.model),  # a LoRA adapter's name picks it
     )
 

@@ -35,6 +35,32 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: exactly one of these constraints."""
+
+    model_config = ConfigDict(extra="ignore")  # vLLM's backend switches (disable_fallback, ...) mean nothing here
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[Annotated[str, Field(max_length=STOP_CHARS)]] | None = Field(None, min_length=1, max_length=1024)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _Sampling(_Body):
     model: str = Field(max_length=NAME_CHARS)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -54,6 +80,13 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="vLLM extension; 1: off")
     min_tokens: int = Field(0, ge=0, description="vLLM extension: no end of text before this many tokens")
     stop_token_ids: TokenIds | None = Field(None, max_length=64, description="vLLM extension")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM extension")
+    # vLLM's older names for the same constraints
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[Annotated[str, Field(max_length=STOP_CHARS)]] | None = Field(None, min_length=1, max_length=1024)
+    guided_grammar: str | None = None
 
     def stop_list(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
