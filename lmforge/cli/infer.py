@@ -111,6 +111,8 @@ def serve(
     allowed_headers: Annotated[list[str] | None, typer.Option(help="CORS: request headers (cors.allowed_headers)")] = None,
     allow_credentials: Annotated[bool, typer.Option(
         "--allow-credentials", help="CORS: browsers may send cookies (cors.allow_credentials)")] = False,
+    lora_modules: Annotated[list[str] | None, typer.Option(
+        "--lora-modules", help="LoRA adapters to serve, name=path (repeatable or space-separated, as vLLM's; lora.adapters)")] = None,
 ):
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions, /metrics, ... (Ctrl-C drains).
 
@@ -130,7 +132,30 @@ def serve(
                  allowed_headers=_listed(allowed_headers), allow_credentials=allow_credentials)
     if cors:
         given["cors"] = cors
+    if lora_modules:
+        given["lora"] = {"adapters": _lora_modules(lora_modules)}
     server.run(build_config(ServeConfig, args, given))
+
+
+def _lora_modules(values: list[str]) -> dict[str, str]:
+    """vLLM's `--lora-modules name=path ...` (or its JSON form, {"name": ..., "path": ...}) as {name: path}."""
+    adapters: dict[str, str] = {}
+    for value in (v for item in values for v in ([item] if item.lstrip().startswith("{") else item.split())):
+        value = value.strip()
+        if value.startswith("{"):
+            try:
+                entry = json.loads(value)
+                name, path = entry["name"], entry["path"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"--lora-modules: {value} is not name=path nor a JSON {{name, path}} object") from None
+        else:
+            name, sep, path = value.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--lora-modules: {value!r} is not name=path")
+        if name in adapters:
+            raise ConfigError(f"--lora-modules: adapter name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
 
 
 def _listed(values: list[str] | None) -> list[str] | None:
