@@ -32,6 +32,7 @@ from lmforge.serve.protocol_responses import (
 )
 from lmforge.serve.responses import SSE_HEADERS
 from lmforge.serve.streaming import stream
+from lmforge.serve.tools import parse_tool_calls, reads_tool_calls
 
 # A finish reason -> (status, incomplete_details.reason)
 STATUS = {"stop": ("completed", None), "length": ("incomplete", "max_output_tokens"),
@@ -95,43 +96,50 @@ def chat_request(body: ResponsesRequest, turns: list[dict]) -> ChatCompletionReq
         fields["temperature"] = body.temperature
     if body.top_p is not None:
         fields["top_p"] = body.top_p
-    _check_supported(body)
+    if body.tools:  # the chat API nests a function under "function"
+        fields["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                           for t in body.tools]
+    if body.tool_choice is not None:
+        choice = body.tool_choice
+        fields["tool_choice"] = choice if isinstance(choice, str) else {"type": "function",
+                                                                       "function": {"name": choice.name}}
+    if body.parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = body.parallel_tool_calls
+    fmt = body.text.format if body.text else None
+    if fmt is not None and fmt.type == "json_schema":
+        schema = {"name": fmt.name or "response", "schema": fmt.schema_, "strict": fmt.strict,
+                  "description": fmt.description}
+        fields["response_format"] = {"type": "json_schema", "json_schema": {k: v for k, v in schema.items()
+                                                                            if v is not None}}
+    elif fmt is not None:
+        fields["response_format"] = {"type": fmt.type}
     try:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as err:
         raise validation_error(err) from None
 
 
-def _check_supported(body: ResponsesRequest) -> None:
-    if body.tools or any(isinstance(i, FunctionCallItem | FunctionCallOutputItem) for i in body.input or []
-                         if not isinstance(body.input, str)):
-        raise OpenAIError(400, "Function tools are not supported by this server yet.", param="tools",
-                          code="unsupported")
-    fmt = body.text.format if body.text else None
-    if fmt is not None and fmt.type != "text":
-        raise OpenAIError(400, f"text.format {fmt.type} is not supported by this server yet.", param="text.format",
-                          code="unsupported")
-
-
 class ResponseBuilder:
     """One response: its object, and when streamed its events in OpenAI's order, numbered."""
 
-    def __init__(self, job: Job, body: ResponsesRequest, turns: list[dict], store: ResponseStore):
+    def __init__(self, job: Job, body: ResponsesRequest, chat: ChatCompletionRequest, turns: list[dict],
+                 store: ResponseStore):
         self.job, self.body, self.turns, self.store = job, body, turns, store
+        self.tools = reads_tool_calls(chat)  # replies are read for calls, so streamed whole at their end
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.sequence = 0
         self.text = ""  # what the client has been sent
         self.reason: str | None = None
 
     def response(self, status: str, output: list[dict], reason: str | None = None) -> dict:
-        body, g = self.body, self.job.gateway
+        body = self.body
         fmt = body.text.format if body.text and body.text.format else None
         return {
             "id": self.job.id, "object": "response", "created_at": self.job.created, "status": status,
             "error": {"code": "server_error", "message": "The generation failed or timed out."}
             if status == "failed" else None,
             "incomplete_details": {"reason": reason} if status == "incomplete" else None,
-            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": g.model_name,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": self.job.model_name,
             "output": output, "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": body.store, "temperature": 1.0 if body.temperature is None else body.temperature,
@@ -152,14 +160,28 @@ class ResponseBuilder:
         content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
 
+    def output(self, text: str, status: str) -> tuple[list[dict], dict]:
+        """A reply's output items (its text as a message, its tool calls as function_call items) and
+        its turn in the conversation."""
+        if not self.tools:
+            return [self.message(status, text)], {"role": "assistant", "content": text}
+        content, calls = parse_tool_calls(text)
+        items = [self.message(status, content or "")] if content or not calls else []
+        items += [{"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id,
+                   "name": call.function.name, "arguments": call.function.arguments, "status": "completed"}
+                  for call in calls]
+        turn: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            turn["tool_calls"] = [call.model_dump() for call in calls]
+        return items, turn
+
     def finished(self, text: str, reason: str | None) -> dict:
         """The whole response once generation ended; stored (with its conversation) when `store`."""
         status, detail = STATUS.get(reason, ("failed", None))
-        output = [self.message("completed" if status == "completed" else "incomplete", text)]
+        output, turn = self.output(text, "completed" if status == "completed" else "incomplete")
         response = self.response(status, output, detail)
         if self.body.store and status != "failed":
-            self.store.put(self.job.id, self.job.key_id, response,
-                           self.turns + [{"role": "assistant", "content": text}])
+            self.store.put(self.job.id, self.job.key_id, response, self.turns + [turn])
         return response
 
     # -- streaming ---------------------------------------------------------------------------
@@ -171,31 +193,51 @@ class ResponseBuilder:
 
     def opening(self) -> list[str]:
         started = self.response("in_progress", [])
-        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
-        return [self.event("response.created", response=started),
-                self.event("response.in_progress", response=started),
-                self.event("response.output_item.added", output_index=0, item=self.message("in_progress", None)),
-                self.event("response.content_part.added", **where,
+        events = [self.event("response.created", response=started), self.event("response.in_progress", response=started)]
+        if not self.tools:  # the message streams as it comes
+            events += self.item_opening(0, self.message("in_progress", None))
+        return events
+
+    def item_opening(self, index: int, item: dict) -> list[str]:
+        if item["type"] == "function_call":
+            return [self.event("response.output_item.added", output_index=index,
+                               item={**item, "arguments": "", "status": "in_progress"})]
+        return [self.event("response.output_item.added", output_index=index, item=self.message("in_progress", None)),
+                self.event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
                            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
 
     def delta(self, text: str, reason: str | None) -> str:
         self.reason = reason or self.reason
-        if not text:
-            return ""
         self.text += text
+        if not text or self.tools:
+            return ""
         return self.event("response.output_text.delta", item_id=self.message_id, output_index=0, content_index=0,
                           delta=text, logprobs=[])
 
+    def item_closing(self, index: int, item: dict) -> list[str]:
+        if item["type"] == "function_call":
+            where = {"item_id": item["id"], "output_index": index}
+            return [self.event("response.function_call_arguments.delta", **where, delta=item["arguments"]),
+                    self.event("response.function_call_arguments.done", **where, arguments=item["arguments"]),
+                    self.event("response.output_item.done", output_index=index, item=item)]
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        part = item["content"][0]
+        events = [self.event("response.output_text.delta", **where, delta=part["text"], logprobs=[])] \
+            if self.tools and part["text"] else []
+        return [*events, self.event("response.output_text.done", **where, text=part["text"], logprobs=[]),
+                self.event("response.content_part.done", **where, part=part),
+                self.event("response.output_item.done", output_index=index, item=item)]
+
     def closing(self) -> list[str]:
         response = self.finished(self.text, self.reason)
-        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
-        item = response["output"][0]
+        events = []
+        for index, item in enumerate(response["output"]):
+            if self.tools:  # nothing of a reply read for calls went out before its end
+                events += self.item_opening(index, item)
+            events += self.item_closing(index, item)
         kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
             response["status"], "response.failed")
-        return [self.event("response.output_text.done", **where, text=self.text, logprobs=[]),
-                self.event("response.content_part.done", **where, part=item["content"][0]),
-                self.event("response.output_item.done", output_index=0, item=item),
-                self.event(kind, response=response)]
+        return [*events, self.event(kind, response=response)]
 
 
 def _dump(value) -> Any:
@@ -209,7 +251,7 @@ async def handle_responses(gateway: Gateway, store: ResponseStore, request: Requ
     try:
         job.key_id = a.authenticate(request)
         body: ResponsesRequest = await a.parse(request, ResponsesRequest)
-        a.check_model(body.model)
+        job.model_name = a.check_model(body.model) or job.model_name  # a LoRA adapter's name picks it
         history: list[dict] = []
         if body.previous_response_id is not None:
             try:
@@ -222,7 +264,7 @@ async def handle_responses(gateway: Gateway, store: ResponseStore, request: Requ
         a.check_sampling(chat)
         prompts = chat_prompts(gateway, chat)
         handles, _ = await start_generation(gateway, job, chat, prompts)
-        reply = ResponseBuilder(job, body, turns, store)
+        reply = ResponseBuilder(job, body, chat, turns, store)
         if handles is None:
             return _refused(job, body, reply)
         if body.stream:

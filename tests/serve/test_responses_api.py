@@ -3,6 +3,8 @@ continues a stored conversation."""
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -89,3 +91,86 @@ def test_a_stored_response_is_private_to_its_key_and_store_false_keeps_nothing(s
     c.responses.delete(kept.id)
     with pytest.raises(openai.NotFoundError):
         c.responses.retrieve(kept.id)
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The current weather in a city.", "strict": True,
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                           "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                          "required": ["city", "unit"], "additionalProperties": False}}
+WEATHER_CHAT = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+ASK = "What is the weather in Paris?"
+
+
+@pytest.fixture(scope="module")
+def tool_server(serve_model, tmp_path_factory):
+    """The shared tiny model with a 1024-token context (RoPE tables recomputed, the same weights):
+    a tool listing alone outgrows its 128 tokens."""
+    from lmforge.model import Transformer
+    from tests.serve.conftest import make_server
+
+    model, tokenizer = serve_model
+    longer = Transformer(model.config.model_copy(update={"max_seq_len": 1024}))
+    longer.load_state_dict(model.state_dict())
+    with make_server((longer.eval(), tokenizer), tmp_path_factory.mktemp("rtools"), engine={"max_num_seqs": 4}) as s:
+        yield s
+
+
+def test_a_required_tool_call_is_a_function_call_item_and_its_output_continues_the_conversation(tool_server):
+    c = client(tool_server)
+    first = c.responses.create(model=MODEL_NAME, input=ASK, tools=[WEATHER], tool_choice="required", temperature=0,
+                               max_output_tokens=120, parallel_tool_calls=False)
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert first.status == "completed" and len(calls) == 1 and first.parallel_tool_calls is False
+    chat = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": ASK}], tools=[WEATHER_CHAT],
+                                     tool_choice="required", temperature=0, max_tokens=120,
+                                     parallel_tool_calls=False)
+    assert [(t.function.name, t.function.arguments) for t in chat.choices[0].message.tool_calls] == [
+        (call.name, call.arguments) for call in calls]
+    for call in calls:
+        assert call.call_id.startswith("call_") and call.name == "get_weather"
+        assert json.loads(call.arguments)["unit"] in ("celsius", "fahrenheit")
+    # The Agents SDK's loop: the tool's result goes back as a function_call_output after the stored response.
+    outputs = [{"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 18}'}
+               for call in calls]
+    second = c.responses.create(model=MODEL_NAME, previous_response_id=first.id, input=outputs, tools=[WEATHER],
+                                tool_choice="none", temperature=0, max_output_tokens=8)
+    messages = [{"role": "user", "content": ASK},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                    for call in calls]},
+                *[{"role": "tool", "tool_call_id": o["call_id"], "content": o["output"]} for o in outputs]]
+    prompt = tool_server.engine.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=[WEATHER_CHAT])
+    assert second.usage.input_tokens == len(prompt)
+    # The same conversation sent whole as input items, with nothing stored, reads the same.
+    replayed = [{"role": "user", "content": ASK},
+                *[{"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments}
+                  for call in calls], *outputs]
+    whole = c.responses.create(model=MODEL_NAME, input=replayed, tools=[WEATHER], tool_choice="none", temperature=0,
+                               max_output_tokens=8, store=False)
+    assert whole.usage.input_tokens == second.usage.input_tokens and whole.output_text == second.output_text
+
+
+def test_a_streamed_tool_call_sends_its_arguments_events_and_the_same_call(tool_server):
+    c = client(tool_server)
+    kwargs = {"model": MODEL_NAME, "input": ASK, "tools": [WEATHER], "temperature": 0, "max_output_tokens": 120,
+              "tool_choice": {"type": "function", "name": "get_weather"}, "parallel_tool_calls": False}
+    whole = c.responses.create(**kwargs)
+    events = list(c.responses.create(**kwargs, stream=True))
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    call, expected = events[-2].item, whole.output[0]
+    assert call.type == expected.type == "function_call" and len(whole.output) == 1
+    assert call.name == expected.name and call.arguments == events[4].arguments == expected.arguments
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_a_json_schema_text_format_constrains_the_reply(served):
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12}},
+              "required": ["answer"], "additionalProperties": False}
+    r = client(served).responses.create(
+        model=MODEL_NAME, input="Answer in JSON.", temperature=0, max_output_tokens=40,
+        text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
+    assert set(json.loads(r.output_text)) == {"answer"}
+    assert r.text.format.type == "json_schema" and r.text.format.name == "answer"
