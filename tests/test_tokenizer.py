@@ -19,6 +19,7 @@ from lmforge.tokenizer import (
     ENDOFTEXT,
     SPECIAL_TOKENS,
     TOKENIZER_FILE,
+    LmTokenizer,
     load_tokenizer,
     tools_text,
     train_tokenizer,
@@ -281,3 +282,25 @@ def test_transformers_chat_template_renders_the_same_ids_with_tools(trained_toke
             out = theirs.apply_chat_template(messages, tools=tools, tokenize=True, add_generation_prompt=generation_prompt)
             ids = list(out["input_ids"] if hasattr(out, "keys") else out)
             assert ids == trained_tokenizer.encode_chat(messages, generation_prompt, tools=tools)
+
+
+def test_an_imported_tokenizer_renders_tools_and_calls_with_its_own_template():
+    # A foreign byte-level tokenizer (no lmforge tokens) whose Jinja template lists tools as
+    # Qwen2.5's does: they reach it, with transformers' tojson (no HTML escapes), calls as dicts.
+    from tokenizers import decoders, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["hello"], trainer)
+    template = (
+        "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] or '' }}"
+        "{% for call in m['tool_calls'] or [] %}{{ call['function'] | tojson }}{% endfor %}\n{% endfor %}"
+    )
+    foreign = LmTokenizer(tk, eos_token="</s>", chat_template=template)
+    assert not foreign.native
+    text = foreign.decode(foreign.encode_chat(TOOL_CHAT[:3], tools=TOOLS))
+    assert text.splitlines()[0] == json.dumps(TOOLS[0], ensure_ascii=False)  # "<now> & 'today'" unescaped
+    assert '{"name": "get_weather", "arguments": {"city": "Zürich"}}' in text and "tool: 18 C, sunny" in text

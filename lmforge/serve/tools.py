@@ -31,12 +31,14 @@ from typing import Any
 
 from lmforge.serve.errors import OpenAIError
 from lmforge.serve.protocol import NAME_CHARS, FunctionCall, ToolCall
-from lmforge.serve.structured import StructuredSpec
+from lmforge.serve.structured import JSON_OPTIONS, StructuredSpec
 from lmforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 CALL_ID_CHARS = string.ascii_letters + string.digits
-# The JSON of the trained format, so a forced call reads as the model was taught to write it.
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+# json.dumps's separators, as the chat format writes calls; keywords llguidance lacks are ignored, not refused.
+_JSON_STYLE = {**JSON_OPTIONS, "lenient": True}
+# Lark string literals of the block's frame and the line between parallel calls.
+_LARK_OPEN, _LARK_CLOSE, _LARK_NEWLINE = (json.dumps(t) for t in (TOOL_CALL_OPEN + "\n", "\n" + TOOL_CALL_CLOSE, "\n"))
 # A call's JSON up to its arguments: `{"name": "...", "arguments": ` (what streaming waits for).
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
 _BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|\Z)", re.S)
@@ -52,7 +54,7 @@ def function_definitions(tools: list | None) -> list[dict]:
     for tool in tools or []:
         tool = _plain(tool)
         if tool.get("type", "function") == "function":
-            out.append(tool.get("function", tool) if "function" in tool else {k: v for k, v in tool.items() if k != "type"})
+            out.append(tool["function"] if "function" in tool else {k: v for k, v in tool.items() if k != "type"})
     return out
 
 
@@ -97,11 +99,11 @@ def tool_structured(tools: list | None, tool_choice: Any = None, parallel_tool_c
         return None
     schemas = [_call_schema(f) for f in function_definitions(tools) if f["name"] in allowed]
     schema = {**(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}), "x-guidance": _JSON_STYLE}
-    repeat = f" ({json.dumps(chr(10))} call)*" if parallel_tool_calls else ""
+    repeat = f" ({_LARK_NEWLINE} call)*" if parallel_tool_calls else ""
     grammar = (
         "%llguidance {}\n"
         f"start: call{repeat}\n"
-        f"call: {json.dumps(TOOL_CALL_OPEN + chr(10))} arguments {json.dumps(chr(10) + TOOL_CALL_CLOSE)}\n"
+        f"call: {_LARK_OPEN} arguments {_LARK_CLOSE}\n"
         f"arguments: %json {json.dumps(schema)}\n"
     )
     return StructuredSpec("lark", grammar)
