@@ -4,9 +4,11 @@ continues a stored conversation."""
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.serve.conftest import KEY, MODEL_NAME, OTHER_KEY
 
@@ -174,3 +176,34 @@ def test_a_json_schema_text_format_constrains_the_reply(served):
         text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
     assert set(json.loads(r.output_text)) == {"answer"}
     assert r.text.format.type == "json_schema" and r.text.format.name == "answer"
+
+
+class Weather(BaseModel):
+    summary: str = Field(max_length=16)
+
+
+def test_the_openai_agents_sdk_runs_its_tool_loop_against_the_server(tool_server):
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)  # nothing leaves the machine
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: Literal["Paris", "London"]) -> str:  # a bounded argument: the tiny model's strings run on
+        """The current weather in a city."""
+        calls.append(city)
+        return "18 degrees and sunny"
+
+    model = agents.OpenAIResponsesModel(model=MODEL_NAME, openai_client=openai.AsyncOpenAI(
+        base_url=tool_server.base_url, api_key=KEY, max_retries=0))
+    # A structured output type (text.format json_schema) makes the tiny model's last answer end by
+    # itself: an answer cut at max_output_tokens is an error to the SDK.
+    agent = agents.Agent(name="weather", instructions="Answer with the weather.", model=model, tools=[get_weather],
+                         output_type=Weather,
+                         model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=120,
+                                                             parallel_tool_calls=False))
+    result = agents.Runner.run_sync(agent, ASK, max_turns=4)
+    # The forced call ran the Python function; tool_choice then resets to auto and the model answers.
+    assert len(calls) >= 1 and set(calls) <= {"Paris", "London"}
+    assert isinstance(result.final_output, Weather)
+    kinds = [item.type for item in result.new_items]
+    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
