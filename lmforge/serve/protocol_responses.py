@@ -104,7 +104,10 @@ class ResponsesRequest(_Body):
     text: TextConfig | None = None
     metadata: dict[str, str] | None = Field(None, max_length=16)  # OpenAI's own bound
     user: str | None = Field(None, max_length=NAME_CHARS)
-    truncation: Literal["disabled"] | None = None
+    truncation: Literal["auto", "disabled"] | None = None  # a prompt past the context is a 400 either way
+    # What else to put in the reply (reasoning, logprobs...); the Agents SDK always sends it. Nothing
+    # this server could add is asked for by it, so it is accepted and changes nothing.
+    include: list[str] | None = Field(None, max_length=16)
 
 
 class EmbeddingRequest(_Body):
