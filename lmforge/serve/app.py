@@ -33,6 +33,7 @@ from lmforge.serve.middleware import (
 )
 from lmforge.serve.protocol import DetokenizeRequest, TokenizeRequest
 from lmforge.serve.responses_api import add_responses_routes
+from lmforge.serve.tools import prompt_tools
 
 
 def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHook | None = None,
@@ -130,7 +131,8 @@ def _add_tokenizer_routes(app: FastAPI, gateway: Gateway) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError(400, "Send exactly one of 'prompt' or 'messages'.", code="invalid_value")
         if body.messages is not None:
-            tokens = tokenizer.encode_chat(chat_messages(body.messages), body.add_generation_prompt)
+            tokens = tokenizer.encode_chat(chat_messages(body.messages), body.add_generation_prompt,
+                                           tools=prompt_tools(body.tools))
         elif body.add_special_tokens:
             tokens = tokenizer.encode_prompt(body.prompt)
         else:

@@ -184,6 +184,7 @@ class TokenizeRequest(_Body):
     model: str | None = Field(None, max_length=NAME_CHARS)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # listed in the chat prompt, as vLLM's
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import httpx
 import openai
 import pytest
 
@@ -110,6 +111,14 @@ def test_tool_choice_auto_returns_a_valid_reply_and_none_reads_no_calls(served):
         assert message.role == "assistant" and (message.content is not None or message.tool_calls)
         assert reply.choices[0].finish_reason in (("stop", "length", "tool_calls") if choice == "auto" else ("stop", "length"))
         assert choice == "auto" or not message.tool_calls
+
+
+def test_tokenize_with_tools_counts_the_prompt_a_chat_request_runs(served):
+    reply = client(served).chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS, max_tokens=1)
+    body = {"messages": ASK, "tools": TOOLS}
+    tokens = httpx.post(served.url + "/tokenize", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert tokens["count"] == reply.usage.prompt_tokens
+    assert tokens["tokens"] == served.engine.tokenizer.encode_chat(ASK, True, tools=TOOLS)
 
 
 @pytest.mark.parametrize(("extra", "param"), [
