@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import sqlite3
 import struct
 
+import httpx
 import openai
 import pytest
 import torch
@@ -69,3 +71,18 @@ def test_bad_dimensions_empty_input_and_token_ids_outside_the_vocabulary_are_400
         c.embeddings.create(model=MODEL_NAME, input=[[1, 2, 10**9]])
     with pytest.raises(openai.BadRequestError, match="context_length|tokens"):
         c.embeddings.create(model=MODEL_NAME, input=[[1] * (served.engine.max_len + 1)])
+
+
+def test_embeddings_count_in_the_token_rate_limit_the_audit_log_and_the_metrics(serve_model, tmp_path):
+    ids = list(range(10, 40))  # 30 tokens
+    with make_server(serve_model, tmp_path, auth={"tokens_per_minute": 40}) as served:
+        c = client(served)
+        assert c.embeddings.create(model=MODEL_NAME, input=[ids]).usage.prompt_tokens == 30
+        with pytest.raises(openai.RateLimitError):
+            c.embeddings.create(model=MODEL_NAME, input=[ids])  # 60 tokens in the minute: over 40
+        metrics = httpx.get(served.url + "/metrics").text
+    assert f'vllm:prompt_tokens_total{{model_name="{MODEL_NAME}"}} 30.0' in metrics
+    assert 'route="/v1/embeddings",status="200"' in metrics.replace(", ", ",")
+    with sqlite3.connect(served.audit_path) as db:
+        rows = db.execute("SELECT route, key_id, prompt_tokens, status FROM requests ORDER BY id").fetchall()
+    assert rows == [("/v1/embeddings", "alice", 30, 200), ("/v1/embeddings", "alice", 30, 429)]
