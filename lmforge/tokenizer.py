@@ -28,7 +28,7 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmforge import atomic
+from lmforge import atomic, hub
 from lmforge.errors import DataError, TokenizerError
 
 # One token marks document boundaries: it is placed before every document, so the model
@@ -379,9 +379,10 @@ def load_tokenizer(path: str | os.PathLike) -> LmTokenizer:
     """Load from a directory holding `tokenizer.json`, or from the file itself.
 
     A `tokenizer_config.json` beside it (HF model dirs) supplies BOS/EOS/pad and the chat
-    template of tokenizers that were not trained by lmforge.
+    template of tokenizers that were not trained by lmforge. A Hub id `org/name[@revision]`
+    that names no local path means that repo's tokenizer files (`lmforge.hub`).
     """
-    path = Path(path)
+    path = hub.resolve(path, "model", hub.TOKENIZER_FILES, TokenizerError)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
         raise TokenizerError(f"tokenizer not found: {file}")

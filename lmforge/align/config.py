@@ -28,7 +28,7 @@ class DPOSettings(Section):
 class AlignConfig(TrainingRun):
     """The shared training sections (fine-tuning defaults) plus the starting model, data, LoRA and DPO."""
 
-    model: str = Field(description="model to start from: model dir, run dir or checkpoint")
+    model: str = Field(description="model to start from: model dir, run dir, checkpoint or Hub id org/name[@revision]")
     data: AlignDataConfig
     run: RunConfig = RunConfig(name="align")
     optim: OptimConfig = OptimConfig(lr=1e-4, weight_decay=0.0)

@@ -35,7 +35,7 @@ eval_app = typer.Typer(
 
 @eval_app.command("run")
 def eval_run(
-    model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")],
+    model: Annotated[str, typer.Argument(help="model dir, run dir, checkpoint dir or Hub id org/name[@revision]")],
     args: ConfigArgs = None,
     tasks: Annotated[list[str] | None, typer.Option("--tasks", "-t", help="shipped task names, task YAMLs or JSONL files (comma-separated or repeated)")] = None,
     data: Annotated[list[str] | None, typer.Option("--data", "-d", help="text/jsonl/parquet file or token dataset dir: bits per byte")] = None,

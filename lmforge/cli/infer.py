@@ -11,7 +11,7 @@ import typer
 from lmforge.cli.common import ConfigArgs, build_config, flags, split_list
 from lmforge.errors import ConfigError
 
-Model = Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")]
+Model = Annotated[str, typer.Argument(help="model dir, run dir, checkpoint dir or Hub id org/name[@revision]")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 Compile = Annotated[bool, typer.Option(help="torch.compile the decode step")]
 

@@ -33,7 +33,7 @@ def export_model(
 
 
 def import_model(
-    source: Annotated[str, typer.Argument(help="local Hugging Face Llama/Mistral/Qwen2 model dir")],
+    source: Annotated[str, typer.Argument(help="Hugging Face Llama/Mistral/Qwen2 model dir or Hub id org/name[@revision]")],
     args: ConfigArgs = None,
     out: Annotated[str | None, typer.Option(help="model dir (or run dir with --to checkpoint) to write")] = None,
     to: Annotated[str | None, typer.Option(help="model | checkpoint")] = None,
@@ -41,7 +41,7 @@ def import_model(
     max_seq_len: Annotated[int | None, typer.Option(help="cap the context length")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing out dir")] = False,
 ):
-    """Bring a local Hugging Face Llama-family model into lmforge (eval, fine-tune, serve)."""
+    """Bring a Hugging Face Llama-family model (a dir or a Hub id) into lmforge (eval, fine-tune, serve)."""
     from lmforge.interop import importer
 
     config = build_config(importer.ImportConfig, args, flags(

@@ -19,24 +19,25 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from lmforge import __version__, atomic
+from lmforge import __version__, atomic, hub
 from lmforge import device as devices
 from lmforge.config import Section
 from lmforge.data.loader import TokenDataset
 from lmforge.data.readers import expand_inputs, read_documents
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.eval import perplexity, tasks
 from lmforge.eval.scoring import Scorer
+from lmforge.monitor.trackers import TrackerConfig, log_eval_results
 from lmforge.store import checkpoint, hashes, token_dataset
 from lmforge.store.hashes import model_hash
-from lmforge.store.loading import eval_dir, load_model
+from lmforge.store.loading import eval_dir, load_model, records_dir
 from lmforge.store.model_dir import is_model_dir
 from lmforge.store.run_dir import CHECKPOINTS_DIR
 
 log = logging.getLogger(__name__)
 
 class EvalConfig(Section):
-    model: str = Field(description="model dir, run dir or checkpoint dir")
+    model: str = Field(description="model dir, run dir, checkpoint dir or Hub id org/name[@revision]")
     tasks: list[str] = Field(default_factory=list, description="shipped task names, task YAMLs or JSONL files")
     data: list[str] = Field(default_factory=list, description="text/jsonl/parquet files or token dataset dirs: bits per byte")
     text_field: str = "text"
@@ -51,6 +52,10 @@ class EvalConfig(Section):
     seed: int = 1234
     out: str | None = Field(None, description="results dir; default: eval/ of the run or model dir")
     save: bool = True
+    trackers: TrackerConfig = Field(
+        default_factory=TrackerConfig,
+        description="results also go to the tracker runs of the run evaluated (its trackers.json); "
+        "backends here add a run of their own")
 
     def requested(self) -> bool:
         return bool(self.tasks or self.data or self.harness)
@@ -71,7 +76,7 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
     model, tokenizer, source = load_model(config.model, config.device, dtype)
     scorer = Scorer(model, tokenizer, config.batch_size)
     common = {
-        "model": str(Path(config.model).resolve()),
+        "model": config.model if hub.is_hub_id(config.model) else str(Path(config.model).resolve()),
         "source": str(source),
         "model_hash": model_hash(model),
         "step": _step(source),
@@ -134,7 +139,21 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
         directory = Path(config.out) if config.out else eval_dir(source)
         for name, result in results.items():
             atomic.write_json(directory / f"{name}.json", result)
+    _report_to_trackers(config, source, results, common["step"])
     return results
+
+
+def _report_to_trackers(config: EvalConfig, source: Path, results: dict[str, dict[str, Any]], step: int | None) -> None:
+    """Send the metrics to the tracker runs of the run evaluated, under the names training logs them."""
+    values = {f"eval/{name}/{metric}": value["value"] for name, result in results.items()
+              for metric, value in result["metrics"].items() if isinstance(value.get("value"), (int, float))}
+    try:
+        directory = records_dir(source)
+    except LmforgeError:  # an adapter dir or other source without a records dir: nothing recorded to follow
+        return
+    backends = log_eval_results(directory, f"eval-{Path(config.model).name}", values, step, config.trackers)
+    if backends:
+        log.info("eval results sent to %s", ", ".join(backends))
 
 
 def _finite(value: Any) -> float | None:

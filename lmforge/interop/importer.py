@@ -1,4 +1,4 @@
-"""`lmforge import`: a local Hugging Face Llama-family dir -> an lmforge model dir or checkpoint.
+"""`lmforge import`: a Hugging Face Llama-family dir or Hub id -> an lmforge model dir or checkpoint.
 
 Llama, Mistral and Qwen2 share lmforge's layout and map exactly; other architectures are
 refused by name. Output is either a normalised model dir (what every lmforge verb reads)
@@ -23,6 +23,7 @@ from lmforge.errors import CheckpointError
 from lmforge.interop import model_card
 from lmforge.interop.export import check_out_dir, verify_round_trip
 from lmforge.store import checkpoint, hashes, hf
+from lmforge.store.loading import local_path
 from lmforge.store.model_dir import (
     MODEL_DIR_KIND,
     load_model_dir,
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class ImportConfig(Section):
-    source: str = Field(description="local Hugging Face model dir (config.json + safetensors + tokenizer)")
+    source: str = Field(description="Hugging Face model dir (config.json + safetensors + tokenizer) or Hub id org/name[@revision]")
     out: str = Field(description="model dir or run dir to write")
     to: Literal["model", "checkpoint"] = Field("model", description="write a model dir or a run dir with a checkpoint")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -64,7 +65,7 @@ CHECKPOINT_RUN_KIND = "imported checkpoint run"
 
 
 def run(config: ImportConfig) -> ImportResult:
-    source, out = Path(config.source), Path(config.out)
+    source, out = local_path(config.source), Path(config.out)  # a Hub id: its snapshot in the Hub cache
     hf_config = hf.read_hf_config(source)
     architecture = (hf_config.get("architectures") or ["?"])[0]
     check_out_dir(out, source, config.overwrite, MODEL_DIR_KIND if config.to == "model" else CHECKPOINT_RUN_KIND)

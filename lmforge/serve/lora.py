@@ -30,7 +30,7 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.serve.backend import RequestError
 from lmforge.store import adapter
-from lmforge.store.loading import load_model
+from lmforge.store.loading import load_model, local_path
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def read_adapters(adapters: dict[str, str], model: nn.Module, max_rank: int | No
     weights = []
     for name, path in adapters.items():
         key = f"lora.adapters.{name}"
+        path = local_path(path)  # a Hub id: its snapshot
         if not adapter.is_adapter_dir(path):
             raise ConfigError(f"{key}: {path} is not a LoRA adapter dir (no {adapter.ADAPTER_CONFIG_FILE})")
         expected = adapter.read_base_file(Path(path))["sha256"]

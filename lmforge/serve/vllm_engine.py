@@ -31,6 +31,7 @@ from lmforge.serve.backend import BaseEngine, EngineStats, RequestHandle, Reques
 from lmforge.serve.config import EngineConfig, LoraConfig
 from lmforge.serve.sampling import SamplingParams, TokenLogprob
 from lmforge.serve.structured import StructuredSpec
+from lmforge.store.loading import local_path
 from lmforge.store.model_dir import is_model_dir, read_model_config
 from lmforge.tokenizer import load_tokenizer
 
@@ -58,7 +59,7 @@ class VllmEngine(BaseEngine):
         except ImportError:
             raise ConfigError("engine.backend=vllm needs vLLM: pip install vllm (CUDA)") from None
 
-        path = Path(path)
+        path = local_path(path)  # a Hub id: its snapshot
         if not is_model_dir(path):
             raise ConfigError(f"engine.backend=vllm serves a model dir; {path} is not one (lmforge export RUN --out DIR)")
         model_config = read_model_config(path)

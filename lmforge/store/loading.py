@@ -2,7 +2,10 @@
 
 Accepted alike: a model dir in the Hugging Face layout (`config.json` + safetensors, as
 `lmforge export` writes or transformers saves), a run dir (its latest checkpoint), a
-checkpoint dir `.../checkpoints/step-N`, or a LoRA adapter dir (merged into its base).
+checkpoint dir `.../checkpoints/step-N`, a LoRA adapter dir (merged into its base), or a
+Hugging Face Hub id `org/name[@revision]` that names no local path (`lmforge.hub`: its
+snapshot in the Hub cache, downloaded unless cached; records such as eval results and
+release.json then live beside that snapshot).
 
 Weights are only ever paired with the tokenizer they were trained with: a checkpoint
 records its tokenizer's hash (older ones: the run's manifest does), an exported model
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from lmforge import hub
 from lmforge.device import resolve as resolve_device
 from lmforge.errors import CheckpointError
 from lmforge.model import ModelConfig, Transformer
@@ -29,8 +33,13 @@ from lmforge.tokenizer import LmTokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 
+def local_path(path: str | os.PathLike) -> Path:
+    """`path` itself, or the Hub snapshot a model id `org/name[@revision]` names."""
+    return hub.resolve(path, "model", hub.MODEL_FILES, CheckpointError)
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = local_path(path)
     if not path.exists():
         raise CheckpointError(f"model not found: {path}")
     if checkpoint.STEP_DIR.match(path.name):
@@ -47,6 +56,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def resolve_model(path: str | os.PathLike) -> Path:
     """The model dir or checkpoint dir that `path` names."""
+    path = local_path(path)
     if model_dir.is_model_dir(path) or adapter.is_adapter_dir(path):
         return Path(path)
     return resolve_checkpoint(path)
@@ -96,6 +106,7 @@ def load_model(
     `base`: for LoRA adapters, where their base model is now (its weights' hash must match).
     """
     device = resolve_device(device)  # a device this machine lacks is a one-line error, before any loading
+    path = local_path(path)
     if model_dir.is_model_dir(path):
         model, tokenizer = model_dir.load_model_dir(path, device, dtype)
         check_tokenizer(tokenizer, _model_dir_tokenizer_hash(Path(path)), Path(path))
@@ -142,7 +153,7 @@ def load_base(what: str, record: dict[str, str | None], anchor: Path, base: str 
     expected = record.get("sha256")
     recorded = record.get("path")
     if base is not None:
-        candidates = [Path(base)]
+        candidates = [local_path(base)]
     else:
         candidates = [Path(p) for p in (recorded, record.get("relative") and anchor / record["relative"]) if p]
     found = [c for c in dict.fromkeys(candidates) if c.exists()]
