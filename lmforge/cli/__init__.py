@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 import typer
 
+from lmforge import extras
 from lmforge.cli import data, infer, interop, quickstart, runs, safety, train
 from lmforge.cli.eval import eval_app
 from lmforge.errors import LmforgeError
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if debug:
             raise
+        if isinstance(err, ModuleNotFoundError) and extras.install_hint(err.name or ""):
+            err = extras.missing(err.name, f"lmforge {verb}")  # a capability's extra is not installed
         if isinstance(err, LmforgeError):  # the user's input: one line naming what is wrong
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2

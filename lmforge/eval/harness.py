@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lmforge import device as devices
+from lmforge import extras
 from lmforge.errors import ConfigError
 from lmforge.eval.scoring import Scorer
 from lmforge.store.loading import load_model
@@ -36,7 +37,7 @@ except ImportError:  # the `eval` extra is not installed
 
 def require_lm_eval() -> None:
     if TemplateLM is None:
-        raise ConfigError("lm-evaluation-harness is not installed: pip install 'lmforge[eval]'")
+        raise extras.missing("lm_eval", "the lm-evaluation-harness adapter")
 
 
 if TemplateLM is not None:

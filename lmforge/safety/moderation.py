@@ -115,7 +115,7 @@ class ProfanityModerator:
             from profanity_check import predict_prob
         except ImportError:
             raise ConfigError(
-                "the profanity moderator needs alt-profanity-check: pip install 'lmforge[curate]'"
+                "the profanity moderator needs alt-profanity-check, a core dependency: pip install alt-profanity-check"
             ) from None
         self._predict_prob = predict_prob
         self.threshold = threshold

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from lmforge import extras
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import LmTokenizer
 
@@ -73,10 +74,10 @@ class StructuredSpec:
 
 def _llguidance():
     try:
-        import llguidance
-        import llguidance.torch  # noqa: F401  (the bitmask helpers)
-    except ImportError:
-        raise StructuredError("structured outputs need llguidance: pip install 'lmforge[serve]'") from None
+        llguidance = extras.require("llguidance", "structured outputs")
+        extras.require("llguidance.torch", "structured outputs")  # the bitmask helpers
+    except extras.MissingExtraError as err:
+        raise StructuredError(str(err)) from None
     return llguidance
 
 

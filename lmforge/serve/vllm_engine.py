@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lmforge import device as devices
+from lmforge import extras
 from lmforge.errors import ConfigError
 from lmforge.serve.backend import BaseEngine, EngineStats, RequestHandle, RequestOutput
 from lmforge.serve.config import EngineConfig, LoraConfig
@@ -54,10 +55,7 @@ class VllmEngine(BaseEngine):
     """`BaseEngine` over `vllm.AsyncLLMEngine`; thread-safe `submit` like the built-in engine."""
 
     def __init__(self, path: str | Path, config: EngineConfig, lora: LoraConfig | None = None):
-        try:
-            import vllm
-        except ImportError:
-            raise ConfigError("engine.backend=vllm needs vLLM: pip install vllm (CUDA)") from None
+        vllm = extras.require("vllm", "engine.backend=vllm")
 
         path = local_path(path)  # a Hub id: its snapshot
         if not is_model_dir(path):

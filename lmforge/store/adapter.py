@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge import atomic
+from lmforge import atomic, extras
 from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.store import adapter_hf, hashes
@@ -52,11 +52,7 @@ class LoraSettings(Section):
 
 
 def peft_module():
-    try:
-        import peft
-    except ImportError:
-        raise ConfigError("LoRA needs peft: pip install 'lmforge[align]'") from None
-    return peft
+    return extras.require("peft", "LoRA")
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:

@@ -21,7 +21,7 @@ PROMPTS = ["The list type", "Dictionaries are", "import os\n", "An exception is 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
 def test_the_vllm_backend_without_vllm_is_one_clear_error(trained_run):
-    with pytest.raises(ConfigError, match="engine.backend=vllm needs vLLM: pip install vllm"):
+    with pytest.raises(ConfigError, match=r"engine.backend=vllm needs vllm, which is not installed: pip install 'lmforge\[vllm\]'"):
         Engine.from_path(str(trained_run), EngineConfig(backend="vllm"))
     with pytest.raises(ValueError, match="backend"):
         ServeConfig.model_validate({"engine": {"backend": "tgi"}})

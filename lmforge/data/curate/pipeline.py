@@ -33,12 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge import atomic
+from lmforge import atomic, extras
 from lmforge.config import to_yaml
 from lmforge.data.curate.audit import Audited, Ledger, read_ledgers
 from lmforge.data.curate.config import CurateConfig
 from lmforge.data.curate.reader import CurationReader, expand_inputs
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import DataError
 from lmforge.store import hashes
 
 log = logging.getLogger(__name__)
@@ -355,10 +355,7 @@ def _publish(out: Path, work: Path, config: CurateConfig, report: dict) -> list[
 
 
 def _init_ray(config: CurateConfig) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("executor.kind=ray needs ray: pip install 'lmforge[ray]'") from None
+    ray = extras.require("ray", "executor.kind=ray")
     if not ray.is_initialized():
         if config.executor.ray_address:
             ray.init(address=config.executor.ray_address, log_to_driver=False)
