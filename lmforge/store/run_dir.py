@@ -43,6 +43,7 @@ EVAL_DIR = "eval"
 RUN_ENTRIES = (
     CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, "tb", TOKENIZER_DIR, CHECKPOINTS_DIR, "alerts.jsonl",
     "profile", "adapter", EVAL_DIR, "report", "release.json", "model_card.md", "mlflow.db", "wandb",
+    "trackers.json", "mlflow-artifacts",
 )
 
 

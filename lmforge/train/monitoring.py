@@ -48,8 +48,9 @@ class RunMonitors:
         main = env.is_main
         loop = config.train
         self.metrics = MetricsLogger(run_dir) if main else None
-        self.trackers = (build_trackers(config.trackers, run_dir.path, config.run.name, config.model_dump(mode="json"))
-                         if main else [])
+        # A resumed run reopens its tracker runs (ids in trackers.json): its curves continue.
+        self.trackers = (build_trackers(config.trackers, run_dir.path, config.run.name, config.model_dump(mode="json"),
+                                        resume=start_step > 0) if main else [])
         self.alerts = AlertMonitor(run_dir.path, config.alerts, config.run.name) if main else SilentAlerts()
         self.alerts.start_watchdog()
         profile_dir = run_dir.path / "profile"
