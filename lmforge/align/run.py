@@ -30,6 +30,7 @@ from lmforge.store import hashes
 from lmforge.store.adapter import apply_lora, base_record, save_adapter, weights_hash
 from lmforge.store.loading import load_model
 from lmforge.store.reward_model_dir import save_reward_model_dir
+from lmforge.store.weights import weights_digest_or_none
 from lmforge.train import distributed
 from lmforge.train.objective import accumulation
 from lmforge.train.trainer import TrainResult, fit, init_distributed
@@ -88,6 +89,7 @@ def fine_tune(config: AlignConfig, base, tokenizer, source: Path, objective, kin
         "dataset": str(Path(resolve_path(config.data.train)).resolve()),
         "dataset_sha256": hashes.sha256_file(resolve_path(config.data.train)),
         "parent_weights_sha256": base_hash,
+        "parent_weights_digest": weights_digest_or_none(source),  # of the files, as `lmforge verify` rechecks it
     }
     extra = {"init_from": record["path"], "init_from_relative": record["relative"],
              "init_from_weights_sha256": base_hash,

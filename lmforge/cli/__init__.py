@@ -18,7 +18,7 @@ import click
 import typer
 
 from lmforge import extras
-from lmforge.cli import data, infer, interop, quickstart, runs, safety, train
+from lmforge.cli import data, infer, interop, quickstart, runs, safety, train, verify
 from lmforge.cli.eval import eval_app
 from lmforge.errors import LmforgeError
 
@@ -54,6 +54,7 @@ app.command()(safety.redteam)
 app.command("train-classifier")(safety.train_classifier)
 app.command("export")(interop.export_model)
 app.command("import")(interop.import_model)
+app.command()(verify.verify)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(eval_app, name="eval")
 app.add_typer(runs.runs_app, name="runs")

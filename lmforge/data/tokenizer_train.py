@@ -15,6 +15,7 @@ from lmforge import atomic
 from lmforge.config import Section
 from lmforge.data.readers import TextSplit, expand_inputs, read_documents
 from lmforge.errors import OutputError, TokenizerError
+from lmforge.store import lineage
 from lmforge.tokenizer import (
     SPECIAL_TOKENS,
     TOKENIZER_FILE,
@@ -53,5 +54,7 @@ def run_train(config: TokenizerTrainConfig) -> LmTokenizer:
     if counter["documents"] == 0:
         raise TokenizerError(f"no non-empty documents in {', '.join(config.inputs)}")
     tokenizer.save(config.out)
+    lineage.write(config.out, lineage.TOKENIZER, [lineage.raw_file(f) for f in files],
+                  lineage.file_hashes(config.out, [tokenizer.path]), tokenizer_hash=tokenizer.hash())
     atomic.mark_output_dir(config.out, TOKENIZER_KIND)
     return tokenizer

@@ -33,6 +33,7 @@ from lmforge.store.hashes import model_hash
 from lmforge.store.loading import eval_dir, load_model, records_dir
 from lmforge.store.model_dir import is_model_dir
 from lmforge.store.run_dir import CHECKPOINTS_DIR
+from lmforge.store.weights import weights_digest_or_none
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
         "model": config.model if hub.is_hub_id(config.model) else str(Path(config.model).resolve()),
         "source": str(source),
         "model_hash": model_hash(model),
+        "weights_digest": weights_digest_or_none(source),  # of the files: what `lmforge verify` rechecks
         "step": _step(source),
         "seed": config.seed,
         "limit": config.limit,

@@ -23,7 +23,8 @@ from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.interop import model_card
 from lmforge.model import Transformer
-from lmforge.store import checkpoint, hashes, hf
+from lmforge.store import checkpoint, hashes, hf, verify
+from lmforge.store import lineage as lineage_record
 from lmforge.store.adapter import is_adapter_dir
 from lmforge.store.loading import load_model, resolve_model
 from lmforge.store.model_dir import (
@@ -36,7 +37,8 @@ from lmforge.store.model_dir import (
     save_model_dir,
 )
 from lmforge.store.run_dir import RunDir, git_commit
-from lmforge.tokenizer import load_tokenizer
+from lmforge.store.weights import weights_digest, weights_digest_or_none
+from lmforge.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,17 @@ def verify_round_trip(directory: Path, model: Transformer, dtype: torch.dtype) -
         raise CheckpointError(f"export failed its round-trip check: logits differ by {diff:.3g}")
 
 
+def record_lineage(directory: Path, source: Path, weight_files: list[str]) -> list[str]:
+    """Write the model dir's lineage.json (its files; its source by weights digest) and return
+    the chain back to the raw files as the card lists it (from the records: nothing is rehashed)."""
+    files = [directory / f for f in (*weight_files, hf.CONFIG_FILE, TOKENIZER_FILE) if (directory / f).is_file()]
+    source_entry = {"kind": verify.kind_of(source), "path": str(source.resolve()), "weights_digest": weights_digest_or_none(source)}
+    lineage_record.write(directory, lineage_record.MODEL_DIR, [source_entry], lineage_record.file_hashes(directory, files),
+                         weights_digest=weights_digest(directory))
+    return [f"{'  ' * link.depth}{link.kind}: {link.path}" + (f" sha256 {link.digest[:16]}" if link.digest else "")
+            + (f" ({link.note})" if link.note and link.depth else "") for link in verify.verify(directory, check=False)]
+
+
 def run(config: ExportConfig) -> ExportResult:
     out = Path(config.out)
     source = resolve_model(config.model)
@@ -151,8 +164,10 @@ def run(config: ExportConfig) -> ExportResult:
             verify_round_trip(tmp, model, dtype)
         lineage[TOKENIZER_JSON_HASH] = load_tokenizer(tmp).hash()
         digests = {f: hashes.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
+        chain = record_lineage(tmp, source, files)
         return model_card.render(
-            name, model.config, config.dtype, digests, lineage, model_card.collect_evals(run_dir, step), training
+            name, model.config, config.dtype, digests, lineage, model_card.collect_evals(run_dir, step), training,
+            chain=[line.replace(str(tmp), str(out.resolve())) for line in chain],
         )
 
     files = save_model_dir(out, model, tokenizer, dtype, max_shard_bytes, finish)

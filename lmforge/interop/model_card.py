@@ -72,6 +72,7 @@ def render(
     lineage: dict[str, Any],
     evals: dict[str, Any],
     training_config: str | None = None,
+    chain: list[str] | None = None,
 ) -> str:
     """The card's markdown. `weight_files` maps file name to sha256."""
     shape = _table([
@@ -87,6 +88,8 @@ def render(
     ])
     origin = _table([(k.replace("_", " "), v) for k, v in lineage.items() if v is not None])
     files = "\n".join(f"- `{file}` sha256 `{digest}`" for file, digest in weight_files.items())
+    chained = ("\nChain back to the raw files, as recorded (`lmforge verify` rechecks every hash):\n\n```\n"
+               + "\n".join(chain) + "\n```\n") if chain else ""
     training = f"```yaml\n{training_config.rstrip()}\n```\n" if training_config else "Not recorded.\n"
     return f"""{_front_matter(lineage)}
 # {name}
@@ -106,7 +109,7 @@ lm-evaluation-harness's `hf` backend with no custom code.
 Weights:
 
 {files}
-
+{chained}
 ## Evaluation
 
 {_eval_section(evals)}

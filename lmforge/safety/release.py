@@ -42,11 +42,10 @@ from lmforge.eval.runner import EvalConfig
 from lmforge.eval.runner import run as run_eval
 from lmforge.shipped import config_path
 from lmforge.store import hashes
-from lmforge.store.loading import records_dir
+from lmforge.store.lineage import RELEASE_FILE
+from lmforge.store.loading import eval_dir, records_dir
 from lmforge.store.model_dir import MODEL_CARD_FILE
 from lmforge.store.weights import weight_file_hashes
-
-RELEASE_FILE = "release.json"
 
 
 class Threshold(Section):
@@ -111,6 +110,7 @@ def run(model: str, policy_path: str, device: str = "cpu") -> ReleaseResult:
         "model": str(Path(model).resolve()),
         "model_hash": any_result["model_hash"],
         "weight_files": weight_file_hashes(any_result["source"]),  # the files this evaluation loaded
+        "evals": _eval_files(any_result["source"], results),  # the results it relied on, by content
         "checks": checks,
         "results": {k: v for k, v in values.items()},
         "lmforge_version": __version__,
@@ -121,6 +121,12 @@ def run(model: str, policy_path: str, device: str = "cpu") -> ReleaseResult:
     atomic.write_json(path, record)
     _append_to_card(directory / MODEL_CARD_FILE, record)
     return ReleaseResult(record["passed"], record, path)
+
+
+def _eval_files(source: str, results: dict[str, Any]) -> dict[str, str]:
+    """{eval result file: sha256} of the results the gate just wrote (`lmforge verify` rechecks them)."""
+    files = [eval_dir(source) / f"{name}.json" for name in results]
+    return {str(f.resolve()): hashes.sha256_file(f) for f in files if f.is_file()}
 
 
 def _append_to_card(card: Path, record: dict[str, Any]) -> None:

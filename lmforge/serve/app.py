@@ -26,8 +26,10 @@ from lmforge.serve.errors import OpenAIError, add_error_handlers
 from lmforge.serve.gateway import Gateway
 from lmforge.serve.hooks import ModerationHook
 from lmforge.serve.middleware import (
+    LINEAGE_HEADERS,
     RATE_LIMIT_HEADERS,
     BodyLimitMiddleware,
+    LineageHeaders,
     RateLimitHeaders,
     RequestCountMiddleware,
 )
@@ -37,9 +39,11 @@ from lmforge.serve.tools import prompt_tools
 
 
 def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHook | None = None,
-               model_name: str | None = None) -> FastAPI:
-    """The app over a loaded engine; the engine starts with the app and drains when it stops."""
+               model_name: str | None = None, digests: dict[str, str] | None = None) -> FastAPI:
+    """The app over a loaded engine; the engine starts with the app and drains when it stops.
+    `digests` ({model_digest, release_digest}) go into every response's headers and /v1/models."""
     gateway = Gateway(engine, config, moderator, model_name)
+    gateway.digests = dict(digests or {})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,11 +60,12 @@ def create_app(engine: BaseEngine, config: ServeConfig, moderator: ModerationHoo
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
     app.add_middleware(RateLimitHeaders, limiter=gateway.admission.limiter)
     app.add_middleware(RequestCountMiddleware, metrics=gateway.metrics)
+    app.add_middleware(LineageHeaders, digests=gateway.digests)
     cors = config.cors
     if cors.allowed_origins:  # outermost: a preflight is answered before the key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=cors.allowed_origins, allow_methods=cors.allowed_methods,
                            allow_headers=cors.allowed_headers, allow_credentials=cors.allow_credentials,
-                           expose_headers=RATE_LIMIT_HEADERS)
+                           expose_headers=RATE_LIMIT_HEADERS + LINEAGE_HEADERS)
     add_error_handlers(app)
     _add_status_routes(app, gateway)
     _add_model_routes(app, gateway)
@@ -100,6 +105,8 @@ def _add_model_routes(app: FastAPI, gateway: Gateway) -> None:
                 "owned_by": "lmforge", "max_model_len": gateway.engine.max_len}
         if adapter is not None:  # a LoRA adapter over the base, as vLLM lists them
             card.update(root=adapters[adapter], parent=gateway.model_name)
+        else:  # which weights answer, and the release record that vouched for them
+            card.update(gateway.digests)
         return card
 
     @app.get("/v1/models")

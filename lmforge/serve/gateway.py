@@ -38,6 +38,7 @@ class Gateway:
         batched = getattr(self.moderator, "check_outputs", None)
         self.output_checks = OutputCheckBatcher(batched) if callable(batched) else None
         self.created = int(time.time())
+        self.digests: dict[str, str] = {}  # model_digest, release_digest (`serve.server.lineage_digests`)
 
     @property
     def moderates(self) -> bool:

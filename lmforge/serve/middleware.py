@@ -12,6 +12,7 @@ KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v
 PREFIXED = ("/v1/models", "/v1/responses")  # /v1/models/{name}, /v1/responses/{id}: counted under the route
 RATE_LIMIT_HEADERS = [f"x-ratelimit-{part}-{limit}" for limit in ("requests", "tokens")
                       for part in ("limit", "remaining", "reset")] + ["retry-after"]
+LINEAGE_HEADERS = ["x-lmforge-model-digest", "x-lmforge-release-digest"]
 
 
 def _too_large(max_bytes: int) -> JSONResponse:
@@ -107,6 +108,26 @@ class RateLimitHeaders:
                                 (f"x-ratelimit-remaining-{name}".encode(), str(limit.remaining).encode()),
                                 (f"x-ratelimit-reset-{name}".encode(), duration(limit.reset_s).encode())]
                 message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class LineageHeaders:
+    """`x-lmforge-model-digest` and `x-lmforge-release-digest` on every response: which weights
+    answered, and which release record vouched for them (`lmforge verify` walks on from either)."""
+
+    def __init__(self, app, digests: dict[str, str]):
+        self.app = app
+        self.headers = [(f"x-lmforge-{key.replace('_', '-')}".encode(), value.encode()) for key, value in digests.items()]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.headers:
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

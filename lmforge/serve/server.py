@@ -13,11 +13,14 @@ import uvicorn
 
 from lmforge.device import dtype_name
 from lmforge.device import resolve as resolve_device
-from lmforge.safety.release import check_released
+from lmforge.errors import LmforgeError
+from lmforge.safety.release import RELEASE_FILE, check_released, record_dir
 from lmforge.serve.app import create_app
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.engine import Engine
 from lmforge.serve.hooks import load_hook
+from lmforge.store.hashes import sha256_file
+from lmforge.store.weights import digest_of, weights_digest_or_none
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +33,35 @@ def run(config: ServeConfig) -> None:
         resolve_device(config.engine.device, "engine.device")  # so does a device this machine lacks
     if config.allow_unreleased:
         log.warning("serving %s without checking its release record (--allow-unreleased)", config.model)
+        record = released_or_none(config.model)
     else:
         record = check_released(config.model)  # hashes the weight files; the model is not loaded yet
         log.info("release record: policy %r passed on %s", record.get("policy"), record.get("created_at"))
+    digests = lineage_digests(config.model, record)
     if config.engine.backend == "vllm":  # vLLM's own series then carry the model_name that lmforge's do
         config.engine.vllm_args.setdefault("served_model_name", config.served_model_name)
     engine = Engine.from_path(config.model, config.engine, config.lora)
-    app = create_app(engine, config, moderator=moderator)
+    app = create_app(engine, config, moderator=moderator, digests=digests)
     log.info("serving %s as %r on http://%s:%d (device %s, %s)", config.model, app.state.gateway.model_name,
              config.server.host, config.server.port, engine.device, dtype_name(engine.dtype))
     uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
                 timeout_graceful_shutdown=int(config.server.graceful_shutdown_s) or None)
+
+
+def released_or_none(model: str) -> dict | None:
+    """The model's passing release record when it has one for these weights (reported, not required)."""
+    try:
+        return check_released(model)
+    except LmforgeError:
+        return None
+
+
+def lineage_digests(model: str, record: dict | None) -> dict[str, str]:
+    """{model_digest, release_digest}: the served weights' digest (`store.weights`) and the sha256
+    of the release record that passed them; either is left out when it cannot be known."""
+    files = (record or {}).get("weight_files")
+    model_digest = digest_of(files) if files else weights_digest_or_none(model)
+    digests = {"model_digest": f"sha256:{model_digest}"} if model_digest else {}
+    if record is not None:
+        digests["release_digest"] = f"sha256:{sha256_file(record_dir(model) / RELEASE_FILE)}"
+    return digests

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lmforge.errors import LmforgeError
 from lmforge.store import hashes, hf
 from lmforge.store.adapter import is_adapter_dir
 from lmforge.store.loading import resolve_model
@@ -35,3 +36,22 @@ def weight_files(model: str | os.PathLike) -> list[Path]:
 def weight_file_hashes(model: str | os.PathLike) -> dict[str, str]:
     """{file name: sha256} of `weight_files(model)`: equal maps, the same weights on disk."""
     return {file.name: hashes.sha256_file(file) for file in weight_files(model)}
+
+
+def digest_of(file_hashes: dict[str, str]) -> str:
+    """One hash for a set of weight files: sha256 of the canonical JSON of {name: sha256}."""
+    return hashes.sha256_json(file_hashes)
+
+
+def weights_digest(model: str | os.PathLike) -> str:
+    """The digest of a model's weights as stored (`lmforge serve` reports it, lineage records it)."""
+    return digest_of(weight_file_hashes(model))
+
+
+def weights_digest_or_none(model: str | os.PathLike) -> str | None:
+    """`weights_digest`, or None for a model whose weight files lmforge cannot list (a record is
+    then written without it, and `lmforge verify` reports that link as unrecorded)."""
+    try:
+        return weights_digest(model)
+    except (OSError, LmforgeError):
+        return None

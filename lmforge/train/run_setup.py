@@ -18,7 +18,7 @@ from lmforge import atomic
 from lmforge.config import to_yaml
 from lmforge.errors import CheckpointError, ConfigError, TokenizerError
 from lmforge.monitor.catalog import flatten
-from lmforge.store import checkpoint
+from lmforge.store import checkpoint, hashes
 from lmforge.store.model_dir import tokenizer_files
 from lmforge.store.run_dir import RunDir
 from lmforge.tokenizer import LmTokenizer, load_tokenizer
@@ -140,7 +140,7 @@ def record_run(run_dir: RunDir, plan: RunPlan, config: TrainingRun, tokenizer: L
     run_dir.write_config(config)
     if not (run_dir.tokenizer / "tokenizer.json").is_file():
         save_tokenizer(tokenizer, run_dir, max_seq_len)
-    run_dir.write_manifest(lineage)
+    run_dir.write_manifest({**lineage, "config_sha256": hashes.sha256_file(run_dir.config_path)})
 
 
 def save_tokenizer(tokenizer: LmTokenizer, run_dir: RunDir, max_seq_len: int) -> None:

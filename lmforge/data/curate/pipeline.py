@@ -39,12 +39,12 @@ from lmforge.data.curate.audit import Audited, Ledger, read_ledgers
 from lmforge.data.curate.config import CurateConfig
 from lmforge.data.curate.reader import CurationReader, expand_inputs
 from lmforge.errors import DataError
-from lmforge.store import hashes
+from lmforge.store import hashes, lineage
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint.json"
-OUTPUT_KIND, WORK_KIND = "curated dataset", "curation work dir"  # output markers' kinds
+OUTPUT_KIND, WORK_KIND = lineage.CURATED, "curation work dir"  # output markers' kinds
 
 
 @dataclasses.dataclass
@@ -351,6 +351,9 @@ def _publish(out: Path, work: Path, config: CurateConfig, report: dict) -> list[
                 shutil.copy2(shard, target)
         reporting.write(tmp, report)
         atomic.write_text(tmp / "config.yaml", to_yaml(config))
+        published = [tmp / s.relative_to(work / "output") for s in shards]
+        lineage.write(tmp, OUTPUT_KIND, [lineage.raw_file(f) for f in expand_inputs(config.input.paths)],
+                      lineage.file_hashes(tmp, published))
     return [str(out / s.relative_to(work / "output")) for s in shards]
 
 
