@@ -68,10 +68,16 @@ _warned_fields: set[str] = set()
 def _drop(data: Any, loc: tuple) -> None:
     """Remove the unknown field at `loc` from the parsed body; log its name the first time."""
     *parents, name = loc
+    path = []
     for key in parents:
-        data = data[key]
-    data.pop(name, None)
-    field = ".".join(str(k) for k in loc if not isinstance(k, int))
+        # A union's errors name the member tried (`list[TextPart]`, `InputMessage`): not a key of the body.
+        if isinstance(data, list) and isinstance(key, int) and -len(data) <= key < len(data) or (
+                isinstance(data, dict) and key in data):
+            data = data[key]
+            path.append(key)
+    if isinstance(data, dict):
+        data.pop(name, None)
+    field = ".".join(str(k) for k in [*path, name] if not isinstance(k, int))
     if field not in _warned_fields:
         _warned_fields.add(field)
         log.warning("ignoring the request field %r, which this server does not know (server.strict_params "

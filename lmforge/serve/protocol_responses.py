@@ -8,9 +8,9 @@ and ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag, field_validator
 
 from lmforge.serve.protocol import MAX_MESSAGES, NAME_CHARS, TokenIds, _Body
 
@@ -57,7 +57,17 @@ class FunctionCallOutputItem(_Body):
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
-InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem
+def _item_type(value: Any) -> str:
+    return (value.get("type") if isinstance(value, dict) else getattr(value, "type", None)) or "message"
+
+
+# Told apart by `type` (a message may leave it out), so a bad item is judged as what it says it is:
+# its errors, and the unknown fields the parser drops, are that kind's alone.
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_type),
+]
 
 
 class FunctionTool(_Body):
@@ -90,7 +100,7 @@ class TextConfig(_Body):
 
 class ResponsesRequest(_Body):
     model: str = Field(max_length=NAME_CHARS)
-    input: str | list[InputItem] = Field(max_length=MAX_MESSAGES)
+    input: list[InputItem] = Field(max_length=MAX_MESSAGES)  # a string is one user message
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -108,6 +118,12 @@ class ResponsesRequest(_Body):
     # What else to put in the reply (reasoning, logprobs...); the Agents SDK always sends it. Nothing
     # this server could add is asked for by it, so it is accepted and changes nothing.
     include: list[str] | None = Field(None, max_length=16)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_input(cls, value: Any) -> Any:
+        # As a list only, a bad item's error names the item, not "input is not a string".
+        return [{"role": "user", "content": value}] if isinstance(value, str) else value
 
 
 class EmbeddingRequest(_Body):

@@ -70,8 +70,6 @@ class ResponseStore:
 
 def input_turns(body: ResponsesRequest) -> list[dict]:
     """The request's input items as chat turns (the conversation so far is put before them)."""
-    if isinstance(body.input, str):
-        return [{"role": "user", "content": body.input}]
     turns: list[dict] = []
     for item in body.input:
         if isinstance(item, FunctionCallItem):

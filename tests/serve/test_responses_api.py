@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
+import httpx
 import openai
 import pytest
 from pydantic import BaseModel, Field
@@ -207,3 +208,40 @@ def test_the_openai_agents_sdk_runs_its_tool_loop_against_the_server(tool_server
     assert isinstance(result.final_output, Weather)
     kinds = [item.type for item in result.new_items]
     assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
+
+
+@pytest.mark.parametrize("fields", [
+    {"input": {"role": "user"}},
+    {"input": [{"role": "wizard", "content": "x"}]},
+    {"input": [{"type": "input_image", "image_url": "http://x"}]},
+    {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
+    {"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "[1]"}]},
+    {"input": [{"type": "function_call_output", "output": "no call id"}]},
+    {"input": []},
+    {"input": "x", "max_output_tokens": 0},
+    {"input": "x", "max_output_tokens": 10**9},
+    {"input": "x", "temperature": 3},
+    {"input": "x", "tool_choice": "required"},
+    {"input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
+    {"input": "x", "tools": [{"type": "web_search"}]},
+    {"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
+    {"input": "x", "metadata": {"k": 1}},
+    {"input": "x" * 5000},
+    {"input": "x", "model": "gpt-9"},
+])
+def test_bad_responses_requests_are_4xx_envelopes(served, fields):
+    body = {"model": MODEL_NAME, "max_output_tokens": 4, **fields}
+    reply = httpx.post(served.base_url + "/responses", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert 400 <= reply.status_code < 500 and set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_unknown_fields_inside_input_items_and_message_parts_are_ignored_not_a_500(served):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    item = {"role": "user", "content": [{"type": "input_text", "text": "Sets are", "detail": "high"}], "foo": 1}
+    reply = httpx.post(served.base_url + "/responses", headers=headers,
+                       json={"model": MODEL_NAME, "input": [item], "max_output_tokens": 2})
+    assert reply.status_code == 200 and reply.json()["status"] == "incomplete"
+    chat = httpx.post(served.base_url + "/chat/completions", headers=headers, json={
+        "model": MODEL_NAME, "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Sets are", "cache_control": {"type": "ephemeral"}}]}]})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"] == "length"
