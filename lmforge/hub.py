@@ -61,7 +61,11 @@ def snapshot(repo: str, revision: str | None = None, repo_type: RepoType = "mode
              allow_patterns: list[str] | None = None, error: type[LmforgeError] = LmforgeError) -> Path:
     """The local snapshot dir of `repo` at `revision` (default: main), downloaded unless cached."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     shown = f"{repo}@{revision}" if revision else repo
     kind = "dataset" if repo_type == "dataset" else "model"
@@ -76,8 +80,8 @@ def snapshot(repo: str, revision: str | None = None, repo_type: RepoType = "mode
     except LocalEntryNotFoundError:
         where = cache_dir() or "the default Hugging Face cache"
         reason = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
-        raise error(f"Hugging Face Hub {kind} {shown} is not in {where} and {reason}: download it once "
-                    f"online (`hf download {repo}{' --repo-type dataset' if kind == 'dataset' else ''}`)") from None
+        raise error(f"{shown}: no local path of that name, and Hugging Face Hub {kind} {shown} is not in {where} "
+                    f"({reason}): download it once online (`hf download {repo}{' --repo-type dataset' if kind == 'dataset' else ''}`)") from None
     except (OSError, ValueError) as err:  # HTTP errors, a bad revision name, a full disk
         raise error(f"Hugging Face Hub {kind} {shown}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 

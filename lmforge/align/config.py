@@ -12,7 +12,10 @@ from lmforge.train.config import LoopConfig, OptimConfig, RunConfig, ScheduleCon
 
 
 class AlignDataConfig(Section):
-    train: str = Field(description="JSONL(.gz): conversations (sft) or preference pairs (dpo)")
+    """The conversations (sft) or preference pairs (dpo, rm), the validation split and packing."""
+
+    train: str = Field(description="conversations (sft) or preference pairs (dpo): JSONL(.gz/.zst) or parquet file, "
+                       "`datasets` dir or Hub dataset org/name[@revision][:split]")
     val: str | None = Field(None, description="held-out file; None: split val_fraction off train")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     seq_len: int = Field(512, ge=8, description="tokens per row; longer examples are truncated")

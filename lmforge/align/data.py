@@ -5,7 +5,7 @@
                      carry "tool_calls" and "tool" turns their results, as in OpenAI's fine-tuning files)
     preferences     {"prompt": messages | "text", "chosen": messages | "text", "rejected": ...}
 
-Files are JSONL (optionally .gz); every bad record is reported as `file:line: problem`.
+Files are JSONL (.gz, .zst) or parquet, `datasets` dirs or Hub datasets (`data.readers`); every bad record is reported as `file:line: problem`.
 SFT examples become (input, target) rows, either packed several to a row (attention and
 RoPE positions restart at each conversation, so packing changes no number) or one per row.
 """
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from lmforge import jsonl
+from lmforge.data.readers import load_records
 from lmforge.errors import DataError, LmforgeError
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import LmTokenizer, check_messages, check_tools
@@ -38,7 +38,7 @@ def _messages(value: Any, default_role: str, where: str) -> list[dict]:
 def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict], list[dict] | None]]:
     """(where, messages, tools) per record; each conversation must contain an assistant turn."""
     out = []
-    for number, record in jsonl.load_jsonl(path):
+    for number, record in load_records(path):
         where = f"{path}:{number}"
         if "messages" not in record:
             raise DataError(f"{where}: record has no 'messages' (fields: {', '.join(record) or 'none'})")
@@ -56,7 +56,7 @@ def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict], l
 def read_preferences(path: str | os.PathLike) -> list[tuple[str, list[dict], list[dict], list[dict]]]:
     """(where, prompt, chosen, rejected); strings become a user prompt / assistant replies."""
     out = []
-    for number, record in jsonl.load_jsonl(path):
+    for number, record in load_records(path):
         where = f"{path}:{number}"
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
         if missing:

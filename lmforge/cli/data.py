@@ -59,8 +59,9 @@ def tokenizer_decode(tokenizer: str, ids: Annotated[list[str], typer.Argument(he
 
 def tokenize(
     args: ConfigArgs = None,
-    inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="file or dir (repeatable)")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="tokenizer dir or tokenizer.json")] = None,
+    inputs: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="file, dir, fsspec URL, `datasets` dir or Hub dataset org/name[@rev][:split] (repeatable)")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer dir, tokenizer.json or Hub id org/name[@revision]")] = None,
     out: Annotated[str | None, typer.Option(help="token dataset dir")] = None,
     workers: Annotated[int | None, typer.Option(help="encoding processes")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="share of documents held out")] = None,

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from lmforge import __version__, atomic
 from lmforge.config import Section
-from lmforge.data.readers import TextSplit, expand_inputs, read_documents
+from lmforge.data.readers import Source, TextSplit, expand_inputs, fingerprint, read_documents
 from lmforge.errors import DataError
 from lmforge.store import hashes
 from lmforge.store.token_dataset import FORMAT, KIND, MANIFEST, SPLITS
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 
 class TokenizeConfig(Section):
-    inputs: list[str] = Field(min_length=1, description="files or directories of txt/jsonl/parquet")
-    tokenizer: str = Field(description="tokenizer dir or tokenizer.json")
+    inputs: list[str] = Field(min_length=1, description="files or dirs of txt/jsonl/parquet (.gz, .zst), fsspec URLs, "
+                              "`datasets` dirs or Hub datasets org/name[@revision][:split]")
+    tokenizer: str = Field(description="tokenizer dir, tokenizer.json or Hub model id org/name[@revision]")
     out: str = Field(description="token dataset dir to write")
     text_field: str = "text"
     text_split: TextSplit = "file"
@@ -123,10 +124,8 @@ def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def source_fingerprint(files: list[Path]) -> dict:
-    entries = [
-        {"path": str(p), "bytes": p.stat().st_size, "sha256": hashes.sha256_file(p)} for p in files
-    ]
+def source_fingerprint(files: list[Source]) -> dict:
+    entries = [fingerprint(source) for source in files]  # local paths resolved; Hub datasets by revision
     return {"files": entries, "hash": hashes.sha256_json([(e["bytes"], e["sha256"]) for e in entries])}
 
 

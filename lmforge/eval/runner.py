@@ -104,7 +104,8 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
     for task in task_list:
         start = time.perf_counter()
         body = tasks.evaluate(task, scorer, config.limit, config.seed)
-        body["data"] = {"path": str(task.path), "sha256": hashes.sha256_file(task.path)}
+        body["data"] = {"path": str(task.path),  # a Hub dataset is named by its id
+                        "sha256": hashes.sha256_file(task.path) if Path(task.path).is_file() else None}
         record(task.spec.name, task.spec.type, body, time.perf_counter() - start, body["n"])
 
     for item in config.data:

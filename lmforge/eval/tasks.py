@@ -1,7 +1,8 @@
-"""Evaluation tasks from local files: multiple choice and generation, scored as the field does.
+"""Evaluation tasks from local files or datasets: multiple choice and generation, scored as the field does.
 
 A task is a YAML spec next to a JSONL file (see `lmforge/eval/tasks/README.md`), or a bare
-JSONL file whose layout is recognised:
+JSONL or parquet file, `datasets` dir or Hub dataset (`org/name[@revision][:split]`) whose
+layout is recognised:
 
     {"context", "endings", "label"}          HellaSwag-style (ctx / endings also accepted)
     {"question", "choices", "answer"}        ARC / MMLU-style (answer: index or letter)
@@ -24,8 +25,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from lmforge import jsonl
 from lmforge.config import Section, build, read_yaml
+from lmforge.data.hf_datasets import dataset_source
+from lmforge.data.readers import load_records
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.scoring import Scorer
 from lmforge.safety.refusal import is_refusal
@@ -67,7 +69,7 @@ class Example:
 @dataclass
 class Task:
     spec: TaskSpec
-    path: Path
+    path: Path | str  # a str: a `datasets` dir or Hub dataset
     examples: list[Example]
 
 
@@ -100,6 +102,9 @@ def resolve_task(name_or_path: str) -> Task:
     path = Path(resolve_path(name_or_path))
     if not path.exists() and (SHIPPED_DIR / f"{name_or_path}.yaml").is_file():
         path = SHIPPED_DIR / f"{name_or_path}.yaml"
+    if not path.is_file() and dataset_source(str(path)) is not None:  # a `datasets` dir or Hub dataset
+        spec = infer_spec(str(path))
+        return Task(spec, str(path), load_examples(spec, str(path)))
     if not path.is_file():
         shipped = ", ".join(shipped_tasks()) or "none"
         raise ConfigError(f"task {name_or_path!r} is neither a file nor a shipped task (shipped: {shipped})")
@@ -112,9 +117,9 @@ def resolve_task(name_or_path: str) -> Task:
     return Task(spec, data, load_examples(spec, data))
 
 
-def infer_spec(path: Path) -> TaskSpec:
-    number, first = jsonl.load_jsonl(path, "task data")[0]
-    name = path.name.split(".")[0]
+def infer_spec(path: Path | str) -> TaskSpec:
+    number, first = load_records(path, "task data")[0]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(str(path).split("@")[0]).name.split(".")[0])
     if "endings" in first:
         context = "context" if "context" in first else "ctx"
         label = "label" if "label" in first else "answer"
@@ -130,7 +135,7 @@ def infer_spec(path: Path) -> TaskSpec:
     )
 
 
-def _format(spec: TaskSpec, path: Path, line: int, record: dict[str, Any]) -> str:
+def _format(spec: TaskSpec, path: Path | str, line: int, record: dict[str, Any]) -> str:
     try:
         return spec.prompt.format(**record)
     except KeyError as err:
@@ -139,9 +144,9 @@ def _format(spec: TaskSpec, path: Path, line: int, record: dict[str, Any]) -> st
         raise DataError(f"{path}:{line}: cannot format the prompt ({err})") from None
 
 
-def load_examples(spec: TaskSpec, path: Path) -> list[Example]:
+def load_examples(spec: TaskSpec, path: Path | str) -> list[Example]:
     examples = []
-    for line, record in jsonl.load_jsonl(path, "task data"):
+    for line, record in load_records(path, "task data"):
         prompt = _format(spec, path, line, record)
         if spec.type == "refusal":
             examples.append(Example(line, record, prompt, answer=spec.expect))

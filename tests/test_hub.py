@@ -1,0 +1,105 @@
+"""Hugging Face Hub ids (`org/name[@revision]`) wherever a model path is accepted, read from a
+Hub cache built in the test (`HF_HUB_OFFLINE=1`): nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmforge import hub
+from lmforge.cli import main
+from lmforge.errors import LmforgeError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_repo(cache: Path, repo: str, files: Path, repo_type: str = "model", commit: str = COMMIT,
+               refs: tuple[str, ...] = ("main",)) -> Path:
+    """Lay `files` out as huggingface_hub caches a repo: <type>s--org--name/snapshots/<commit>/, refs/<branch>."""
+    root = cache / f"{repo_type}s--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    shutil.copytree(files, snapshot)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (root / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> Path:
+    """The tiny trained model exported as a Hugging Face model dir."""
+    out = tmp_path_factory.mktemp("hub") / "tiny"
+    assert main(["export", str(trained_run), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_hub_ids_are_told_from_local_paths():
+    assert hub.parse("org/name") == ("org/name", None)
+    assert hub.parse("org/name@v1.0") == ("org/name", "v1.0")
+    assert hub.parse("hf://org/name@refs/pr/3") == ("org/name", "refs/pr/3")
+    for local in ("./org/name", "/abs/name", "runs/a/b", "name", "org/name/extra"):
+        assert hub.parse(local) is None
+
+
+def test_an_existing_local_dir_wins_over_a_hub_id_of_the_same_name(tmp_path, monkeypatch, offline_cache):
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert not hub.is_hub_id("org/name")
+    assert hub.resolve("org/name") == Path("org/name")
+
+
+def test_a_cached_repo_resolves_by_branch_and_by_commit_offline(tmp_path, offline_cache):
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "config.json").write_text("{}")
+    snapshot = cache_repo(offline_cache, "org/tiny", tmp_path / "files")
+    assert hub.resolve("org/tiny") == snapshot
+    assert hub.resolve("org/tiny@main") == snapshot
+    assert hub.resolve(f"org/tiny@{COMMIT}") == snapshot
+
+
+def test_generate_eval_and_import_take_a_hub_id_from_the_cache(exported, offline_cache, tmp_path, capsys):
+    cache_repo(offline_cache, "org/tiny", exported)
+    prompt = ["--prompt", "The interpreter", "--max-tokens", "8", "--seed", "1", "--temperature", "0"]
+    assert main(["generate", str(exported), *prompt, "--device", "cpu"]) == 0
+    local = capsys.readouterr().out
+    assert main(["generate", "org/tiny@main", *prompt, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == local
+
+    text = tmp_path / "held_out.txt"
+    text.write_text("Exceptions propagate up the stack until a handler catches them.\n")
+    assert main(["eval", "org/tiny", "--data", str(text), "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    (result,) = (tmp_path / "eval").glob("*.json")
+    assert json.loads(result.read_text())["model"] == "org/tiny"
+
+    assert main(["import", "org/tiny", "--out", str(tmp_path / "imported")]) == 0
+    assert (tmp_path / "imported" / "config.json").is_file()
+
+
+def test_a_hub_id_neither_cached_nor_local_is_one_line_naming_it(exported, offline_cache, capsys):
+    cache_repo(offline_cache, "org/tiny", exported)
+    assert main(["generate", "org/absent", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "org/absent" in err and "HF_HUB_OFFLINE" in err and "\n" not in err
+    assert main(["generate", "org/tiny@v9", "--prompt", "x"]) == 2
+    assert "org/tiny@v9" in capsys.readouterr().err
+
+
+def test_a_tokenizer_is_named_by_hub_id(exported, offline_cache):
+    from lmforge.tokenizer import load_tokenizer
+
+    cache_repo(offline_cache, "org/tiny", exported)
+    assert load_tokenizer("org/tiny").hash() == load_tokenizer(exported).hash()
+    with pytest.raises(LmforgeError, match="org/missing"):
+        load_tokenizer("org/missing")
