@@ -1,4 +1,4 @@
-"""lmforge's one JSONL reader: local paths, `lmforge://...` or any fsspec URL, `.gz` inflated.
+"""lmforge's one JSONL reader: local paths, `lmforge://...` or any fsspec URL, `.gz`/`.zst` inflated.
 
 `iter_jsonl` yields every non-blank line as a record or a `BadLine` (curation counts those
 by reason and goes on); `read_jsonl` and `load_jsonl` (documents, task data, chat data,
@@ -7,6 +7,7 @@ labelled data) stop at the first bad line with a one-line `file:line: problem` e
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -53,7 +54,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, int, dict[str, An
     A local path, `lmforge://...` or any fsspec URL; `.gz` (and fsspec's other suffixes) decompress.
     """
     with fsspec.open(str(resolve_path(path)), "rb", compression="infer") as f:
-        for number, line in enumerate(f, 1):
+        # Buffered: zstandard's stream reader (.zst) reads but cannot iterate lines itself.
+        for number, line in enumerate(io.BufferedReader(f, 1 << 20), 1):
             if line.strip():
                 yield number, len(line), _parse_line(line)
 
