@@ -86,3 +86,14 @@ def test_embeddings_count_in_the_token_rate_limit_the_audit_log_and_the_metrics(
     with sqlite3.connect(served.audit_path) as db:
         rows = db.execute("SELECT route, key_id, prompt_tokens, status FROM requests ORDER BY id").fetchall()
     assert rows == [("/v1/embeddings", "alice", 30, 200), ("/v1/embeddings", "alice", 30, 429)]
+
+
+@pytest.mark.parametrize("fields", [
+    {"input": [[]]}, {"input": [""] * 2049}, {"input": [1.5]}, {"input": [True]}, {"input": ["a", 1]},
+    {"input": {"text": "a"}}, {"input": [[-1]]}, {"input": "x", "encoding_format": "int8"},
+    {"input": "x", "dimensions": 0}, {"input": "x", "model": "gpt-9"}, {"input": [[1, 2], "x"]},
+])
+def test_bad_embeddings_requests_are_4xx_envelopes(served, fields):
+    reply = httpx.post(served.base_url + "/embeddings", json={"model": MODEL_NAME, **fields},
+                       headers={"Authorization": f"Bearer {KEY}"})
+    assert 400 <= reply.status_code < 500 and set(reply.json()["error"]) == {"message", "type", "param", "code"}
