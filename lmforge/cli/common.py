@@ -61,15 +61,10 @@ def split_list(values: list[str] | None) -> list[str] | None:
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """A rich table on stdout that never folds names when piped (see lmforge.cli.tables)."""
+    from lmforge.cli.tables import Listing, emit
 
-    table = Table(title=title)
-    for column in header:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    emit("table", Listing("rows", title, header, rows))
 
 
 def torchrun(nproc: int | None, max_restarts: int, strategy: str, command: list[str]) -> None:

@@ -9,7 +9,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from lmforge.cli.common import ConfigArgs, build_config, flags, print_table, split_list
+from lmforge.cli.common import ConfigArgs, build_config, flags, split_list
+from lmforge.cli.tables import FormatOption, Listing, OutputFormat, emit, stdout_console
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -47,11 +48,9 @@ def eval_run(
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
     seed: Annotated[int | None, typer.Option(help="few-shot and sampling seed")] = None,
     out: Annotated[str | None, typer.Option(help="results dir (default: the model's eval/)")] = None,
+    fmt: FormatOption = OutputFormat.table,
 ):
     """Evaluate MODEL on tasks, text (bits per byte) and lm-evaluation-harness tasks; save the results."""
-    from rich.console import Console
-    from rich.table import Table
-
     from lmforge.eval import runner
     from lmforge.store.loading import eval_dir
 
@@ -61,26 +60,31 @@ def eval_run(
         seed=seed, out=out,
     ))
     results = runner.run(config)
-    table = Table(title=f"lmforge eval {model}")
-    for column in ("task", "metric", "value", "stderr", "n", "ex/s"):
-        table.add_column(column)
-    for name, result in results.items():
-        for metric, value in result["metrics"].items():
-            stderr = value.get("stderr")
-            table.add_row(name, metric, f"{value['value']:.4f}",
-                          f"{stderr:.4f}" if isinstance(stderr, float) else "-",
-                          str(result.get("n")), f"{result.get('examples_per_second') or 0:.1f}")
-    Console().print(table)
-    if config.save:
-        Console().print(f"results: {Path(config.out) if config.out else eval_dir(model)}/")
+    rows = [[name, metric, value["value"], value.get("stderr"), result.get("n"), result.get("examples_per_second")]
+            for name, result in results.items() for metric, value in result["metrics"].items()]
+    emit(fmt, Listing("results", f"lmforge eval {model}", ["task", "metric", "value", "stderr", "n",
+                                                          "examples_per_second"], rows,
+                      headings=["task", "metric", "value", "stderr", "n", "ex/s"]))
+    if config.save and fmt is OutputFormat.table:  # json/csv: stdout holds the data only
+        stdout_console().print(f"results: {Path(config.out) if config.out else eval_dir(model)}/")
 
 
 @eval_app.command("compare")
 def eval_compare(
     models: Annotated[list[str] | None, typer.Argument(help="models whose saved results to tabulate", show_default=False)] = None,
+    fmt: FormatOption = OutputFormat.table,
 ):
-    """Tabulate every saved eval result of MODELS side by side."""
+    """Tabulate every saved eval result of MODELS side by side (json/csv: `MODEL` and `MODEL stderr` columns)."""
     from lmforge.eval import runner
 
     header, rows = runner.compare(models or [])  # none: a one-line error naming what it needs
-    print_table("lmforge eval compare", header, rows)
+    if fmt is OutputFormat.table:
+        emit(fmt, Listing("results", "lmforge eval compare", header, rows))
+        return
+    loaded = [runner.load_results(m) for m in models or []]
+    columns = ["task", "metric", *(c for m in models or [] for c in (m, f"{m} stderr"))]
+    raw = []
+    for task, metric in ((row[0], row[1]) for row in rows):
+        values = [results.get(task, {}).get("metrics", {}).get(metric) or {} for results in loaded]
+        raw.append([task, metric, *(v for value in values for v in (value.get("value"), value.get("stderr")))])
+    emit(fmt, Listing("results", "lmforge eval compare", columns, raw))

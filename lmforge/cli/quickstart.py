@@ -16,10 +16,10 @@ def quickstart(
     overwrite: Annotated[bool, typer.Option(help="use an --out dir that lmforge's quickstart did not write")] = False,
 ):
     """Run the whole spine on the bundled corpus: tokenizer, tokens, pretraining, eval, sample."""
-    from rich.console import Console
     from rich.table import Table
 
     from lmforge import quickstart as qs
+    from lmforge.cli.tables import stdout_console
 
     config = build_config(qs.QuickstartConfig, args, flags(out=out, overwrite=overwrite))
     results = {r.name: r for r in qs.run(config)}
@@ -28,7 +28,7 @@ def quickstart(
         table.add_column(column)
     for r in results.values():
         table.add_row(r.name, r.status, f"{r.seconds:.1f}", "\n".join(r.outputs))
-    console = Console()
+    console = stdout_console()  # piped: wide, so no stage name or path is folded
     console.print(table)
     _print_summary(console, {name: r.details for name, r in results.items()}, Path(config.out))
     console.print(f"summary: {Path(config.out) / 'summary.json'}")
