@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -164,6 +165,17 @@ def load_config(
     `base`: a verb's own defaults (below the YAML); `flags`: values of command-line
     options, nested by section (above the YAML, below `section.key=value` overrides).
     """
+    return build(model, *merge_layers(model, path, overrides, base, flags))
+
+
+def merge_layers(
+    model: type[BaseModel],
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], str]:
+    """The layers of `load_config` merged into one mapping, not yet validated; and its source."""
     defaults: dict[str, Any] = _deep_merge(section_defaults(model), copy.deepcopy(base or {}))
     given: dict[str, Any] = {}
     source = ""
@@ -178,7 +190,7 @@ def load_config(
         chosen = given.get(name)
         if isinstance(chosen, dict) and isinstance(section, dict) and chosen.get("preset", section.get("preset")) != section.get("preset"):
             defaults[name] = {}
-    return build(model, _deep_merge(defaults, given), source)
+    return _deep_merge(defaults, given), source
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -193,3 +205,72 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def to_yaml(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------ configs that explain themselves
+
+_REQUIRED = object()  # a required key nobody set: printed as null, marked REQUIRED
+
+
+def section_class(annotation: Any) -> type[BaseModel] | None:
+    """The Section a field holds (`RunConfig`, or `RunConfig | None`), else None."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for candidate in (annotation, *(typing.get_args(annotation) if union else ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def key_description(field: Any) -> str:
+    """A field's description plus, for a closed set of values, what is allowed."""
+    choices = [c for arg in (field.annotation, *typing.get_args(field.annotation))
+               if typing.get_origin(arg) is typing.Literal for c in typing.get_args(arg)]
+    parts = [" ".join((field.description or "").split())]
+    if choices:
+        parts.append("one of: " + ", ".join(str(c) for c in choices))
+    return "; ".join(p for p in parts if p)
+
+
+def section_summary(model: type[BaseModel], name: str) -> str:
+    """One line about a section of `model`: its field's description, else its class docstring."""
+    field = model.model_fields[name]
+    cls = section_class(field.annotation)
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0] if cls is not None else ""
+    return " ".join((field.description or doc).split())
+
+
+def commented_yaml(model: type[BaseModel], values: dict[str, Any], indent: int = 0) -> str:
+    """`values` (a config's `model_dump(mode="json")`, or a partial mapping) as YAML that loads
+    back to the same config, each key followed by its description as a `#` comment; keys
+    missing from `values` show their defaults, required ones `null  # REQUIRED`."""
+    from pydantic_core import to_jsonable_python
+
+    pad, lines = "  " * indent, []
+    for name, field in model.model_fields.items():
+        if name in values:
+            value = values[name]
+        elif field.is_required():
+            value = _REQUIRED
+        else:
+            value = to_jsonable_python(field.get_default(call_default_factory=True))
+        note = key_description(field)
+        section = section_class(field.annotation)
+        if section is not None and (isinstance(value, dict) or value is _REQUIRED):
+            summary = section_summary(model, name)
+            lines += [f"{pad}# {summary}"] if summary else []
+            body = commented_yaml(section, value if isinstance(value, dict) else {}, indent + 1)
+            lines.append(f"{pad}{name}:" + ("" if body else " {}"))
+            lines += [body] if body else []
+            continue
+        if value is _REQUIRED:
+            value, note = None, f"REQUIRED{': ' + note if note else ''}"
+        flat = isinstance(value, list) and not any(isinstance(v, (list, dict)) for v in value)
+        text = yaml.safe_dump(value if flat else {name: value}, sort_keys=False, default_flow_style=flat,
+                              width=1 << 20, allow_unicode=True).rstrip("\n").splitlines()
+        text = [f"{name}: {text[0]}"] if flat else text  # a list of scalars on one line: [a, b]
+        if note and len(text) == 1:
+            lines.append(f"{pad}{text[0]}  # {note}")
+        else:
+            lines += [f"{pad}# {note}"] if note else []
+            lines += [pad + line for line in text]
+    return "\n".join(lines)

@@ -11,11 +11,14 @@ exit 2), not a traceback from deep inside torch.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Literal
 
 import torch
 
 from lmforge.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -103,6 +106,11 @@ def inference_dtype(name: str, device: torch.device, key: str = "engine.dtype") 
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return dtype(name, key)
+
+
+def log_choice(key: str, requested: str, device: torch.device, dtype: torch.dtype) -> None:
+    """One INFO line saying where a verb runs and in which dtype: `eval.device=auto: cuda:0, bfloat16`."""
+    log.info("%s=%s: running on %s in %s", key, requested, device, dtype_name(dtype))
 
 
 # ------------------------------------------------------------------------- autocast, compile

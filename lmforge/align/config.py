@@ -24,6 +24,8 @@ class AlignDataConfig(Section):
 
 
 class DPOSettings(Section):
+    """DPO's loss and its beta."""
+
     beta: float = Field(0.1, gt=0, description="strength of the KL anchor to the reference model")
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
 

@@ -19,6 +19,8 @@ from lmforge.train.config import LoopConfig, OptimConfig, RunConfig, ScheduleCon
 
 
 class RLDataConfig(Section):
+    """The prompts to learn from and the held-out test prompts."""
+
     train: str = Field(description="prompt set JSONL(.gz): one record per prompt, with the fields its rewards read")
     test: str | None = Field(None, description="held-out prompts: greedy replies scored at every eval (val_reward)")
     test_limit: int | None = Field(200, ge=1, description="first N held-out prompts; None: all")
@@ -27,6 +29,8 @@ class RLDataConfig(Section):
 
 
 class RolloutConfig(Section):
+    """How answers are sampled each step: prompts, group size, tokens, temperature, epochs."""
+
     prompts_per_step: int = Field(16, ge=1, description="prompts per rollout batch, over all ranks")
     group_size: int = Field(8, ge=2, description="completions sampled per prompt (GRPO's G)")
     max_tokens: int = Field(128, ge=1, description="longest completion; longer ones are cut (finish 'length')")
@@ -47,6 +51,8 @@ class RolloutConfig(Section):
 
 
 class GRPOSettings(Section):
+    """GRPO's clipped objective: clip range, KL penalty, loss aggregation and reward scaling."""
+
     clip_low: float = Field(0.2, ge=0, lt=1, description="ratio floor 1 - clip_low")
     clip_high: float = Field(0.2, ge=0, description="ratio ceiling 1 + clip_high (DAPO's clip-higher: 0.28)")
     kl_coef: float = Field(0.0, ge=0, description="weight of the k3 KL to the starting model; 0: no reference kept")

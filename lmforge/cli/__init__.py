@@ -13,47 +13,64 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import click
 import typer
 
 from lmforge import extras
-from lmforge.cli import data, infer, interop, quickstart, runs, safety, train, verify
+from lmforge.cli import configdoc, data, infer, interop, quickstart, runs, safety, train, verify
 from lmforge.cli.eval import eval_app
 from lmforge.errors import LmforgeError
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="lmforge: curate -> tokenizer -> pretrain -> evaluate -> align -> serve -> monitor, one tool.",
+    help=f"lmforge, one tool for a language model's whole life: {configdoc.PIPELINE}; "
+    "`lmforge quickstart` runs the spine on bundled data.",
     epilog="Config-taking verbs resolve one rule: built-in defaults < CONFIG.yaml < flags < "
-    "section.key=value overrides, merged key by key into each section. Outputs replace only "
+    "section.key=value overrides, merged key by key into each section; `lmforge VERB --help` lists "
+    "its config sections and `lmforge VERB --print-config` prints every key. Outputs replace only "
     "what lmforge wrote (or with --overwrite). LMFORGE_DEBUG=1 or --debug shows tracebacks.",
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(configdoc.version_text())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+    "--version", "-V", is_eager=True, callback=_show_version, help="print lmforge's and torch's versions and exit")] = False) -> None:
+    pass
+
+
+configured = configdoc.configured  # a config-taking verb: --print-config, its sections in --help
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and use byte-level BPE tokenizers.")
-tokenizer_app.command("train")(data.tokenizer_train)
+tokenizer_app.command("train")(configured("lmforge.data.tokenizer_train:TokenizerTrainConfig")(data.tokenizer_train))
 tokenizer_app.command("encode")(data.tokenizer_encode)
 tokenizer_app.command("decode")(data.tokenizer_decode)
 
 # `lmforge --help` lists the verbs in this order (the spine first), then the groups.
-app.command()(quickstart.quickstart)
-app.command()(data.tokenize)
-app.command()(data.curate)
-app.command()(train.train)
+app.command()(configured("lmforge.quickstart:QuickstartConfig")(quickstart.quickstart))
+app.command()(configured("lmforge.data.tokenize:TokenizeConfig")(data.tokenize))
+app.command()(configured("lmforge.data.curate.config:CurateConfig")(data.curate))
+app.command()(configured("lmforge.train.config:TrainConfig")(train.train))
 app.command()(infer.generate)
 app.command()(infer.chat)
-app.command()(infer.serve)
+app.command()(configured("lmforge.serve.config:ServeConfig")(infer.serve))
 app.command()(runs.report)
 app.command()(safety.release)
-app.command()(train.sft)
-app.command()(train.dpo)
-app.command()(train.rm)
-app.command()(train.rl)
+app.command()(configured("lmforge.align.config:AlignConfig")(train.sft))
+app.command()(configured("lmforge.align.config:AlignConfig")(train.dpo))
+app.command()(configured("lmforge.align.config:AlignConfig")(train.rm))
+app.command()(configured("lmforge.align.rl_config:RLConfig")(train.rl))
 app.command()(safety.redteam)
-app.command("train-classifier")(safety.train_classifier)
-app.command("export")(interop.export_model)
-app.command("import")(interop.import_model)
+app.command("train-classifier")(configured("lmforge.safety.classifier:ClassifierConfig")(safety.train_classifier))
+app.command("export")(configured("lmforge.interop.export:ExportConfig")(interop.export_model))
+app.command("import")(configured("lmforge.interop.importer:ImportConfig")(interop.import_model))
 app.command()(verify.verify)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(eval_app, name="eval")
@@ -99,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     command = typer.main.get_command(app)
+    configdoc.describe_sections(command, argv)  # `VERB --help`: its config sections
     verb = next((a for a in argv if not a.startswith("-")), "")
     try:
         # Without standalone mode, click returns a raised typer.Exit's code instead of exiting.

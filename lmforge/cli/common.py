@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import BaseModel
 
+from lmforge.cli import configdoc
 from lmforge.errors import ConfigError
 
 T = TypeVar("T", bound=BaseModel)
@@ -45,6 +46,8 @@ def build_config(model: type[T], args: list[str] | None, flags: dict[str, Any] |
             path = str(config_path(arg))
         else:
             raise ConfigError(f"unexpected argument {arg!r}: expected one CONFIG.yaml or section.key=value")
+    if configdoc.printing():  # --print-config: print what this run would use, then exit 0
+        configdoc.print_config(model, path, overrides, base, flags)
     return load_config(model, path, overrides, base=base, flags=flags)
 
 

@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from lmforge.cli.common import ConfigArgs, build_config, flags, split_list
+from lmforge.cli.configdoc import configured
 from lmforge.cli.tables import FormatOption, Listing, OutputFormat, emit, stdout_console
 
 
@@ -35,6 +36,7 @@ eval_app = typer.Typer(
 
 
 @eval_app.command("run")
+@configured("lmforge.eval.runner:EvalConfig")
 def eval_run(
     model: Annotated[str, typer.Argument(help="model dir, run dir, checkpoint dir or Hub id org/name[@revision]")],
     args: ConfigArgs = None,

@@ -12,7 +12,7 @@ from lmforge.cli.common import ConfigArgs, build_config, flags, split_list
 from lmforge.errors import ConfigError
 
 Model = Annotated[str, typer.Argument(help="model dir, run dir, checkpoint dir or Hub id org/name[@revision]")]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+Device = Annotated[str, typer.Option(help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")]
 Compile = Annotated[bool, typer.Option(help="torch.compile the decode step")]
 
 
@@ -41,7 +41,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
-    device: Device = "cpu",
+    device: Device = "auto",
     compile: Compile = False,
 ):
     """Sample a continuation of PROMPT with the inference engine (KV cache, streaming)."""
@@ -64,7 +64,7 @@ def chat(
     top_k: int | None = None,
     top_p: float = 0.95,
     seed: int | None = None,
-    device: Device = "cpu",
+    device: Device = "auto",
     compile: Compile = False,
 ):
     """Chat in the terminal (or over a pipe: one user turn per line). /reset clears, /exit quits."""

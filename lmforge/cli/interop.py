@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from lmforge.cli.common import ConfigArgs, build_config, flags
+from lmforge.cli.configdoc import configured
 
 lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters.")
 
@@ -52,6 +53,7 @@ def import_model(
 
 
 @lora_app.command("merge")
+@configured("lmforge.interop.export:ExportConfig")
 def lora_merge(
     source: Annotated[str, typer.Argument(help="LoRA run dir, its checkpoint, or an adapter dir")],
     args: ConfigArgs = None,

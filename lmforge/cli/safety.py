@@ -14,7 +14,7 @@ from lmforge.cli.common import ConfigArgs, build_config, flags, print_table, spl
 def release(
     model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")],
     policy: Annotated[str, typer.Option(help="release policy YAML (evals and thresholds)")],
-    device: str = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")] = "auto",
 ):
     """Run a release policy's evals and thresholds; write release.json (exit 1 if it fails)."""
     from lmforge.safety import release as gate

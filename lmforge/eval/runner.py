@@ -48,7 +48,7 @@ class EvalConfig(Section):
     limit: int | None = Field(None, ge=1, description="first N examples of each task")
     max_windows: int | None = Field(None, ge=1, description="token datasets: at most N windows")
     batch_size: int = Field(16, ge=1)
-    device: str = "cpu"
+    device: str = Field("auto", description="auto: cuda if available, else cpu")
     dtype: devices.DtypeName = "auto"
     seed: int = 1234
     out: str | None = Field(None, description="results dir; default: eval/ of the run or model dir")
@@ -75,6 +75,8 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
     task_list = [task for name in config.tasks for task in tasks.resolve_tasks(name)]
     dtype = devices.stored_or(config.dtype, "eval.dtype")
     model, tokenizer, source = load_model(config.model, config.device, dtype)
+    placed = next(model.parameters())
+    devices.log_choice("eval.device", config.device, placed.device, placed.dtype)
     scorer = Scorer(model, tokenizer, config.batch_size)
     common = {
         "model": config.model if hub.is_hub_id(config.model) else str(Path(config.model).resolve()),
@@ -86,8 +88,8 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
         "limit": config.limit,
         "lmforge_version": __version__,
         "torch_version": torch.__version__,
-        "device": config.device,
-        "dtype": devices.dtype_name(next(model.parameters()).dtype),
+        "device": str(placed.device),  # what `auto` chose
+        "dtype": devices.dtype_name(placed.dtype),
     }
     results: dict[str, dict[str, Any]] = {}
 

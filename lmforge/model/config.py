@@ -50,6 +50,8 @@ class MoEConfig(Section):
 
 
 class ModelConfig(Section):
+    """The model's shape: a named preset, or every size and architecture choice."""
+
     preset: str | None = Field(None, description=f"one of: {', '.join(PRESETS)}")
     vocab_size: int | None = Field(None, ge=1, description="None: the tokenizer's, padded to 64")
     dim: int = Field(256, ge=8)

@@ -32,6 +32,8 @@ ALERTS_FILE = "alerts.jsonl"
 
 
 class AlertConfig(Section):
+    """Alerts on loss spikes, exploding gradients, slow or stalled steps and starved MoE experts (RUN/alerts.jsonl, a webhook)."""
+
     enabled: bool = True
     window: int = Field(20, ge=3, description="readings in the running medians")
     spike_factor: float | None = Field(2.0, gt=1, description="loss > this x its running median; None: off (RL's loss is no cross-entropy)")

@@ -88,7 +88,7 @@ def record_dir(model: str | os.PathLike) -> Path:
     return records_dir(model)
 
 
-def run(model: str, policy_path: str, device: str = "cpu") -> ReleaseResult:
+def run(model: str, policy_path: str, device: str = "auto") -> ReleaseResult:
     policy_path = config_path(policy_path)
     policy, policy_sha = load_policy(policy_path)
     results = run_eval(EvalConfig(

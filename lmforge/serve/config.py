@@ -12,6 +12,8 @@ from lmforge.device import DtypeName
 
 
 class EngineConfig(Section):
+    """The inference engine: batch of sequences, context, device and dtype, compile, backend (lmforge or vllm)."""
+
     max_num_seqs: int = Field(16, ge=1, description="sequences decoded together (KV-cache slots)")
     max_model_len: int | None = Field(None, ge=2, description="tokens per sequence; None: the model's context")
     prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens computed per step, over all prefills")
@@ -23,6 +25,8 @@ class EngineConfig(Section):
 
 
 class ServerConfig(Section):
+    """The HTTP server: address, port, served model name, shutdown and logging."""
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     model_name: str | None = Field(None, description="the id clients send as `model`; None: the model dir's name")
@@ -37,6 +41,8 @@ class ServerConfig(Section):
 
 
 class LimitsConfig(Section):
+    """Per-request and queue limits: prompt and output tokens, body size, timeouts."""
+
     max_prompt_tokens: int | None = Field(None, ge=1, description="None: the model's context")
     max_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int | None = Field(
@@ -48,6 +54,8 @@ class LimitsConfig(Section):
 
 
 class AuthConfig(Section):
+    """API keys and per-key rate limits."""
+
     api_keys_file: str | None = Field(None, description="lines of `name:key` or `name:sha256:HEX`")
     api_keys_env: str = Field("LMFORGE_API_KEYS", description="env var with comma-separated `name:key` or keys")
     api_key_env: str = Field("LMFORGE_API_KEY", description="env var holding one key, taken whole (as VLLM_API_KEY)")
@@ -69,10 +77,14 @@ class CorsConfig(Section):
 
 
 class AuditConfig(Section):
+    """The audit log of requests."""
+
     path: str | None = Field("serve_audit.sqlite", description="SQLite file; None: no audit log")
 
 
 class ModerationConfig(Section):
+    """A moderation policy in front of the model: what to check and what to do on a block."""
+
     policy: str | dict[str, Any] | None = Field(
         None, description="moderation policy YAML (configs/moderation.yaml) or its keys inline; None: no policy")
     hook: str | None = Field(None, description="`module:factory` returning your own moderator (instead of a policy)")
@@ -85,6 +97,8 @@ class ModerationConfig(Section):
 
 
 class LoraConfig(Section):
+    """LoRA adapters served over the model, each under its own name."""
+
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters served over the model, {name: adapter dir}; a request's "
         "`model` picks one by name (`lmforge sft lora.enabled=true` writes RUN/adapter)")

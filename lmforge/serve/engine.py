@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.device import compile_unavailable, inference_dtype
+from lmforge.device import compile_unavailable, inference_dtype, log_choice
 from lmforge.device import resolve as resolve_device
 from lmforge.model import Transformer
 from lmforge.serve.backend import (
@@ -128,6 +128,7 @@ class Engine(BaseEngine):
         device = resolve_device(config.device, "engine.device")  # one line, not a traceback, if it is missing
         dtype = inference_dtype(config.dtype, device)
         model, tokenizer, adapters = load_with_adapters(path, device, dtype, lora.adapters, lora.max_rank)
+        log_choice("engine.device", config.device, device, dtype)
         return cls(model, tokenizer, config, adapters)
 
     # -- the public API ------------------------------------------------------------------

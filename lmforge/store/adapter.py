@@ -44,6 +44,8 @@ LORA_TARGETS = ("wqkv", "wo", "w13", "w2")
 
 
 class LoraSettings(Section):
+    """LoRA adapters (peft): train low-rank updates of target modules instead of the whole model."""
+
     enabled: bool = False
     r: int = Field(8, ge=1, description="rank of the update")
     alpha: float = Field(16.0, gt=0, description="scale: the update is multiplied by alpha / r")

@@ -13,18 +13,24 @@ from lmforge.monitor.trackers import TrackerConfig
 
 
 class RunConfig(Section):
+    """Where the run lives (out_dir/name) and its seed."""
+
     name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$")
     out_dir: str = "runs"
     seed: int = 1337
 
 
 class DataConfig(Section):
+    """The token dataset to train on and the sequence length."""
+
     dataset: str = Field(description="token dataset dir written by `lmforge tokenize`")
     seq_len: int = Field(512, ge=8)
     tokenizer: str | None = Field(None, description="None: the tokenizer named in the dataset manifest")
 
 
 class OptimConfig(Section):
+    """The optimizer (AdamW, or Muon for 2-D hidden weights) and its hyperparameters."""
+
     name: Literal["adamw", "muon"] = "adamw"
     lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(0.1, ge=0)
@@ -37,6 +43,8 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
+    """The learning-rate schedule: warmup, then cosine, warmup-stable-decay or constant."""
+
     name: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -44,6 +52,8 @@ class ScheduleConfig(Section):
 
 
 class LoopConfig(Section):
+    """The training loop: steps, batch, device and dtype, logging, validation, checkpoints."""
+
     max_steps: int = Field(1000, ge=1)
     global_batch_tokens: int = Field(65536, ge=1, description="tokens per optimizer step, all ranks")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward pass per rank")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.device import autocast, compute_dtype
+from lmforge.device import autocast, compute_dtype, log_choice
 from lmforge.errors import ConfigError
 from lmforge.eval.tasks import evaluate_all, resolve_tasks
 from lmforge.model import ModelConfig
@@ -94,6 +94,7 @@ class Trainer:
         self.guard = StepGuard(config.faults)
         self.device = env.device
         self.dtype = compute_dtype(self.loop.dtype, self.device)
+        log_choice("train.device", self.loop.device, self.device, self.dtype)
         # FSDP2's mixed-precision policy casts weights itself; autocast is for single and DDP.
         self.compute_dtype = torch.float32 if self.parallel.strategy == "fsdp" else self.dtype
         self.run_dir = RunDir(Path(config.run.out_dir) / config.run.name)

@@ -17,6 +17,8 @@ from lmforge.data.readers import TextSplit
 
 
 class InputConfig(Section):
+    """The raw files, dirs or fsspec URLs to curate and how their text is read."""
+
     paths: list[str] = Field(default_factory=list, description="files or dirs: txt, jsonl(.gz), parquet; local or fsspec URLs")
     text_field: str = "text"
     id_field: str = "id"
@@ -24,6 +26,8 @@ class InputConfig(Section):
 
 
 class OutputConfig(Section):
+    """Where the curated shards, the report and the work dir go."""
+
     dir: str = Field("curated", description="shards + report; replaced atomically when the run finishes")
     format: Literal["jsonl.gz", "parquet"] = "jsonl.gz"
     work_dir: str | None = Field(None, description="intermediate files and completion markers (default: <dir>.work)")
@@ -32,11 +36,15 @@ class OutputConfig(Section):
 
 
 class NormalizeConfig(Section):
+    """Unicode normalization of the text."""
+
     enabled: bool = True
     form: Literal["NFC", "NFKC"] = "NFC"
 
 
 class LanguageConfig(Section):
+    """Language identification: keep documents in these languages."""
+
     enabled: bool = True
     languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep")
     min_score: float = Field(0.65, ge=0, le=1, description="py3langid probability of the top language")
@@ -44,6 +52,8 @@ class LanguageConfig(Section):
 
 
 class GopherRepetitionConfig(Section):
+    """Gopher's repetition filter: duplicated lines, paragraphs and n-grams."""
+
     enabled: bool = True
     dup_line_frac: float | None = 0.3
     dup_para_frac: float | None = 0.3
@@ -52,6 +62,8 @@ class GopherRepetitionConfig(Section):
 
 
 class GopherQualityConfig(Section):
+    """Gopher's quality filter: word counts and lengths, symbols, bullets, stop words."""
+
     enabled: bool = True
     min_doc_words: int | None = 50
     max_doc_words: int | None = 100_000
@@ -65,6 +77,8 @@ class GopherQualityConfig(Section):
 
 
 class C4Config(Section):
+    """C4's line and document filters: punctuation, sentences, lorem ipsum, javascript, policies."""
+
     enabled: bool = True
     # FineWeb keeps lines without terminal punctuation (C4 drops them); the rest is C4's rules.
     filter_no_terminal_punct: bool = False
@@ -78,6 +92,8 @@ class C4Config(Section):
 
 
 class FineWebConfig(Section):
+    """FineWeb's filters: line punctuation, short lines, duplicated characters, new lines."""
+
     enabled: bool = True
     line_punct_thr: float = 0.12
     short_line_thr: float = 0.67
@@ -87,6 +103,8 @@ class FineWebConfig(Section):
 
 
 class PiiConfig(Section):
+    """PII scrubbing: emails, IP addresses and phone numbers replaced by placeholders."""
+
     enabled: bool = True
     emails: bool = True
     ips: bool = True
@@ -98,6 +116,8 @@ class PiiConfig(Section):
 
 
 class ToxicityConfig(Section):
+    """Removal of documents a moderation classifier flags."""
+
     enabled: bool = True
     moderator: str = Field("profanity", description="built-in name or module:factory returning a Moderator")
     threshold: float = Field(0.8, gt=0, le=1, description="a chunk is flagged at this probability")
@@ -105,10 +125,14 @@ class ToxicityConfig(Section):
 
 
 class ExactDedupConfig(Section):
+    """Exact deduplication of documents."""
+
     enabled: bool = True
 
 
 class MinhashConfig(Section):
+    """Near-duplicate removal with MinHash over word n-grams."""
+
     enabled: bool = True
     ngram: int = Field(5, ge=1, description="shingle size in words")
     num_buckets: int = Field(14, ge=1)
@@ -117,6 +141,8 @@ class MinhashConfig(Section):
 
 
 class DecontaminateConfig(Section):
+    """Removal of documents that overlap lmforge's eval sets (n-gram matches)."""
+
     enabled: bool = True
     tasks: list[str] = Field(
         default_factory=lambda: ["python_mc", "stdlib_completion", "arithmetic"],
@@ -127,12 +153,16 @@ class DecontaminateConfig(Section):
 
 
 class ReportConfig(Section):
+    """The curation report: examples per removal reason, and when to warn."""
+
     examples_per_reason: int = Field(3, ge=0)
     example_chars: int = Field(300, ge=20)
     warn_removed_share: float = Field(0.8, ge=0, le=1, description="warn loudly when more documents are removed")
 
 
 class ExecutorConfig(Section):
+    """How datatrove runs: local processes or Ray, workers and tasks."""
+
     kind: Literal["local", "ray"] = "local"
     workers: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)), ge=1)
     tasks: int | None = Field(None, ge=1, description="shards of the input (default: workers)")
