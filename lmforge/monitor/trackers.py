@@ -43,6 +43,8 @@ Backend = Literal["wandb", "mlflow"]
 
 
 class TrackerConfig(Section):
+    """Experiment trackers (W&B, MLflow) that receive the config, the metrics and the eval results."""
+
     backends: list[Backend] = Field(default_factory=list, description="wandb and/or mlflow")
     project: str | None = Field(
         None, description="W&B project / MLflow experiment; default: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else lmforge")
