@@ -22,11 +22,10 @@ from lmforge.align import data as align_data
 from lmforge.align.config import AlignConfig
 from lmforge.align.objectives import DPOObjective, SFTObjective, reference_logprobs
 from lmforge.align.reward_model import RewardModelObjective, encode_pairs
+from lmforge.data.readers import source_record
 from lmforge.device import compute_dtype
 from lmforge.errors import ConfigError, DataError
 from lmforge.model.reward import RewardModel
-from lmforge.shipped import resolve_path
-from lmforge.store import hashes
 from lmforge.store.adapter import apply_lora, base_record, save_adapter, weights_hash
 from lmforge.store.loading import load_model
 from lmforge.store.reward_model_dir import save_reward_model_dir
@@ -83,11 +82,12 @@ def fine_tune(config: AlignConfig, base, tokenizer, source: Path, objective, kin
         built.append(model)
         return model
 
+    dataset = source_record(config.data.train)  # a file or saved dir by content; a Hub dataset by revision
     manifest = {
         "kind": kind,
         "parent": str(Path(source).resolve()),
-        "dataset": str(Path(resolve_path(config.data.train)).resolve()),
-        "dataset_sha256": hashes.sha256_file(resolve_path(config.data.train)),
+        "dataset": dataset["path"],
+        "dataset_sha256": dataset["sha256"],
         "parent_weights_sha256": base_hash,
         "parent_weights_digest": weights_digest_or_none(source),  # of the files, as `lmforge verify` rechecks it
     }

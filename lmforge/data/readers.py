@@ -234,3 +234,11 @@ def fingerprint(source: Source) -> dict[str, Any]:
         while block := f.read(1 << 20):
             digest.update(block)
     return {"path": source, "bytes": fs.size(root), "sha256": digest.hexdigest()}
+
+
+def source_record(name: str | os.PathLike) -> dict[str, Any]:
+    """`fingerprint` of the one source `name` gives (a file, a `datasets` dir, a Hub dataset)."""
+    sources = expand_inputs([name])
+    if len(sources) != 1:
+        raise DataError(f"{name}: expected one file or dataset, found {len(sources)} files")
+    return fingerprint(sources[0])
