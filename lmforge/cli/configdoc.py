@@ -78,7 +78,12 @@ def print_config(model: type[BaseModel], path: str | None, overrides: list[str],
         if any(e["type"] != "missing" for e in err.errors()):
             raise ConfigError(format_validation_error(err, model, source)) from None
         values = data
-    layers = " < ".join(["built-in defaults", *([source] if source else []), "flags", "key=value overrides"])
+    print_resolved(model, values, " < ".join(["built-in defaults", *([source] if source else []), "flags",
+                                              "key=value overrides"]), missing)
+
+
+def print_resolved(model: type[BaseModel], values: dict[str, Any], layers: str, missing: list[str] | None = None) -> None:
+    """Print a resolved config (`layers`: where it came from) as commented YAML; exit 0."""
     typer.echo(f"# {model.__name__}, resolved: {layers}\n{commented_yaml(model, values)}")
     if missing:
         typer.echo(f"note: set {', '.join(repr(m) for m in missing)} before running "

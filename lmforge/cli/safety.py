@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from lmforge.cli import configdoc
 from lmforge.cli.common import ConfigArgs, build_config, flags, print_table, split_list
 
 
@@ -19,6 +20,11 @@ def release(
     """Run a release policy's evals and thresholds; write release.json (exit 1 if it fails)."""
     from lmforge.safety import release as gate
 
+    if configdoc.printing():  # --print-config: the policy as the gate would read it
+        from lmforge.shipped import config_path
+
+        resolved, _ = gate.load_policy(policy)
+        configdoc.print_resolved(gate.ReleasePolicy, resolved.model_dump(mode="json"), str(config_path(policy)))
     result = gate.run(model, policy, device)
     rows = [[c["metric"], "-" if c["value"] is None else f"{c['value']:.4f}",
              "" if c["min"] is None else str(c["min"]), "" if c["max"] is None else str(c["max"]),

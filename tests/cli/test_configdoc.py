@@ -69,6 +69,17 @@ def test_print_config_output_fed_back_as_config_resolves_to_the_same_config(verb
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resolved.yaml"]  # nothing ran, nothing written
 
 
+def test_release_prints_its_resolved_policy_which_loads_back_the_same(capsys, tmp_path):
+    code, first, err = run(capsys, "release", "some-model", "--policy", "release", "--print-config")
+    assert code == 0, err
+    assert body(first)["thresholds"]["python_mc/acc"]["min"] == 0.3 and "# 'task/metric' -> {min, max}" in first
+    saved = tmp_path / "policy.yaml"
+    saved.write_text(first)
+    code, again, err = run(capsys, "release", "some-model", "--policy", str(saved), "--print-config")
+    assert code == 0 and body(again) == body(first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.yaml"]  # no release record written
+
+
 def test_every_config_taking_verb_has_print_config_and_names_its_config():
     def commands(group, path=()):
         for name, command in getattr(group, "commands", {}).items():
