@@ -154,3 +154,21 @@ def test_serve_reports_the_model_and_release_digests(pipeline, monkeypatch):
         assert entry["model_digest"] == model_digest and entry["release_digest"] == release_digest
         reply = client.post("/v1/completions", json={"model": entry["id"], "prompt": "The list", "max_tokens": 2})
         assert reply.status_code == 200 and reply.headers["x-lmforge-model-digest"] == model_digest
+
+
+def test_a_fine_tune_verifies_through_its_data_file_and_parent_weights(pipeline, tmp_path, capsys):
+    texts = [json.loads(line)["text"] for line in pipeline["raw"].read_text(encoding="utf-8").splitlines()[:40]]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Continue: " + t[:60]},
+                                                      {"role": "assistant", "content": t[60:160]}]}) + "\n"
+                             for t in texts), encoding="utf-8")
+    assert main(["sft", str(pipeline["run"]), "run.name=sft", f"run.out_dir={tmp_path / 'runs'}",
+                 f"data.train={chats}", "data.seq_len=64", "train.max_steps=2", "train.global_batch_tokens=256",
+                 "train.micro_batch_size=4", "train.device=cpu", "train.eval_every=0", "train.progress=false"]) == 0
+    code, out = verify(tmp_path / "runs" / "sft", capsys)
+    assert code == 0, out
+    assert f"raw file: {chats}" in out and "checkpoint: " + str(pipeline["run"].resolve()) in out
+    assert f"raw file: {pipeline['raw'].resolve()}" in out  # through the parent's token dataset
+    with one_byte_changed(chats):
+        code, out = verify(tmp_path / "runs" / "sft", capsys)
+    assert code == 1 and f"lineage BROKEN at raw file {chats}" in out
