@@ -32,7 +32,7 @@ from lmforge.serve.protocol_responses import (
 )
 from lmforge.serve.responses import SSE_HEADERS
 from lmforge.serve.streaming import stream
-from lmforge.serve.tools import parse_tool_calls, reads_tool_calls
+from lmforge.serve.tools import ToolCallStream, parse_tool_calls, reads_tool_calls
 
 # A finish reason -> (status, incomplete_details.reason)
 STATUS = {"stop": ("completed", None), "length": ("incomplete", "max_output_tokens"),
@@ -123,10 +123,11 @@ class ResponseBuilder:
     def __init__(self, job: Job, body: ResponsesRequest, chat: ChatCompletionRequest, turns: list[dict],
                  store: ResponseStore):
         self.job, self.body, self.turns, self.store = job, body, turns, store
-        self.tools = reads_tool_calls(chat)  # replies are read for calls, so streamed whole at their end
-        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.tools = reads_tool_calls(chat)  # replies are read for tool calls
+        self.call_stream = ToolCallStream()  # a streamed reply's text and calls, as they come
+        self.items: list[dict] = []  # a streamed reply's output items so far
+        self.open = False  # whether the last of them is still growing
         self.sequence = 0
-        self.text = ""  # what the client has been sent
         self.reason: str | None = None
 
     def response(self, status: str, output: list[dict], reason: str | None = None) -> dict:
@@ -154,35 +155,36 @@ class ResponseBuilder:
                 "output_tokens": job.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": job.prompt_tokens + job.completion_tokens}
 
-    def message(self, status: str, text: str | None) -> dict:
+    def message(self, status: str, text: str | None, item_id: str | None = None) -> dict:
         content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
-        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+        return {"type": "message", "id": item_id or f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
+                "content": content}
 
-    def output(self, text: str, status: str) -> tuple[list[dict], dict]:
-        """A reply's output items (its text as a message, its tool calls as function_call items) and
-        its turn in the conversation."""
+    @staticmethod
+    def function_call(call_id: str, name: str, arguments: str, status: str) -> dict:
+        return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call_id, "name": name,
+                "arguments": arguments, "status": status}
+
+    def output(self, text: str, status: str) -> list[dict]:
+        """A whole reply's output items: its text as a message, its tool calls as function_call items."""
         if not self.tools:
-            return [self.message(status, text)], {"role": "assistant", "content": text}
+            return [self.message(status, text)]
         content, calls = parse_tool_calls(text)
         items = [self.message(status, content or "")] if content or not calls else []
-        items += [{"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id,
-                   "name": call.function.name, "arguments": call.function.arguments, "status": "completed"}
-                  for call in calls]
-        turn: dict[str, Any] = {"role": "assistant", "content": content}
-        if calls:
-            turn["tool_calls"] = [call.model_dump() for call in calls]
-        return items, turn
+        return items + [self.function_call(c.id, c.function.name, c.function.arguments, "completed") for c in calls]
 
-    def finished(self, text: str, reason: str | None) -> dict:
-        """The whole response once generation ended; stored (with its conversation) when `store`."""
+    def finished(self, text: str, reason: str | None, items: list[dict] | None = None) -> dict:
+        """The whole response once generation ended (`items`: as streamed); stored, with its
+        conversation, when `store`."""
         status, detail = STATUS.get(reason, ("failed", None))
-        output, turn = self.output(text, "completed" if status == "completed" else "incomplete")
-        response = self.response(status, output, detail)
+        if items is None:
+            items = self.output(text, "completed" if status == "completed" else "incomplete")
+        response = self.response(status, items, detail)
         if self.body.store and status != "failed":
-            self.store.put(self.job.id, self.job.key_id, response, self.turns + [turn])
+            self.store.put(self.job.id, self.job.key_id, response, self.turns + [_turn(items)])
         return response
 
-    # -- streaming ---------------------------------------------------------------------------
+    # -- streaming: items open and close as the reply's text and calls come ------------------
 
     def event(self, kind: str, **fields) -> str:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -192,51 +194,92 @@ class ResponseBuilder:
     def opening(self) -> list[str]:
         started = self.response("in_progress", [])
         events = [self.event("response.created", response=started), self.event("response.in_progress", response=started)]
-        if not self.tools:  # the message streams as it comes
-            events += self.item_opening(0, self.message("in_progress", None))
+        if not self.tools:  # one message, open from the start
+            events += self._open(self.message("in_progress", ""))
         return events
-
-    def item_opening(self, index: int, item: dict) -> list[str]:
-        if item["type"] == "function_call":
-            return [self.event("response.output_item.added", output_index=index,
-                               item={**item, "arguments": "", "status": "in_progress"})]
-        return [self.event("response.output_item.added", output_index=index, item=self.message("in_progress", None)),
-                self.event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
-                           part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
 
     def delta(self, text: str, reason: str | None) -> str:
         self.reason = reason or self.reason
-        self.text += text
-        if not text or self.tools:
+        if not text:
             return ""
-        return self.event("response.output_text.delta", item_id=self.message_id, output_index=0, content_index=0,
-                          delta=text, logprobs=[])
-
-    def item_closing(self, index: int, item: dict) -> list[str]:
-        if item["type"] == "function_call":
-            where = {"item_id": item["id"], "output_index": index}
-            return [self.event("response.function_call_arguments.delta", **where, delta=item["arguments"]),
-                    self.event("response.function_call_arguments.done", **where, arguments=item["arguments"]),
-                    self.event("response.output_item.done", output_index=index, item=item)]
-        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        part = item["content"][0]
-        events = [self.event("response.output_text.delta", **where, delta=part["text"], logprobs=[])] \
-            if self.tools and part["text"] else []
-        return [*events, self.event("response.output_text.done", **where, text=part["text"], logprobs=[]),
-                self.event("response.content_part.done", **where, part=part),
-                self.event("response.output_item.done", output_index=index, item=item)]
+        return "".join(self._apply(self.call_stream.feed(text) if self.tools else [{"content": text}]))
 
     def closing(self) -> list[str]:
-        response = self.finished(self.text, self.reason)
-        events = []
-        for index, item in enumerate(response["output"]):
-            if self.tools:  # nothing of a reply read for calls went out before its end
-                events += self.item_opening(index, item)
-            events += self.item_closing(index, item)
+        events = self._apply(self.call_stream.finish()) if self.tools else []
+        status, _ = STATUS.get(self.reason, ("failed", None))
+        if not self.items:  # nothing came: an empty message
+            events += self._open(self.message("in_progress", ""))
+        events += self._close("completed" if status == "completed" else "incomplete")
+        response = self.finished("", self.reason, self.items)
         kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
             response["status"], "response.failed")
         return [*events, self.event(kind, response=response)]
 
+    def _apply(self, deltas: list[dict]) -> list[str]:
+        """Events for chat-style deltas ({"content"} or {"tool_calls"}, as `ToolCallStream` makes them)."""
+        events: list[str] = []
+        for delta in deltas:
+            if delta.get("content"):
+                if not (self.open and self.items[-1]["type"] == "message"):
+                    events += self._close("completed") + self._open(self.message("in_progress", ""))
+                index, item = len(self.items) - 1, self.items[-1]
+                item["content"][0]["text"] += delta["content"]
+                events.append(self.event("response.output_text.delta", item_id=item["id"], output_index=index,
+                                         content_index=0, delta=delta["content"], logprobs=[]))
+            for call in delta.get("tool_calls", []):
+                if "id" in call:  # a call begins
+                    events += self._close("completed") + self._open(
+                        self.function_call(call["id"], call["function"]["name"], "", "in_progress"))
+                elif call["function"].get("arguments"):
+                    index, item = len(self.items) - 1, self.items[-1]
+                    item["arguments"] += call["function"]["arguments"]
+                    events.append(self.event("response.function_call_arguments.delta", item_id=item["id"],
+                                             output_index=index, delta=call["function"]["arguments"]))
+        return events
+
+    def _open(self, item: dict) -> list[str]:
+        self.items.append(item)
+        self.open, index = True, len(self.items) - 1
+        if item["type"] == "function_call":
+            return [self.event("response.output_item.added", output_index=index, item=item)]
+        return [self.event("response.output_item.added", output_index=index, item={**item, "content": []}),
+                self.event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                           part=item["content"][0])]
+
+    def _close(self, status: str) -> list[str]:
+        if not self.open:
+            return []
+        self.open, index, item = False, len(self.items) - 1, self.items[-1]
+        if item["type"] == "function_call":  # a call the reply ended inside is not one to run
+            item["status"] = "completed" if _json_object(item["arguments"]) else "incomplete"
+            return [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                               arguments=item["arguments"]),
+                    self.event("response.output_item.done", output_index=index, item=item)]
+        item["status"] = status
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        part = item["content"][0]
+        return [self.event("response.output_text.done", **where, text=part["text"], logprobs=[]),
+                self.event("response.content_part.done", **where, part=part),
+                self.event("response.output_item.done", output_index=index, item=item)]
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _turn(items: list[dict]) -> dict:
+    """A reply's output items as the assistant's turn in the stored conversation; calls that did
+    not finish are left out (they could not be answered)."""
+    content = "".join(part["text"] for item in items if item["type"] == "message" for part in item["content"])
+    calls = [{"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+             for item in items if item["type"] == "function_call" and item["status"] == "completed"]
+    turn: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    if calls:
+        turn["tool_calls"] = calls
+    return turn
 
 def _dump(value) -> Any:
     return value.model_dump(by_alias=True) if hasattr(value, "model_dump") else value

@@ -62,6 +62,7 @@ def test_streamed_events_come_in_openais_order_and_their_deltas_join_to_the_repl
     assert "".join(deltas) == events[-4].text == final.output_text == whole.output_text
     assert final.usage.output_tokens == whole.usage.output_tokens == 16
     assert events[0].response.status == "in_progress" and final.id == events[0].response.id
+    assert c.responses.retrieve(final.id).output_text == final.output_text  # a streamed response is stored too
 
 
 def test_previous_response_id_continues_the_stored_conversation(served):
@@ -159,13 +160,17 @@ def test_a_streamed_tool_call_sends_its_arguments_events_and_the_same_call(tool_
               "tool_choice": {"type": "function", "name": "get_weather"}, "parallel_tool_calls": False}
     whole = c.responses.create(**kwargs)
     events = list(c.responses.create(**kwargs, stream=True))
-    assert [e.type for e in events] == [
-        "response.created", "response.in_progress", "response.output_item.added",
-        "response.function_call_arguments.delta", "response.function_call_arguments.done",
-        "response.output_item.done", "response.completed"]
+    kinds = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    # The arguments stream as the model writes them, in more than one piece.
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     *["response.function_call_arguments.delta"] * len(deltas),
+                     "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert len(deltas) > 1 and events[2].item.name == "get_weather" and events[2].item.arguments == ""
     call, expected = events[-2].item, whole.output[0]
     assert call.type == expected.type == "function_call" and len(whole.output) == 1
-    assert call.name == expected.name and call.arguments == events[4].arguments == expected.arguments
+    assert call.name == expected.name and call.arguments == "".join(deltas) == events[-3].arguments == expected.arguments
+    assert call.call_id == events[2].item.call_id == events[-1].response.output[0].call_id
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
