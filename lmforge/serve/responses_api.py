@@ -5,8 +5,10 @@ as turns, a previous response's conversation before them) and runs through the s
 moderation, rate limits, engine, metrics and audit log as /v1/chat/completions. The reply is
 a `response` object, or its SSE events in OpenAI's order. Stored responses (`store`, the
 default) keep their conversation in a bounded in-memory LRU (`server.responses_store_size`)
-so `previous_response_id` continues it; a server restart forgets them, as it forgets
-everything else in memory.
+so `previous_response_id` continues it (without its `instructions`, as OpenAI: each request
+states its own); a server restart forgets them, as it forgets everything else in memory. Tools,
+tool_choice and text.format become the chat request's, so tool calls and structured outputs
+work as in chat completions (`tools`, `structured`).
 """
 
 from __future__ import annotations
