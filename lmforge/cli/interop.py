@@ -21,9 +21,20 @@ def export_model(
     max_shard_size: Annotated[str | None, typer.Option(help="split weights past this size (5GB, 500MB)")] = None,
     name: Annotated[str | None, typer.Option(help="model name in the card")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing out dir")] = False,
+    push_to_hub: Annotated[str | None, typer.Option(help="then upload the dir to this Hub model repo (org/name)")] = None,
+    private: Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repo private")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="--push-to-hub: list what would be uploaded, send nothing")] = False,
 ):
-    """Write a Hugging Face model dir (safetensors, config, tokenizer, chat template, card)."""
+    """Write a Hugging Face model dir (safetensors, config, tokenizer, chat template, card); --push-to-hub uploads it."""
+    from lmforge.errors import ConfigError
     from lmforge.interop import export
+
+    if (private or dry_run) and not push_to_hub:
+        raise ConfigError("--private and --dry-run go with --push-to-hub REPO")
+    if push_to_hub:
+        from lmforge.interop.push import check_push
+
+        check_push(push_to_hub, dry_run)  # a bad id or offline mode fails before the export
 
     config = build_config(export.ExportConfig, args, flags(
         model=model, out=out, dtype=dtype, max_shard_size=max_shard_size, name=name, overwrite=overwrite,
@@ -31,6 +42,10 @@ def export_model(
     result = export.run(config)
     typer.echo(f"{result.params:,} params ({result.dtype}) -> {result.out}: {', '.join(result.files)}")
     typer.echo(f"load it: AutoModelForCausalLM.from_pretrained({str(result.out)!r})")
+    if push_to_hub:
+        from lmforge.interop.push import push_to_hub as push
+
+        typer.echo("\n".join(push(result.out, push_to_hub, private=private, dry_run=dry_run).lines))
 
 
 def import_model(

@@ -47,18 +47,21 @@ def files_to_upload(directory: Path) -> list[tuple[str, int]]:
     return [(p.relative_to(directory).as_posix(), p.stat().st_size) for p in found]
 
 
-def check_repo_id(repo: str) -> None:
-    """A one-line error unless `repo` is `org/name` (checked before the export, not after it)."""
+def check_push(repo: str, dry_run: bool = False) -> None:
+    """A one-line error unless `repo` is `org/name` and (for a real upload) the Hub is not off:
+    checked before the export, not after it."""
     parsed = hub.parse(repo)
     if parsed is None or parsed[1] is not None or repo.startswith("hf://"):
         raise ConfigError(f"--push-to-hub: {repo!r} is not a Hub repo id (org/name)")
+    if not dry_run and hub.offline():
+        raise ConfigError(f"--push-to-hub {repo}: HF_HUB_OFFLINE is set; unset it to upload (or pass --dry-run)")
 
 
 def push_to_hub(directory: str | os.PathLike, repo: str, private: bool = False, dry_run: bool = False,
                 commit_message: str | None = None) -> PushResult:
     """Upload `directory` (an exported model dir) as the Hub model repo `repo`; with `dry_run`, only plan it."""
     directory = Path(directory)
-    check_repo_id(repo)
+    check_push(repo, dry_run)
     files = files_to_upload(directory)
     if not files:
         raise OutputError(f"--push-to-hub: {directory} holds no files to upload")
@@ -69,8 +72,6 @@ def push_to_hub(directory: str | os.PathLike, repo: str, private: bool = False, 
     result.lines += [f"  {name}  {_size(size)}" for name, size in files]
     if dry_run:
         return result
-    if hub.offline():
-        raise ConfigError(f"--push-to-hub {repo}: HF_HUB_OFFLINE is set; unset it to upload (or pass --dry-run)")
     from huggingface_hub import HfApi
 
     api = HfApi()
