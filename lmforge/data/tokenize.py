@@ -26,6 +26,7 @@ from lmforge import __version__, atomic
 from lmforge.config import Section
 from lmforge.data.readers import Source, TextSplit, expand_inputs, fingerprint, read_documents
 from lmforge.errors import DataError
+from lmforge.monitor.progress import Progress
 from lmforge.store import hashes
 from lmforge.store.token_dataset import FORMAT, KIND, MANIFEST, SPLITS
 from lmforge.tokenizer import LmTokenizer, load_tokenizer
@@ -141,7 +142,7 @@ def run(config: TokenizeConfig) -> dict:
     docs = (d for d in read_documents(files, config.text_field, config.text_split) if d)
     chunks = _chunks(docs, config.docs_per_chunk)
 
-    with atomic.atomic_dir(config.out, KIND) as tmp:
+    with atomic.atomic_dir(config.out, KIND) as tmp, Progress("tokenize", unit="doc") as progress:
         writers = {s: ShardWriter(tmp, s, dtype, config.shard_tokens) for s in SPLITS}
         index = 0
         for texts, ids_batch in _encode_stream(chunks, tokenizer, config.num_workers):
@@ -152,6 +153,7 @@ def run(config: TokenizeConfig) -> dict:
                 row[1:] = ids
                 writers[split].add(row, len(text.encode("utf-8")))
                 index += 1
+            progress.update(len(texts), tokens=f"{sum(w.tokens for w in writers.values()):,}")
         splits = {s: w.finish() for s, w in writers.items()}
         if splits["train"]["documents"] == 0:
             raise DataError(f"no non-empty documents in {', '.join(map(str, config.inputs))}")

@@ -15,6 +15,7 @@ from lmforge import atomic
 from lmforge.config import Section
 from lmforge.data.readers import TextSplit, expand_inputs, read_documents
 from lmforge.errors import OutputError, TokenizerError
+from lmforge.monitor.progress import Progress, bars_enabled
 from lmforge.store import lineage
 from lmforge.tokenizer import (
     SPECIAL_TOKENS,
@@ -42,16 +43,19 @@ def run_train(config: TokenizerTrainConfig) -> LmTokenizer:
         raise OutputError(f"refusing to replace {existing}: lmforge did not train it "
                           "(pass --overwrite to replace it, or choose another --out)")
     files = expand_inputs(config.inputs)
-    counter = {"documents": 0}
+    # On a terminal the BPE trainer draws its own bars (reading, counting pairs, merges);
+    # ours only counts the documents (and tells a `progress.listen` callback).
+    reading = Progress("tokenizer train", unit="doc", bar=False)
 
     def documents() -> Iterator[str]:
         for text in read_documents(files, config.text_field, config.text_split):
             if text:
-                counter["documents"] += 1
+                reading.update()
                 yield text
 
-    tokenizer = train_tokenizer(documents(), config.vocab_size, config.min_frequency)
-    if counter["documents"] == 0:
+    with reading:
+        tokenizer = train_tokenizer(documents(), config.vocab_size, config.min_frequency, show_progress=bars_enabled())
+    if reading.done == 0:
         raise TokenizerError(f"no non-empty documents in {', '.join(config.inputs)}")
     tokenizer.save(config.out)
     lineage.write(config.out, lineage.TOKENIZER, [lineage.raw_file(f) for f in files],

@@ -8,11 +8,13 @@ told apart. `compare` tabulates those files across models.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from lmforge.data.readers import expand_inputs, read_documents
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.eval import perplexity, tasks
 from lmforge.eval.scoring import Scorer
+from lmforge.monitor.progress import Progress
 from lmforge.monitor.trackers import TrackerConfig, log_eval_results
 from lmforge.store import checkpoint, hashes, token_dataset
 from lmforge.store.hashes import model_hash
@@ -105,21 +108,19 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
 
     for task in task_list:
         start = time.perf_counter()
-        body = tasks.evaluate(task, scorer, config.limit, config.seed)
+        with _scoring(scorer, f"eval {task.spec.name}", _requests(task, config.limit)):
+            body = tasks.evaluate(task, scorer, config.limit, config.seed)
         body["data"] = {"path": str(task.path),  # a Hub dataset is named by its id
                         "sha256": hashes.sha256_file(task.path) if Path(task.path).is_file() else None}
         record(task.spec.name, task.spec.type, body, time.perf_counter() - start, body["n"])
 
     for item in config.data:
         start = time.perf_counter()
-        figures = _bits_per_byte(item, config, scorer)
-        body = {
-            "metrics": {k: {"value": figures[k], "stderr": None} for k in ("bits_per_byte", "byte_perplexity", "token_perplexity")},
-            "n": figures["documents"],
-            "tokens": figures["tokens"],
-            "bytes": figures["bytes"],
-            "data": {"path": str(Path(item).resolve())},
-        }
+        with _scoring(scorer, f"eval {Path(item).name}", None):
+            figures = _bits_per_byte(item, config, scorer)
+        body = {"metrics": {k: {"value": figures[k], "stderr": None} for k in ("bits_per_byte", "byte_perplexity", "token_perplexity")},
+                "n": figures["documents"], "tokens": figures["tokens"], "bytes": figures["bytes"],
+                "data": {"path": str(Path(item).resolve())}}
         record(f"bpb-{_slug(Path(item).name.split('.')[0])}", "perplexity", body, time.perf_counter() - start, figures["documents"])
 
     if config.harness:
@@ -159,6 +160,25 @@ def _report_to_trackers(config: EvalConfig, source: Path, results: dict[str, dic
     backends = log_eval_results(directory, f"eval-{Path(config.model).name}", values, step, config.trackers)
     if backends:
         log.info("eval results sent to %s", ", ".join(backends))
+
+
+@contextlib.contextmanager
+def _scoring(scorer: Scorer, desc: str, total: int | None) -> Iterator[None]:
+    """A progress bar (on a terminal) over the requests `scorer` serves inside the block."""
+    with Progress(desc, total, unit="req") as progress:
+        scorer.progress = progress
+        try:
+            yield
+        finally:
+            scorer.progress = None
+
+
+def _requests(task: tasks.Task, limit: int | None) -> int:
+    """How many requests a task makes of the scorer: one per choice, or one per example."""
+    examples = task.examples[:limit] if limit else task.examples
+    if task.spec.type == "multiple_choice":
+        return sum(len(ex.choices) for ex in examples)
+    return len(examples)
 
 
 def _finite(value: Any) -> float | None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import Transformer
+from lmforge.monitor.progress import Progress
 from lmforge.serve.config import EngineConfig
 from lmforge.serve.engine import Engine
 from lmforge.serve.sampling import SamplingParams
@@ -39,6 +40,11 @@ class Scorer:
         self.add_bos_token = add_bos_token and tokenizer.bos_id is not None
         self.device = next(model.parameters()).device
         self._engine: Engine | None = None  # built on the first generation
+        self.progress: Progress | None = None  # `lmforge eval` counts requests scored here
+
+    def _advance(self, requests: int) -> None:
+        if self.progress is not None:
+            self.progress.update(requests)
 
     @property
     def prefix_token_id(self) -> int:
@@ -87,6 +93,7 @@ class Scorer:
                 logprob = scored.gather(-1, target[:, None]).sum().item()
                 greedy = bool((scored.argmax(-1) == target).all())
                 results[index] = (logprob, greedy)
+            self._advance(len(batch))
         return results  # type: ignore[return-value]
 
     def rolling_windows(self, ids: list[int]) -> Iterator[tuple[list[int], list[int]]]:
@@ -126,4 +133,6 @@ class Scorer:
         if self._engine is None:
             self._engine = Engine(self.model, self.tokenizer, EngineConfig(max_num_seqs=1))
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[s for s in until if s])
-        return self._engine.run_to_completion([prompt], params)[0].text
+        text = self._engine.run_to_completion([prompt], params)[0].text
+        self._advance(1)
+        return text

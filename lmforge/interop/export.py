@@ -23,6 +23,7 @@ from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.interop import model_card
 from lmforge.model import Transformer
+from lmforge.monitor.progress import Progress
 from lmforge.store import checkpoint, hashes, hf, verify
 from lmforge.store import lineage as lineage_record
 from lmforge.store.adapter import is_adapter_dir
@@ -148,28 +149,34 @@ def run(config: ExportConfig) -> ExportResult:
     check_out_dir(out, source, config.overwrite)
     max_shard_bytes = hf.parse_size(config.max_shard_size)
     dtype = devices.dtype(config.dtype, "export.dtype")
-    model, tokenizer, source = load_model(source, base=config.base)
-    lineage, run_dir, step, training = source_lineage(source)
-    lineage.update(
-        exported_by=f"lmforge {__version__}",
-        export_git_commit=git_commit(),
-        exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        export_dtype=config.dtype,
-        tokenizer_hash=lineage.get("tokenizer_hash") or tokenizer.hash(),
-    )
-    name = config.name or out.resolve().name
-
-    def finish(tmp: Path, files: list[str]) -> str:
-        if config.verify:
-            verify_round_trip(tmp, model, dtype)
-        lineage[TOKENIZER_JSON_HASH] = load_tokenizer(tmp).hash()
-        digests = {f: hashes.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
-        chain = record_lineage(tmp, source, files)
-        return model_card.render(
-            name, model.config, config.dtype, digests, lineage, model_card.collect_evals(run_dir, step), training,
-            chain=[line.replace(str(tmp), str(out.resolve())) for line in chain],
+    # A bar over four steps on a terminal: loaded, weights written, round trip checked, hashed and carded.
+    with Progress(f"export {out.name}", total=4, unit="step", log_end=False) as progress:
+        model, tokenizer, source = load_model(source, base=config.base)
+        progress.update(1, step="loaded")
+        lineage, run_dir, step, training = source_lineage(source)
+        lineage.update(
+            exported_by=f"lmforge {__version__}",
+            export_git_commit=git_commit(),
+            exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            export_dtype=config.dtype,
+            tokenizer_hash=lineage.get("tokenizer_hash") or tokenizer.hash(),
         )
+        name = config.name or out.resolve().name
 
-    files = save_model_dir(out, model, tokenizer, dtype, max_shard_bytes, finish)
+        def finish(tmp: Path, files: list[str]) -> str:
+            progress.update(1, step="written")
+            if config.verify:
+                verify_round_trip(tmp, model, dtype)
+            progress.update(1, step="verified" if config.verify else "not verified")
+            lineage[TOKENIZER_JSON_HASH] = load_tokenizer(tmp).hash()
+            digests = {f: hashes.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
+            chain = record_lineage(tmp, source, files)
+            return model_card.render(
+                name, model.config, config.dtype, digests, lineage, model_card.collect_evals(run_dir, step), training,
+                chain=[line.replace(str(tmp), str(out.resolve())) for line in chain],
+            )
+
+        files = save_model_dir(out, model, tokenizer, dtype, max_shard_bytes, finish)
+        progress.update(1, step="hashed")
     log.info("exported %s -> %s (%s)", source, out, config.dtype)
     return ExportResult(out, files, model.config.num_params(), config.dtype)

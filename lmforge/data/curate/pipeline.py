@@ -22,6 +22,7 @@ alone (no shards), so the funnel shows why, and still fails.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,6 +40,7 @@ from lmforge.data.curate.audit import Audited, Ledger, read_ledgers
 from lmforge.data.curate.config import CurateConfig
 from lmforge.data.curate.reader import CurationReader, expand_inputs
 from lmforge.errors import DataError
+from lmforge.monitor.progress import Progress, silence_tqdm_in
 from lmforge.store import hashes, lineage
 
 log = logging.getLogger(__name__)
@@ -285,18 +287,11 @@ def run(config: CurateConfig) -> CurateResult:
     if quiet_bars:  # datatrove's dedup stages draw tqdm bars for sub-second steps; workers inherit this
         os.environ["TQDM_DISABLE"] = "1"
     try:
-        for i, stage in enumerate(stages, 1):
-            log.info("curate: stage %d/%d %s (%d task%s)", i, len(stages), stage.name, stage.tasks,
-                     "s" if stage.tasks > 1 else "")
-            start = time.perf_counter()
-            _executor(config, stage, work / "logs" / stage.name).run()
-            seconds[stage.name] = round(time.perf_counter() - start, 3)
-            if stage.name == "filter":
-                _check_something_read(work)
-                if len(stages) > 1 and not any((work / "filtered").glob("*.jsonl.gz")):
-                    # datatrove's dedup readers fail on an empty folder; there is nothing to dedup.
-                    log.warning("curate: the filters removed every document; deduplication skipped")
-                    break
+        # One bar over the stages (on a terminal). datatrove's own bars stay hidden unless the log
+        # level is DEBUG: in workers through the env, here (tqdm read its env at import) patched.
+        with Progress("curate", total=len(stages), unit="stage", log_end=False) as progress, \
+                (silence_tqdm_in("datatrove") if quiet_bars else contextlib.nullcontext()):
+            _run_stages(config, stages, work, seconds, progress)
     finally:
         from datatrove.utils.logging import setup_default_logger
 
@@ -310,6 +305,21 @@ def run(config: CurateConfig) -> CurateResult:
     if not config.output.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return CurateResult(out, report, shards)
+
+
+def _run_stages(config: CurateConfig, stages: list[Stage], work: Path, seconds: dict[str, float], progress: Progress) -> None:
+    for i, stage in enumerate(stages, 1):
+        progress.write(f"stage {i}/{len(stages)} {stage.name} ({stage.tasks} task{'s' if stage.tasks > 1 else ''})")
+        start = time.perf_counter()
+        _executor(config, stage, work / "logs" / stage.name).run()
+        seconds[stage.name] = round(time.perf_counter() - start, 3)
+        progress.update(1, stage=stage.name)
+        if stage.name == "filter":
+            _check_something_read(work)
+            if len(stages) > 1 and not any((work / "filtered").glob("*.jsonl.gz")):
+                # datatrove's dedup readers fail on an empty folder; there is nothing to dedup.
+                log.warning("curate: the filters removed every document; deduplication skipped")
+                return
 
 
 def _nothing_left(out: Path, work: Path, config: CurateConfig, report: dict) -> None:
