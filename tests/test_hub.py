@@ -103,3 +103,20 @@ def test_a_tokenizer_is_named_by_hub_id(exported, offline_cache):
     assert load_tokenizer("org/tiny").hash() == load_tokenizer(exported).hash()
     with pytest.raises(LmforgeError, match="org/missing"):
         load_tokenizer("org/missing")
+
+
+def test_eval_reads_a_task_from_a_cached_hub_dataset_as_from_its_jsonl(exported, offline_cache, tmp_path):
+    pytest.importorskip("datasets")
+    from lmforge.eval.tasks import SHIPPED_DIR
+
+    cache_repo(offline_cache, "org/tiny", exported)
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    shutil.copy(SHIPPED_DIR / "python_mc.jsonl", tmp_path / "repo" / "data" / "test.jsonl")
+    cache_repo(offline_cache, "org/python_mc", tmp_path / "repo", repo_type="dataset")
+    scores = {}
+    for task in ("org/python_mc:test", str(SHIPPED_DIR / "python_mc.jsonl")):
+        out = tmp_path / f"eval-{len(scores)}"
+        assert main(["eval", "org/tiny", "--tasks", task, "--limit", "6", "--device", "cpu", "--out", str(out)]) == 0
+        (result,) = (json.loads(p.read_text()) for p in out.glob("*.json"))
+        scores[task] = (result["n"], result["metrics"])
+    assert scores["org/python_mc:test"] == scores[str(SHIPPED_DIR / "python_mc.jsonl")]
