@@ -159,15 +159,12 @@ class Walk:
         return self.links
 
     def own_digest(self, kind: str, path: Path) -> str | None:
+        """The hash downstream records keep of this artifact (a curated dataset: of its shard hashes)."""
         try:
-            if kind == lineage.TOKEN_DATASET:
-                return self.sha(token_dataset.manifest_path(path))
-            if kind == lineage.TOKENIZER:
-                return load_tokenizer(path).hash()
             if kind in (lineage.MODEL_DIR, lineage.CHECKPOINT, lineage.ADAPTER):
                 return digest_of(self.weights(path))
-            if path.is_file():
-                return self.sha(path)
+            if kind in (lineage.TOKEN_DATASET, lineage.TOKENIZER) or path.is_file():
+                return self.content_hash(kind, path)
             return hashes.sha256_json((lineage.read(path) or {}).get("outputs", {}))
         except (OSError, LmforgeError):
             return None
