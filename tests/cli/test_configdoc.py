@@ -185,8 +185,10 @@ def test_generate_runs_on_auto_by_default_and_logs_the_device_and_dtype_once(tra
 def test_eval_runs_on_auto_by_default_and_records_the_device_chosen(trained_run, pretrain_data, capsys, caplog, tmp_path):
     import json
 
+    few = tmp_path / "few.jsonl"  # three real documents: enough to place the model and score
+    few.write_text("".join(pretrain_data["docs"].read_text().splitlines(keepends=True)[:3]))
     caplog.set_level(logging.INFO, logger="lmforge.device")
-    code, out, err = run(capsys, "eval", str(trained_run), "--data", str(pretrain_data["docs"]), "--out", str(tmp_path / "ev"))
+    code, out, err = run(capsys, "eval", str(trained_run), "--data", str(few), "--out", str(tmp_path / "ev"))
     assert code == 0, err
     assert [r.getMessage() for r in caplog.records if r.name == "lmforge.device"] == ["eval.device=auto: running on cpu in float32"]
     (result,) = tmp_path.joinpath("ev").glob("*.json")
