@@ -50,3 +50,16 @@ def test_a_device_this_machine_lacks_is_a_one_line_error():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             device.resolve("cuda", "engine.device")
+
+
+def test_auto_is_the_cpu_without_cuda_and_cuda_with_it_and_the_choice_is_one_log_line(monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device.resolve("auto") == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device.resolve("auto") == torch.device("cuda")
+    assert device.inference_dtype("auto", device.resolve("auto")) is torch.bfloat16
+    caplog.set_level(logging.INFO, logger="lmforge.device")
+    device.log_choice("engine.device", "auto", torch.device("cuda", 0), torch.bfloat16)
+    assert [r.getMessage() for r in caplog.records] == ["engine.device=auto: running on cuda:0 in bfloat16"]
