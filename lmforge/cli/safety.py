@@ -9,13 +9,15 @@ from typing import Annotated
 import typer
 
 from lmforge.cli import configdoc
-from lmforge.cli.common import ConfigArgs, build_config, flags, print_table, split_list
+from lmforge.cli.common import ConfigArgs, build_config, flags, split_list
+from lmforge.cli.tables import FormatOption, Listing, OutputFormat, emit
 
 
 def release(
     model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")],
     policy: Annotated[str, typer.Option(help="release policy YAML (evals and thresholds)")],
     device: Annotated[str, typer.Option(help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")] = "auto",
+    fmt: FormatOption = OutputFormat.table,
 ):
     """Run a release policy's evals and thresholds; write release.json (exit 1 if it fails)."""
     from lmforge.safety import release as gate
@@ -26,11 +28,13 @@ def release(
         resolved, _ = gate.load_policy(policy)
         configdoc.print_resolved(gate.ReleasePolicy, resolved.model_dump(mode="json"), str(config_path(policy)))
     result = gate.run(model, policy, device)
-    rows = [[c["metric"], "-" if c["value"] is None else f"{c['value']:.4f}",
-             "" if c["min"] is None else str(c["min"]), "" if c["max"] is None else str(c["max"]),
-             "pass" if c["passed"] else "FAIL"] for c in result.record["checks"]]
-    print_table(f"release policy {result.record['policy']}", ["metric", "value", "min", "max", "result"], rows)
-    typer.echo(f"{'PASSED' if result.passed else 'FAILED'}: {result.path}")
+    rows = [[c["metric"], c["value"], c["min"], c["max"], c["passed"] if fmt is not OutputFormat.table
+             else "pass" if c["passed"] else "FAIL"] for c in result.record["checks"]]
+    emit(fmt, Listing("checks", f"release policy {result.record['policy']}",
+                      ["metric", "value", "min", "max", "passed"], rows,
+                      headings=["metric", "value", "min", "max", "result"]))
+    # json/csv: stdout holds the checks only; the verdict is the exit status (and this line on stderr).
+    typer.echo(f"{'PASSED' if result.passed else 'FAILED'}: {result.path}", err=fmt is not OutputFormat.table)
     if not result.passed:
         raise typer.Exit(1)
 
