@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -120,7 +121,7 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
             figures = _bits_per_byte(item, config, scorer)
         body = {"metrics": {k: {"value": figures[k], "stderr": None} for k in ("bits_per_byte", "byte_perplexity", "token_perplexity")},
                 "n": figures["documents"], "tokens": figures["tokens"], "bytes": figures["bytes"],
-                "data": {"path": str(Path(item).resolve())}}
+                "data": {"path": str(Path(item).resolve()) if Path(item).exists() else item}}
         record(f"bpb-{_slug(Path(item).name.split('.')[0])}", "perplexity", body, time.perf_counter() - start, figures["documents"])
 
     if config.harness:
@@ -199,9 +200,8 @@ def _bits_per_byte(item: str, config: EvalConfig, scorer: Scorer) -> dict[str, A
         return perplexity.evaluate_token_split(
             scorer.model, dataset, scorer.max_length, config.batch_size, config.max_windows
         )
-    texts = list(read_documents(expand_inputs([path]), config.text_field))
-    if config.limit:
-        texts = texts[: config.limit]
+    # islice: a streamed Hub dataset is read only as far as `limit`.
+    texts = list(itertools.islice(read_documents(expand_inputs([item]), config.text_field), config.limit))
     if not any(texts):
         raise DataError(f"{path}: no text to evaluate")
     return perplexity.evaluate_texts(scorer, texts)
