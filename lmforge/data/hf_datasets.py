@@ -14,7 +14,6 @@ dataset (`hf://datasets/org/name/data/x.jsonl.zst`) is a file like any other (`r
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 
 from lmforge import hub
 from lmforge.errors import DataError
+from lmforge.store import hashes
 
 DEFAULT_SPLIT = "train"
 _SAVED_MARKERS = (("state.json", "dataset_info.json"), ("dataset_dict.json",))
@@ -111,16 +111,10 @@ def iter_rows(source: DatasetSource) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def fingerprint(source: DatasetSource) -> dict[str, Any]:
     """What identifies the data read: a saved dir's file hashes, or a Hub repo at its revision."""
-    if source.path is not None:
-        files = sorted(p for p in source.path.rglob("*") if p.is_file())
-        digest = hashlib.sha256()
-        for file in files:
-            digest.update(f"{file.relative_to(source.path)}\0".encode())
-            with open(file, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
+    if source.path is not None:  # its files' tree hash, as `lmforge verify` recomputes it
+        files = [p for p in source.path.rglob("*") if p.is_file()]
         return {"path": str(source.path.resolve()), "split": source.split,
-                "bytes": sum(os.path.getsize(f) for f in files), "sha256": digest.hexdigest()}
+                "bytes": sum(os.path.getsize(f) for f in files), "sha256": hashes.sha256_file(source.path)}
     entry = {"path": f"hf://datasets/{source.repo}", "revision": source.revision or "main", "split": source.split,
              "bytes": None, "sha256": None}
     if hub.offline():  # the cached snapshot is a commit: name it

@@ -16,7 +16,16 @@ import torch
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """A file's sha256. A dir read as one input (a `datasets` saved dir) hashes as the tree of its
+    files: each relative name, then its content, in sorted order."""
     digest = hashlib.sha256()
+    if os.path.isdir(path):
+        files = sorted(os.path.relpath(os.path.join(root, name), path)
+                       for root, _, names in os.walk(path) for name in names)
+        for name in files:
+            digest.update(f"{name}\0".encode())
+            digest.update(bytes.fromhex(sha256_file(os.path.join(path, name), chunk)))
+        return digest.hexdigest()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge.align.run import run_dpo, run_sft
+from lmforge.store import hashes
 from tests.align.test_sft_dpo import chat_files, config  # noqa: F401  (chat_files is a fixture)
 
 STEPS = {"max_steps": 6, "eval_every": 0, "checkpoint_every": 0}
@@ -33,3 +34,7 @@ def test_dpo_on_a_datasets_saved_dir_trains_as_on_the_same_jsonl(trained_run, ch
     from_saved = run_dpo(config(trained_run, tmp_path / "saved", {"train": str(tmp_path / "prefs")}, train=STEPS))
     assert from_saved.status == "completed"
     assert from_saved.losses == pytest.approx(from_jsonl.losses, abs=1e-6)
+    # The run records the saved dir by the tree hash `lmforge verify` recomputes.
+    manifest = json.loads((from_saved.run_dir / "manifest.json").read_text())
+    assert manifest["dataset"] == str((tmp_path / "prefs").resolve())
+    assert manifest["dataset_sha256"] == hashes.sha256_file(tmp_path / "prefs")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
-from lmforge.data.readers import expand_inputs, load_records, read_documents
+from lmforge.data.readers import expand_inputs, load_records, read_documents, source_record
 from lmforge.errors import DataError
+from lmforge.store import hashes
 from tests.test_hub import cache_repo
 
 datasets = pytest.importorskip("datasets")
@@ -74,5 +75,12 @@ def test_records_read_alike_from_jsonl_parquet_and_saved_dirs(tmp_path):
     table.save_to_disk(str(tmp_path / "chat"))
     for name in ("chat.jsonl", "chat.parquet", "chat"):
         assert load_records(tmp_path / name) == [(1, records[0]), (2, records[1])], name
+    before = source_record(tmp_path / "chat")["sha256"]
+    assert before == hashes.sha256_file(tmp_path / "chat")  # a saved dir: the tree hash verify recomputes
+    (arrow,) = (tmp_path / "chat").glob("*.arrow")
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    arrow.write_bytes(bytes(data))
+    assert source_record(tmp_path / "chat")["sha256"] != before
     with pytest.raises(DataError, match="not found"):
         load_records(tmp_path / "absent.jsonl")
