@@ -84,3 +84,19 @@ def test_records_read_alike_from_jsonl_parquet_and_saved_dirs(tmp_path):
     assert source_record(tmp_path / "chat")["sha256"] != before
     with pytest.raises(DataError, match="not found"):
         load_records(tmp_path / "absent.jsonl")
+
+
+def test_online_a_hub_dataset_is_streamed_at_its_revision_and_split(monkeypatch):
+    calls = []
+
+    def load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return iter([{"text": "first"}, {"text": "second"}])
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert list(read_documents(expand_inputs(["org/web@v2:validation"]))) == ["first", "second"]
+    assert list(read_documents(expand_inputs(["hf://datasets/org/web"]))) == ["first", "second"]
+    assert calls == [("org/web", {"revision": "v2", "split": "validation", "streaming": True}),
+                     ("org/web", {"revision": None, "split": "train", "streaming": True})]
