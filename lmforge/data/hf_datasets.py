@@ -23,6 +23,7 @@ from typing import Any
 
 from lmforge import hub
 from lmforge.errors import DataError
+from lmforge.extras import require
 from lmforge.store import hashes
 
 DEFAULT_SPLIT = "train"
@@ -69,12 +70,7 @@ def dataset_source(item: str) -> DatasetSource | None:
 
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("reading `datasets` dirs and Hub datasets needs the datasets package: "
-                        "pip install 'lmforge[datasets]'") from None
-    return datasets
+    return require("datasets", "reading `datasets` dirs and Hub datasets")  # names the extra when missing
 
 
 def _open(source: DatasetSource):

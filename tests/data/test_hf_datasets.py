@@ -14,8 +14,6 @@ from lmforge.errors import DataError
 from lmforge.store import hashes
 from tests.test_hub import cache_repo
 
-datasets = pytest.importorskip("datasets")
-
 
 def tokenize(inputs: list[str], tokenizer, out: Path) -> dict[str, bytes]:
     """{shard path: bytes} of `lmforge tokenize` run on `inputs`."""
@@ -40,6 +38,7 @@ def test_a_zst_jsonl_file_tokenizes_to_the_tokens_of_the_plain_file(corpus_subse
 
 def test_a_datasets_saved_dir_tokenizes_to_the_tokens_of_the_plain_file(corpus_subset, corpus_texts, trained_tokenizer,
                                                                        plain_tokens, tmp_path):
+    datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_json(str(corpus_subset)).save_to_disk(str(tmp_path / "saved"))
     assert tokenize([str(tmp_path / "saved")], trained_tokenizer, tmp_path / "tokens") == plain_tokens
     # A DatasetDict: its train split by default, any other by name.
@@ -53,6 +52,7 @@ def test_a_datasets_saved_dir_tokenizes_to_the_tokens_of_the_plain_file(corpus_s
 
 def test_a_cached_hub_dataset_tokenizes_offline_to_the_tokens_of_the_plain_file(corpus_subset, trained_tokenizer,
                                                                                 plain_tokens, tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     (tmp_path / "repo" / "data").mkdir(parents=True)
@@ -67,6 +67,7 @@ def test_a_cached_hub_dataset_tokenizes_offline_to_the_tokens_of_the_plain_file(
 
 
 def test_records_read_alike_from_jsonl_parquet_and_saved_dirs(tmp_path):
+    datasets = pytest.importorskip("datasets")
     records = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
                {"messages": [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -87,6 +88,7 @@ def test_records_read_alike_from_jsonl_parquet_and_saved_dirs(tmp_path):
 
 
 def test_online_a_hub_dataset_is_streamed_at_its_revision_and_split(monkeypatch):
+    datasets = pytest.importorskip("datasets")
     calls = []
 
     def load_dataset(path, **kwargs):
