@@ -24,8 +24,8 @@ RepoType = Literal["model", "dataset"]
 _ID = re.compile(r"(?:hf://)?(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
 
 # What lmforge reads from a model repo: weights as safetensors, configs, tokenizer, chat template,
-# card. Other weight formats (pytorch_model.bin, GGUF, ONNX) a repo may also hold stay on the Hub.
-MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.md", "*.py"]
+# card. Other weight formats (pytorch_model.bin, GGUF, ONNX) and remote code stay on the Hub.
+MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.md"]
 TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "chat_template.jinja", "*.txt", "*.model"]
 
 

@@ -40,8 +40,8 @@ eval_app = typer.Typer(
 def eval_run(
     model: Annotated[str, typer.Argument(help="model dir, run dir, checkpoint dir or Hub id org/name[@revision]")],
     args: ConfigArgs = None,
-    tasks: Annotated[list[str] | None, typer.Option("--tasks", "-t", help="shipped task names, task YAMLs or JSONL files (comma-separated or repeated)")] = None,
-    data: Annotated[list[str] | None, typer.Option("--data", "-d", help="text/jsonl/parquet file or token dataset dir: bits per byte")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", "-t", help="shipped task names, task YAMLs, JSONL/parquet files or Hub datasets org/name[:split] (comma-separated or repeated)")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", "-d", help="text/jsonl/parquet file, token dataset dir or Hub dataset: bits per byte")] = None,
     harness: Annotated[list[str] | None, typer.Option(help="lm-evaluation-harness task names")] = None,
     include_path: Annotated[str | None, typer.Option(help="extra harness task YAMLs")] = None,
     limit: Annotated[int | None, typer.Option(help="first N examples per task")] = None,
