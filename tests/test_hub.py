@@ -120,3 +120,14 @@ def test_eval_reads_a_task_from_a_cached_hub_dataset_as_from_its_jsonl(exported,
         (result,) = (json.loads(p.read_text()) for p in out.glob("*.json"))
         scores[task] = (result["n"], result["metrics"])
     assert scores["org/python_mc:test"] == scores[str(SHIPPED_DIR / "python_mc.jsonl")]
+
+
+def test_the_serve_gate_reads_the_release_record_beside_a_hub_snapshot(exported, offline_cache):
+    from lmforge.safety.release import RELEASE_FILE, check_released
+    from lmforge.store.weights import weight_file_hashes
+
+    snapshot = cache_repo(offline_cache, "org/tiny", exported)
+    with pytest.raises(LmforgeError, match="org/tiny has no release record"):
+        check_released("org/tiny")
+    (snapshot / RELEASE_FILE).write_text(json.dumps({"passed": True, "weight_files": weight_file_hashes(exported)}))
+    assert check_released("org/tiny@main")["passed"]

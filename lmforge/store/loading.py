@@ -64,8 +64,8 @@ def resolve_model(path: str | os.PathLike) -> Path:
 
 def records_dir(path: str | os.PathLike) -> Path:
     """The dir that holds a model's records (eval results, release record, card): a model dir
-    itself, or the run dir of a run dir or checkpoint."""
-    path = Path(path)
+    itself, or the run dir of a run dir or checkpoint (a Hub id: its snapshot)."""
+    path = local_path(path)
     if model_dir.is_model_dir(path):
         return path
     return RunDir.of_checkpoint(resolve_checkpoint(path)).path
