@@ -131,3 +131,20 @@ def test_the_serve_gate_reads_the_release_record_beside_a_hub_snapshot(exported,
         check_released("org/tiny")
     (snapshot / RELEASE_FILE).write_text(json.dumps({"passed": True, "weight_files": weight_file_hashes(exported)}))
     assert check_released("org/tiny@main")["passed"]
+
+
+def test_sft_fine_tunes_a_hub_model_from_the_cache(exported, offline_cache, tmp_path):
+    import yaml
+
+    from tests.align.test_sft_dpo import config
+
+    snapshot = cache_repo(offline_cache, "org/tiny", exported)
+    chats = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                           {"role": "assistant", "content": str(2 * i)}]} for i in range(16)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    cfg = config("org/tiny", tmp_path / "runs", {"train": str(tmp_path / "sft.jsonl"), "val_fraction": 0},
+                 train={"max_steps": 2, "eval_every": 0, "checkpoint_every": 0})
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["sft", "org/tiny@main", str(tmp_path / "sft.yaml")]) == 0
+    manifest = json.loads((tmp_path / "runs" / "a" / "manifest.json").read_text())
+    assert manifest["parent"] == str(snapshot.resolve())
