@@ -23,6 +23,7 @@ from lmforge.errors import CheckpointError
 from lmforge.interop import model_card
 from lmforge.interop.export import check_out_dir, verify_round_trip
 from lmforge.store import checkpoint, hashes, hf
+from lmforge.store import lineage as lineage_record
 from lmforge.store.loading import local_path
 from lmforge.store.model_dir import (
     MODEL_DIR_KIND,
@@ -82,6 +83,7 @@ def run(config: ImportConfig) -> ImportResult:
 
         def finish(tmp: Path, files: list[str]) -> str:
             verify_round_trip(tmp, model, dtype)
+            write_import_lineage(tmp, source, files)
             digests = {f: hashes.sha256_file(tmp / f) for f in files if f.endswith(".safetensors")}
             card_lineage = {k: origin[k] for k in ("kind", "parent", "architecture", "source_config_sha256",
                                                    "tokenizer_hash", "lmforge_version", "created_at")}
@@ -93,6 +95,18 @@ def run(config: ImportConfig) -> ImportResult:
         write_checkpoint_run(out, model, tokenizer, origin)
     log.info("imported %s (%s) -> %s", source, architecture, out)
     return ImportResult(out, architecture, model.config.num_params(), devices.dtype_name(dtype))
+
+
+IMPORTED_INPUTS = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")  # weights, configs, tokenizer files
+
+
+def write_import_lineage(directory: Path, source: Path, weight_files: list[str]) -> None:
+    """The imported dir's lineage: its files, and the source dir's files by content (its raw inputs),
+    so `lmforge verify` can tell a changed source or a changed import."""
+    written = [directory / f for f in (*weight_files, hf.CONFIG_FILE, "tokenizer.json") if (directory / f).is_file()]
+    inputs = [lineage_record.raw_file(p) for p in sorted(source.iterdir()) if p.is_file() and p.suffix in IMPORTED_INPUTS]
+    lineage_record.write(directory, lineage_record.MODEL_DIR, inputs, lineage_record.file_hashes(directory, written),
+                         imported_from=str(source.resolve()))
 
 
 def write_checkpoint_run(out: Path, model, tokenizer, origin: dict) -> None:

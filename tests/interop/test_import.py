@@ -196,3 +196,16 @@ def test_the_cli_reports_bad_input_on_one_line_and_writes_nothing(llama_dir, tmp
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert errors[-1].startswith("error: ") and "FalconForCausalLM is not supported" in errors[-1]
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_imported_model_dir_verifies_back_to_its_source_files_and_names_a_changed_one(foreign_tokenizer, tmp_path):
+    from lmforge.cli import main
+
+    save_hf_model(tmp_path / "hf", *CASES["llama-gqa"], foreign_tokenizer)
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "lm")]) == 0
+    assert main(["verify", str(tmp_path / "lm")]) == 0
+    weights = tmp_path / "hf" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one byte of the source's weights
+    weights.write_bytes(bytes(data))
+    assert main(["verify", str(tmp_path / "lm")]) == 1
