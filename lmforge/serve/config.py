@@ -79,7 +79,8 @@ class CorsConfig(Section):
 class AuditConfig(Section):
     """The audit log of requests."""
 
-    path: str | None = Field("serve_audit.sqlite", description="SQLite file; None: no audit log")
+    path: str | None = Field(None, description="SQLite file, e.g. serve_audit.sqlite; None: no audit log "
+                             "(the default: serve writes nothing into the current dir unless asked)")
 
 
 class ModerationConfig(Section):

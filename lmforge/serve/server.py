@@ -44,6 +44,7 @@ def run(config: ServeConfig) -> None:
     app = create_app(engine, config, moderator=moderator, digests=digests)
     log.info("serving %s as %r on http://%s:%d (device %s, %s)", config.model, app.state.gateway.model_name,
              config.server.host, config.server.port, engine.device, dtype_name(engine.dtype))
+    log.info("audit log: %s", config.audit.path or "off (audit.path=FILE keeps one row per request)")
     uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
                 timeout_graceful_shutdown=int(config.server.graceful_shutdown_s) or None)
 

@@ -72,3 +72,19 @@ def test_lmforge_serve_refuses_an_unreleased_model_in_one_line(trained_run):
     assert done.returncode == 2
     assert "no release record" in done.stderr and "--allow-unreleased" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_lmforge_serve_writes_nothing_into_the_current_dir_unless_asked(trained_run, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import lmforge.serve.server as server
+    from lmforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    served = {}
+    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kwargs: served.setdefault("app", app))
+    assert main(["serve", str(trained_run), "--allow-unreleased", "engine.device=cpu"]) == 0
+    with TestClient(served["app"]) as client:
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        assert client.post("/v1/completions", json={"model": model, "prompt": "The", "max_tokens": 2}).status_code == 200
+    assert list(tmp_path.iterdir()) == []  # no serve_audit.sqlite: the audit log is off unless audit.path is set

@@ -136,14 +136,15 @@ def test_a_path_that_is_no_artifact_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and "not an lmforge artifact" in out
 
 
-def test_serve_reports_the_model_and_release_digests(pipeline, monkeypatch):
+def test_serve_reports_the_model_and_release_digests(pipeline, monkeypatch, tmp_path):
     from fastapi.testclient import TestClient
 
     import lmforge.serve.server as server
 
     served = {}
     monkeypatch.setattr(server.uvicorn, "run", lambda app, **kwargs: served.setdefault("app", app))
-    assert main(["serve", str(pipeline["model"]), "engine.device=cpu", "server.log_level=warning"]) == 0
+    assert main(["serve", str(pipeline["model"]), "engine.device=cpu", "server.log_level=warning",
+                 f"audit.path={tmp_path / 'audit.sqlite'}"]) == 0  # not serve_audit.sqlite in the repo root
     model_digest = f"sha256:{weights_digest(pipeline['model'])}"
     release_digest = f"sha256:{hashes.sha256_file(pipeline['model'] / 'release.json')}"
     with TestClient(served["app"]) as client:
