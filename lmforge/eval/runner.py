@@ -27,7 +27,7 @@ from lmforge import device as devices
 from lmforge.config import Section
 from lmforge.data.loader import TokenDataset
 from lmforge.data.readers import expand_inputs, read_documents
-from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.errors import ConfigError, DataError, LmforgeError, OutputError
 from lmforge.eval import perplexity, tasks
 from lmforge.eval.scoring import Scorer
 from lmforge.monitor.progress import Progress
@@ -144,10 +144,24 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
 
     if config.save:
         directory = Path(config.out) if config.out else eval_dir(source)
+        for name in results:  # replace earlier results of a task, never a file lmforge did not write
+            _check_replaceable(directory / f"{name}.json")
         for name, result in results.items():
             atomic.write_json(directory / f"{name}.json", result)
     _report_to_trackers(config, source, results, common["step"])
     return results
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace `path` unless it is absent or an eval result (its task, kind and metrics)."""
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        earlier = None
+    if not (isinstance(earlier, dict) and {"task", "kind", "metrics"} <= earlier.keys()):
+        raise OutputError(f"refusing to replace {path}: it is not an lmforge eval result (choose another --out)")
 
 
 def _report_to_trackers(config: EvalConfig, source: Path, results: dict[str, dict[str, Any]], step: int | None) -> None:
