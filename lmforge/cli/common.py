@@ -56,6 +56,11 @@ def flags(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None and v is not False}
 
 
+def negatable(**values: bool | None) -> dict[str, bool]:
+    """`--x/--no-x` options that default to None: either form, when given, wins over CONFIG.yaml."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def split_list(values: list[str] | None) -> list[str] | None:
     """Repeated and comma-separated values as one list; None when none were given."""
     if not values:

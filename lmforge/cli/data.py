@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lmforge.cli.common import ConfigArgs, build_config, flags
+from lmforge.cli.common import ConfigArgs, build_config, flags, negatable
 from lmforge.errors import ConfigError
 
 
@@ -20,7 +20,7 @@ def tokenizer_train(
     min_frequency: Annotated[int | None, typer.Option(help="merges seen fewer times are not learnt")] = None,
     text_field: Annotated[str | None, typer.Option(help="jsonl/parquet: the field holding the text")] = None,
     text_split: Annotated[str | None, typer.Option(help="txt files: file | paragraph | line")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace a tokenizer.json in --out that lmforge did not train")] = False,
+    overwrite: Annotated[bool | None, typer.Option(help="replace a tokenizer.json in --out that lmforge did not train")] = None,
 ):
     """Train a byte-level BPE tokenizer with lmforge's special tokens."""
     from lmforge import tokenizer as tk
@@ -28,8 +28,8 @@ def tokenizer_train(
 
     config = build_config(tokenizer_train.TokenizerTrainConfig, args, flags(
         inputs=inputs, out=out, vocab_size=vocab_size, min_frequency=min_frequency,
-        text_field=text_field, text_split=text_split, overwrite=overwrite,
-    ))
+        text_field=text_field, text_split=text_split,
+    ) | negatable(overwrite=overwrite))
     trained = tokenizer_train.run_train(config)
     typer.echo(f"tokenizer with {trained.vocab_size} tokens -> {Path(config.out) / tk.TOKENIZER_FILE}")
 
@@ -65,15 +65,14 @@ def tokenize(
     out: Annotated[str | None, typer.Option(help="token dataset dir")] = None,
     workers: Annotated[int | None, typer.Option(help="encoding processes")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="share of documents held out")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an --out dir that lmforge's tokenize did not write")] = False,
+    overwrite: Annotated[bool | None, typer.Option(help="replace an --out dir that lmforge's tokenize did not write")] = None,
 ):
     """Encode documents into a token dataset dir (shards + manifest.json) with a validation split."""
     from lmforge.data import tokenize as tok
 
     config = build_config(tok.TokenizeConfig, args, flags(
         inputs=inputs, tokenizer=tokenizer, out=out, num_workers=workers, val_fraction=val_fraction,
-        overwrite=overwrite,
-    ))
+    ) | negatable(overwrite=overwrite))
     manifest = tok.run(config)
     splits = ", ".join(f"{s}: {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in manifest["splits"].items())
     typer.echo(f"{config.out}: {splits}")
@@ -84,7 +83,7 @@ def curate(
     inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="file, dir or fsspec URL (repeatable)")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="output dir (shards + report)")] = None,
     workers: Annotated[int | None, typer.Option(help="worker processes (executor.workers)")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace output dirs that lmforge's curate did not write")] = False,
+    overwrite: Annotated[bool | None, typer.Option(help="replace output dirs that lmforge's curate did not write")] = None,
 ):
     """Curate raw text with datatrove: filters, PII scrubbing, dedup, decontamination, and a report."""
     from lmforge.data import curate as cur
@@ -96,8 +95,8 @@ def curate(
         given["output"] = {"dir": output}
     if workers:
         given["executor"] = {"workers": workers}
-    if overwrite:
-        given.setdefault("output", {})["overwrite"] = True
+    if overwrite is not None:  # --overwrite or --no-overwrite: either wins over CONFIG.yaml
+        given.setdefault("output", {})["overwrite"] = overwrite
     result = cur.run(build_config(cur.CurateConfig, args, given))
     report = result.report
     for warning in report["warnings"]:

@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from lmforge.cli.common import ConfigArgs, build_config, flags
+from lmforge.cli.common import ConfigArgs, build_config, flags, negatable
 
 
 def quickstart(
     args: ConfigArgs = None,
     out: Annotated[str | None, typer.Option(help="work dir")] = None,
-    overwrite: Annotated[bool, typer.Option(help="use an --out dir that lmforge's quickstart did not write")] = False,
+    overwrite: Annotated[bool | None, typer.Option(help="use an --out dir that lmforge's quickstart did not write")] = None,
 ):
     """Run the whole spine on the bundled corpus: tokenizer, tokens, pretraining, eval, sample."""
     from rich.table import Table
@@ -21,7 +21,7 @@ def quickstart(
     from lmforge import quickstart as qs
     from lmforge.cli.tables import stdout_console
 
-    config = build_config(qs.QuickstartConfig, args, flags(out=out, overwrite=overwrite))
+    config = build_config(qs.QuickstartConfig, args, flags(out=out) | negatable(overwrite=overwrite))
     results = {r.name: r for r in qs.run(config)}
     table = Table(title=f"lmforge quickstart -> {config.out}")
     for column in ("stage", "status", "seconds", "outputs"):
