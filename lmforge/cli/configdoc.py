@@ -73,21 +73,27 @@ def print_config(model: type[BaseModel], path: str | None, overrides: list[str],
     try:
         values = model.model_validate(data).model_dump(mode="json")
         missing: list[str] = []
+        unmet: list[str] = []
     except ValidationError as err:
         missing = [key for e in err.errors() if e["type"] == "missing" for key in _required_keys(model, e["loc"])]
-        if any(e["type"] != "missing" for e in err.errors()):
+        # A whole-config check (loc ()) such as curate's "no input" is a note too, as a missing key is.
+        unmet = [e["msg"].removeprefix("Value error, ") for e in err.errors() if not e["loc"] and e["type"] != "missing"]
+        if any(e["type"] != "missing" and e["loc"] for e in err.errors()):
             raise ConfigError(format_validation_error(err, model, source)) from None
         values = data
     print_resolved(model, values, " < ".join(["built-in defaults", *([source] if source else []), "flags",
-                                              "key=value overrides"]), missing)
+                                              "key=value overrides"]), missing, unmet)
 
 
-def print_resolved(model: type[BaseModel], values: dict[str, Any], layers: str, missing: list[str] | None = None) -> None:
+def print_resolved(model: type[BaseModel], values: dict[str, Any], layers: str, missing: list[str] | None = None,
+                   unmet: list[str] | None = None) -> None:
     """Print a resolved config (`layers`: where it came from) as commented YAML; exit 0."""
     typer.echo(f"# {model.__name__}, resolved: {layers}\n{commented_yaml(model, values)}")
     if missing:
         typer.echo(f"note: set {', '.join(repr(m) for m in missing)} before running "
                    "(in CONFIG.yaml, by its flag or as key=value)", err=True)
+    for message in unmet or []:
+        typer.echo(f"note: before running: {message}", err=True)
     raise typer.Exit(0)
 
 

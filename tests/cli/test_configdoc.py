@@ -216,3 +216,9 @@ def test_generate_chat_and_release_would_pick_cuda_where_it_is_available(monkeyp
     monkeypatch.setattr(gate, "run", lambda model, policy, device: devices.append(device) or (_ for _ in ()).throw(ConfigError("stop")))
     assert run(capsys, "release", "m", "--policy", "release")[0] == 2
     assert devices == ["auto"]
+
+
+def test_curate_prints_its_config_before_any_input_is_set_and_notes_what_is_needed(capsys):
+    code, out, err = run(capsys, "curate", "--print-config")
+    assert code == 0 and body(out)["input"]["paths"] == []
+    assert err.strip() == "note: before running: no input: set input.paths (or pass --input FILE_OR_DIR)"
