@@ -38,10 +38,10 @@ class TokenizerTrainConfig(Section):
 
 def run_train(config: TokenizerTrainConfig) -> LmTokenizer:
     """`lmforge tokenizer train`: stream the inputs through the BPE trainer, save atomically."""
-    existing = Path(config.out) / TOKENIZER_FILE
-    if existing.exists() and atomic.output_kind(config.out) != TOKENIZER_KIND and not config.overwrite:
-        raise OutputError(f"refusing to replace {existing}: lmforge did not train it "
-                          "(pass --overwrite to replace it, or choose another --out)")
+    for existing in (Path(config.out) / TOKENIZER_FILE, Path(config.out) / lineage.LINEAGE_FILE):
+        if existing.exists() and atomic.output_kind(config.out) != TOKENIZER_KIND and not config.overwrite:
+            raise OutputError(f"refusing to replace {existing}: lmforge did not train it "
+                              "(pass --overwrite to replace it, or choose another --out)")
     files = expand_inputs(config.inputs)
     # On a terminal the BPE trainer draws its own bars (reading, counting pairs, merges);
     # ours only counts the documents (and tells a `progress.listen` callback).
