@@ -56,7 +56,7 @@ def kind_of(path: str | os.PathLike) -> str:
     if path.is_file():
         if path.name == lineage.RELEASE_FILE:
             return lineage.RELEASE
-        if path.suffix == ".json" and path.parent.name == EVAL_DIR:
+        if path.suffix == ".json" and (path.parent.name == EVAL_DIR or _is_eval_result(path)):
             return lineage.EVAL_RESULT
         if path.name == TOKENIZER_FILE:
             return lineage.TOKENIZER
@@ -74,12 +74,19 @@ def kind_of(path: str | os.PathLike) -> str:
         return lineage.ADAPTER
     if (path / TOKENIZER_FILE).is_file():
         return lineage.TOKENIZER
-    if path.name == EVAL_DIR and any(path.glob("*.json")):
+    results = sorted(path.glob("*.json"))
+    if results and (path.name == EVAL_DIR or all(map(_is_eval_result, results))):  # eval/ or `eval --out DIR`
         return "eval results"
     if checkpoint.STEP_DIR.match(path.name) or RunDir(path).checkpoints.is_dir():
         return lineage.CHECKPOINT
     raise NotAnArtifact(f"{path} is not an lmforge artifact (a model, run, checkpoint, token dataset, curated "
                         "dataset, tokenizer, eval result or release record)")
+
+
+def _is_eval_result(path: Path) -> bool:
+    """A JSON file `lmforge eval` wrote (its task, kind and metrics), wherever --out put it."""
+    record = atomic.read_json(path) if path.is_file() else {}
+    return isinstance(record, dict) and {"task", "kind", "metrics"} <= record.keys()
 
 
 class Walk:

@@ -173,3 +173,14 @@ def test_a_fine_tune_verifies_through_its_data_file_and_parent_weights(pipeline,
     with one_byte_changed(chats):
         code, out = verify(tmp_path / "runs" / "sft", capsys)
     assert code == 1 and f"lineage BROKEN at raw file {chats}" in out
+
+
+def test_eval_results_written_with_out_elsewhere_verify_as_eval_results(pipeline, tmp_path, capsys):
+    out = tmp_path / "my-evals"
+    assert main(["eval", "run", str(pipeline["model"]), "--tasks", "python_mc", "--limit", "2", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    code, out_text = verify(out / "python_mc.json", capsys)
+    assert code == 0 and out_text.startswith(f"OK         eval result: {out / 'python_mc.json'}"), out_text
+    assert f"model dir: {pipeline['model']}" in out_text
+    code, out_text = verify(out, capsys)  # the whole --out dir
+    assert code == 0 and out_text.startswith(f"OK         eval results: {out}"), out_text
