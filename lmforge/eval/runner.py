@@ -121,7 +121,8 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
             figures = _bits_per_byte(item, config, scorer)
         body = {"metrics": {k: {"value": figures[k], "stderr": None} for k in ("bits_per_byte", "byte_perplexity", "token_perplexity")},
                 "n": figures["documents"], "tokens": figures["tokens"], "bytes": figures["bytes"],
-                "data": {"path": str(Path(item).resolve()) if Path(item).exists() else item}}
+                "data": {"path": str(Path(item).resolve()) if Path(item).exists() else item,  # lineage: its hash
+                         "sha256": hashes.sha256_file(item) if Path(item).is_file() else None}}
         record(f"bpb-{_slug(Path(item).name.split('.')[0])}", "perplexity", body, time.perf_counter() - start, figures["documents"])
 
     if config.harness:
