@@ -80,8 +80,9 @@ def snapshot(repo: str, revision: str | None = None, repo_type: RepoType = "mode
     except LocalEntryNotFoundError:
         where = cache_dir() or "the default Hugging Face cache"
         reason = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
+        flags = (" --repo-type dataset" if kind == "dataset" else "") + (f" --revision {revision}" if revision else "")
         raise error(f"{shown}: no local path of that name, and Hugging Face Hub {kind} {shown} is not in {where} "
-                    f"({reason}): download it once online (`hf download {repo}{' --repo-type dataset' if kind == 'dataset' else ''}`)") from None
+                    f"({reason}): download it once online (`hf download {repo}{flags}`)") from None
     except (OSError, ValueError) as err:  # HTTP errors, a bad revision name, a full disk
         raise error(f"Hugging Face Hub {kind} {shown}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 

@@ -148,3 +148,14 @@ def test_sft_fine_tunes_a_hub_model_from_the_cache(exported, offline_cache, tmp_
     assert main(["sft", "org/tiny@main", str(tmp_path / "sft.yaml")]) == 0
     manifest = json.loads((tmp_path / "runs" / "a" / "manifest.json").read_text())
     assert manifest["parent"] == str(snapshot.resolve())
+
+
+def test_the_download_hint_for_an_uncached_hub_id_names_its_revision_and_repo_type(offline_cache, capsys):
+    from lmforge import hub
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError) as err:
+        hub.resolve("org/absent@v2", "dataset")
+    assert str(err.value).endswith("(`hf download org/absent --repo-type dataset --revision v2`)")
+    assert main(["generate", "org/absent@v2", "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip().endswith("(`hf download org/absent --revision v2`)")
