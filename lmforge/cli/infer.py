@@ -133,7 +133,12 @@ def serve(
     if cors:
         given["cors"] = cors
     if lora_modules:
-        given["lora"] = {"adapters": _lora_modules(lora_modules)}
+        # vLLM's `--lora-modules a=/x b=/y`: click leaves b=/y among the key=value overrides, where a
+        # top-level key that ServeConfig lacks can only be another adapter.
+        more = [a for a in args or [] if "=" in a and "." not in a.partition("=")[0]
+                and a.partition("=")[0] not in ServeConfig.model_fields]
+        args = [a for a in args or [] if a not in more]
+        given["lora"] = {"adapters": _lora_modules([*lora_modules, *more])}
     server.run(build_config(ServeConfig, args, given))
 
 

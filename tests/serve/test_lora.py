@@ -8,6 +8,7 @@ import copy
 import openai
 import pytest
 import torch
+import yaml
 
 from lmforge.errors import ConfigError
 from lmforge.serve.config import EngineConfig
@@ -165,3 +166,14 @@ def test_lora_modules_flag_takes_vllms_name_path_pairs_and_its_json_form(monkeyp
     monkeypatch.delenv("LMFORGE_DEBUG")
     assert main(["serve", "m", "--lora-modules", "no-path"]) == 2
     assert main(["serve", "m", "--lora-modules", "a=x", "--lora-modules", "a=y"]) == 2
+
+
+def test_lmforge_serve_takes_several_lora_modules_after_one_flag_as_vllm_does(capsys):
+    from lmforge.cli import main
+
+    assert main(["serve", "m", "--lora-modules", "sql-lora=runs/a", "terse=runs/b", "server.port=9",
+                 "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lora"]["adapters"] == {"sql-lora": "runs/a", "terse": "runs/b"}
+    assert printed["server"]["port"] == 9  # a dotted key stays an override
+    assert main(["serve", "m", "bogus=1"]) == 2  # without --lora-modules an unknown key is still an error
