@@ -109,6 +109,9 @@ def test_malformed_yaml_and_bad_corpus_are_reported_with_their_location(tmp_path
     Path("bad.yaml").write_text("train: {max_steps: [1,\n")
     assert main(["train", "bad.yaml"]) == 2
     assert "bad.yaml: not valid YAML" in capsys.readouterr().err
+    Path("binary.yaml").write_bytes(b"\x00\xff\xfe")  # not text at all: one line too, not a crash
+    assert main(["train", "binary.yaml", "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == "error: binary.yaml: not a YAML text file (not UTF-8)"
     Path("docs.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n')
     assert main(["tokenizer", "train", "-i", "docs.jsonl", "--out", "tok"]) == 2
     assert "docs.jsonl:2: malformed JSON" in capsys.readouterr().err
