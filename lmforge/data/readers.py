@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
+from zstandard import ZstdError
 
 from lmforge.data.hf_datasets import DatasetSource, dataset_source, iter_rows
 from lmforge.data.hf_datasets import fingerprint as dataset_fingerprint
@@ -181,7 +182,7 @@ def read_documents(
                 yield from _read_parquet(path, text_field)
         except UnicodeDecodeError:
             raise DataError(f"{path}: not valid UTF-8 text") from None
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, ZstdError) as err:  # a truncated or corrupt .gz/.zst too
             raise DataError(f"cannot read {path}: {err}") from None
 
 
@@ -213,7 +214,7 @@ def load_records(name: str | os.PathLike, what: str = "data file") -> list[tuple
         raise DataError(f"{what} {name}: expected one JSONL or parquet file, `datasets` dir or Hub dataset")
     try:
         records = list(read_records(sources[0]))
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, ZstdError) as err:
         raise DataError(f"{name}: unreadable ({err})") from None
     if not records:
         raise DataError(f"{what} {name} holds no records")

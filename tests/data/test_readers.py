@@ -227,3 +227,14 @@ def test_a_json_string_with_a_lone_surrogate_is_a_data_error_naming_file_and_lin
     path.write_text('{"text": "fine"}\n{"text": "half an emoji \\ud83d here"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"docs\.jsonl:2"):
         read_all(path)
+
+
+def test_a_corrupt_zst_file_is_a_data_error_naming_it_not_a_crash(tmp_path):
+    from lmforge.data.readers import load_records
+
+    corrupt = tmp_path / "shard.jsonl.zst"
+    corrupt.write_bytes(b'{"text": "not compressed at all"}\n')
+    with pytest.raises(DataError, match="cannot read .*shard.jsonl.zst: zstd decompress error"):
+        list(read_documents([corrupt]))  # tokenize, tokenizer train, eval --data
+    with pytest.raises(DataError, match="shard.jsonl.zst: unreadable"):
+        load_records(corrupt)  # eval --tasks, sft/dpo data
