@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -178,7 +179,12 @@ def test_the_wheel_installs_into_an_empty_venv_and_runs_the_quickstart_from_anot
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"}}
     run = lambda *cmd, cwd=tmp_path: subprocess.run(  # noqa: E731
         [str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", ROOT)
+    src = tmp_path / "src"  # a copy of the checkout: building in place would leave build/ and *.egg-info in it
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "lmforge", src / "lmforge", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", src)
     assert built.returncode == 0, built.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("lmforge-*.whl"))
     venv = tmp_path / "venv"
