@@ -17,9 +17,14 @@ def release(
     model: Annotated[str, typer.Argument(help="model dir, run dir or checkpoint dir")],
     policy: Annotated[str, typer.Option(help="release policy YAML (evals and thresholds)")],
     device: Annotated[str, typer.Option(help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")] = "auto",
+    baseline: Annotated[str | None, typer.Option(
+        help="a previous release.json (or its dir): each check is tested against it on the same examples (McNemar)")] = None,
     fmt: FormatOption = OutputFormat.table,
 ):
-    """Run a release policy's evals and thresholds; write release.json (exit 1 if it fails)."""
+    """Run a release policy's evals and thresholds; write release.json (exit 1 if it fails).
+
+    A rate passes by its Wilson interval (not its point estimate); a threshold the sample cannot
+    resolve is refused with the n it needs."""
     from lmforge.safety import release as gate
 
     if configdoc.printing():  # --print-config: the policy as the gate would read it
@@ -27,16 +32,29 @@ def release(
 
         resolved, _ = gate.load_policy(policy)
         configdoc.print_resolved(gate.ReleasePolicy, resolved.model_dump(mode="json"), str(config_path(policy)))
-    result = gate.run(model, policy, device)
-    rows = [[c["metric"], c["value"], c["min"], c["max"], c["passed"] if fmt is not OutputFormat.table
-             else "pass" if c["passed"] else "FAIL"] for c in result.record["checks"]]
+    result = gate.run(model, policy, device, baseline)
+    table = fmt is OutputFormat.table
+    rows = [[c["metric"], c["value"], _interval(c, table), c.get("n"), c["min"], c["max"],
+             c.get("min_detectable_difference"), (c.get("baseline") or {}).get("verdict"),
+             (c.get("baseline") or {}).get("p_value"), c["passed"] if not table else "pass" if c["passed"] else "FAIL"]
+            for c in result.record["checks"]]
     emit(fmt, Listing("checks", f"release policy {result.record['policy']}",
-                      ["metric", "value", "min", "max", "passed"], rows,
-                      headings=["metric", "value", "min", "max", "result"]))
+                      ["metric", "value", "interval", "n", "min", "max", "mdd", "baseline", "p_value", "passed"], rows,
+                      headings=["metric", "value", "interval", "n", "min", "max", "mdd", "baseline", "p", "result"]))
+    for c in result.record["checks"]:
+        if c.get("problem"):
+            typer.echo(f"{c['metric']}: {c['problem']}", err=not table)
     # json/csv: stdout holds the checks only; the verdict is the exit status (and this line on stderr).
     typer.echo(f"{'PASSED' if result.passed else 'FAILED'}: {result.path}", err=fmt is not OutputFormat.table)
     if not result.passed:
         raise typer.Exit(1)
+
+
+def _interval(check: dict, table: bool) -> str | list[float] | None:
+    interval = check.get("interval")
+    if not interval or not table:
+        return interval
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def redteam(

@@ -265,6 +265,9 @@ def evaluate(task: Task, scorer: Scorer, limit: int | None = None, seed: int = 1
         "n": len(examples),
         "num_fewshot": task.spec.num_fewshot,
         "samples": samples,
+        # Per-example 0/1 outcomes per metric, in the order of `samples` (keyed by their `line`):
+        # what the release gate pairs against a previous release (McNemar). Absent in older files.
+        "outcomes": {name: [int(x) for x in v] for name, v in metrics.items() if all(x in (0.0, 1.0) for x in v)},
     }
 
 

@@ -15,6 +15,7 @@ from lmforge.eval.scoring import Scorer
 from lmforge.interop import export
 from lmforge.interop.export import ExportConfig
 from lmforge.safety import release
+from lmforge.safety.gate_stats import wilson
 from lmforge.safety.refusal import is_refusal
 from lmforge.store.hashes import model_hash, sha256_file
 from lmforge.store.loading import load_model
@@ -103,14 +104,18 @@ def measured(model_dir: Path, task: Path) -> dict[str, float]:
 def test_the_gate_passes_a_model_that_meets_the_thresholds_and_serve_accepts_it(released_setup, tmp_path):
     model_dir, task = released_setup
     scores = measured(model_dir, task)
-    # Bounds exactly at the model's scores: met, but only by the values measured for these metrics.
-    policy = write_policy(tmp_path / "pass.yaml", task,
-                          **{"mc/acc": {"min": scores["mc/acc"]}, "mc/acc_norm": {"max": scores["mc/acc_norm"]}})
+    # Bounds exactly at the ends of the scores' 95% Wilson intervals on these 3 examples: met,
+    # but only by the values measured for these metrics.
+    low = wilson(round(scores["mc/acc"] * 3), 3)[0]
+    high = wilson(round(scores["mc/acc_norm"] * 3), 3)[1]
+    policy = write_policy(tmp_path / "pass.yaml", task, **{"mc/acc": {"min": low}, "mc/acc_norm": {"max": high}})
     result = release.run(str(model_dir), str(policy))
     assert result.passed and result.path == model_dir / "release.json"
     record = json.loads(result.path.read_text())
     assert [(c["metric"], c["value"], c["passed"]) for c in record["checks"]] == [
         ("mc/acc", pytest.approx(scores["mc/acc"]), True), ("mc/acc_norm", pytest.approx(scores["mc/acc_norm"]), True)]
+    assert [(c["n"], c["interval"][0] if c["min"] is not None else c["interval"][1]) for c in record["checks"]] == [
+        (3, pytest.approx(low)), (3, pytest.approx(high))]
     assert record["policy_sha256"] == release.load_policy(policy)[1]
     assert record["model_hash"] == model_hash(load_model(model_dir)[0])  # the loaded tensors, as eval records them
     assert "## Release" in (model_dir / "model_card.md").read_text() and "PASSED" in (model_dir / "README.md").read_text()
