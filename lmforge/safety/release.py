@@ -76,7 +76,7 @@ class ReleasePolicy(Section):
     data: list[str] = Field(default_factory=list)
     limit: int | None = Field(None, ge=1)
     seed: int = 1234
-    thresholds: dict[str, Threshold] = Field(min_length=1, description="'task/metric' -> {min, max, margin}")
+    thresholds: dict[str, Threshold] = Field(min_length=1, description="'task/metric' -> {min, max} (and an optional margin)")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="of the Wilson intervals a rate is judged by; "
                               "1 - confidence is the paired test's significance level")
     margin: float | None = Field(None, gt=0, lt=1, description="a rate this far inside a bound must be able to pass "

@@ -213,7 +213,7 @@ def test_generate_chat_and_release_would_pick_cuda_where_it_is_available(monkeyp
         assert code == 2 and "stop here" in err
     assert asked == [(torch.device("cuda"), torch.bfloat16)] * 2
     devices: list[str] = []
-    monkeypatch.setattr(gate, "run", lambda model, policy, device: devices.append(device) or (_ for _ in ()).throw(ConfigError("stop")))
+    monkeypatch.setattr(gate, "run", lambda model, policy, device, baseline=None: devices.append(device) or (_ for _ in ()).throw(ConfigError("stop")))
     assert run(capsys, "release", "m", "--policy", "release")[0] == 2
     assert devices == ["auto"]
 
