@@ -20,6 +20,7 @@ from lmforge.serve.config import ServeConfig
 from lmforge.serve.engine import Engine
 from lmforge.serve.hooks import load_hook
 from lmforge.store.hashes import sha256_file
+from lmforge.store.loading import local_path
 from lmforge.store.weights import digest_of, weights_digest_or_none
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ def run(config: ServeConfig) -> None:
     if config.engine.backend == "lmforge":
         resolve_device(config.engine.device, "engine.device")  # so does a device this machine lacks
     if config.allow_unreleased:
+        if not local_path(config.model).exists():  # its one-line error, not after this warning
+            raise LmforgeError(f"model not found: {config.model}")
         log.warning("serving %s without checking its release record (--allow-unreleased)", config.model)
         record = released_or_none(config.model)
     else:

@@ -88,3 +88,10 @@ def test_lmforge_serve_writes_nothing_into_the_current_dir_unless_asked(trained_
         model = client.get("/v1/models").json()["data"][0]["id"]
         assert client.post("/v1/completions", json={"model": model, "prompt": "The", "max_tokens": 2}).status_code == 200
     assert list(tmp_path.iterdir()) == []  # no serve_audit.sqlite: the audit log is off unless audit.path is set
+
+
+def test_lmforge_serve_of_a_missing_model_is_one_line_even_with_allow_unreleased(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lmforge", "serve", str(tmp_path / "absent"), "--allow-unreleased",
+                           "--port", "1"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: model not found: {tmp_path / 'absent'}"  # no warning line before it
