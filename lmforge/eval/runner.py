@@ -144,13 +144,17 @@ def run(config: EvalConfig) -> dict[str, dict[str, Any]]:
             record(f"harness-{name}", "harness", {"metrics": values, "n": n}, seconds, n or 0)
 
     if config.save:
-        directory = Path(config.out) if config.out else eval_dir(source)
-        for name in results:  # replace earlier results of a task, never a file lmforge did not write
-            _check_replaceable(directory / f"{name}.json")
-        for name, result in results.items():
-            atomic.write_json(directory / f"{name}.json", result)
+        _save(Path(config.out) if config.out else eval_dir(source), results)
     _report_to_trackers(config, source, results, common["step"])
     return results
+
+
+def _save(directory: Path, results: dict[str, dict[str, Any]]) -> None:
+    """`directory/<name>.json` per result: earlier results of a task are replaced, never a file lmforge did not write."""
+    for name in results:
+        _check_replaceable(directory / f"{name}.json")
+    for name, result in results.items():
+        atomic.write_json(directory / f"{name}.json", result)
 
 
 def _check_replaceable(path: Path) -> None:
