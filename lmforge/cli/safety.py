@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from lmforge.cli import configdoc
-from lmforge.cli.common import ConfigArgs, build_config, flags, split_list
+from lmforge.cli.common import ConfigArgs, build_config, flags, negatable, split_list
 from lmforge.cli.tables import FormatOption, Listing, OutputFormat, emit
 
 
@@ -90,17 +90,16 @@ def train_classifier(
     out: Annotated[str | None, typer.Option(help="classifier dir to write")] = None,
     epochs: int | None = None,
     lr: float | None = None,
-    train_base: Annotated[bool, typer.Option(help="fine-tune the whole model, not only the head")] = False,
+    train_base: Annotated[bool | None, typer.Option(help="fine-tune the whole model, not only the head")] = None,
     threshold: float | None = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an --out dir that is not an lmforge classifier")] = False,
+    overwrite: Annotated[bool | None, typer.Option(help="replace an --out dir that is not an lmforge classifier")] = None,
 ):
     """Train a moderation classifier (a head on an lmforge model) from labelled JSONL."""
     from lmforge.safety import classifier
 
     config = build_config(classifier.ClassifierConfig, args, flags(
-        model=model, data=data, out=out, epochs=epochs, lr=lr, train_base=train_base, threshold=threshold,
-        overwrite=overwrite,
-    ))
+        model=model, data=data, out=out, epochs=epochs, lr=lr, threshold=threshold,
+    ) | negatable(train_base=train_base, overwrite=overwrite))
     metrics = classifier.run(config)
     for name, values in metrics.get("categories", {}).items():
         typer.echo(f"{name}: precision {values['precision']}, recall {values['recall']} (support {values['support']})")

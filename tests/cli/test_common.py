@@ -9,7 +9,7 @@ from lmforge.cli import main
 
 
 @pytest.mark.parametrize("verb", [["tokenize"], ["tokenizer", "train"], ["quickstart"], ["export", "m"],
-                                  ["import", "m"], ["lora", "merge", "m"]])
+                                  ["import", "m"], ["lora", "merge", "m"], ["train-classifier", "m"]])
 def test_no_overwrite_on_the_command_line_wins_over_overwrite_true_in_the_config_file(verb, tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(f"overwrite: true\nout: {tmp_path / 'out'}\n", encoding="utf-8")
