@@ -159,7 +159,7 @@ async def start_generation(gateway: Gateway, job: Job, body, prompts: Prompts
 async def handle_generation(gateway: Gateway, request: Request, chat: bool):
     job = Job(gateway, request, chat)
     a = gateway.admission
-    try:
+    with job.audited():
         job.key_id = a.authenticate(request)
         body = await a.parse(request, ChatCompletionRequest if chat else CompletionRequest)
         job.model_name = a.check_model(body.model) or job.model_name  # an adapter's requests: its own series
@@ -178,12 +178,6 @@ async def handle_generation(gateway: Gateway, request: Request, chat: bool):
             response = await completion_response(job, body, results, prompts.texts, ids)
         job.audit(200)
         return response
-    except OpenAIError as err:
-        job.audit(err.status, err.message)
-        raise
-    except asyncio.CancelledError:  # the client disconnected before a non-streamed reply
-        job.audit(499, "client disconnected")
-        raise
 
 
 async def collect(job: Job, handles: list[RequestHandle]) -> list[list[RequestOutput]]:

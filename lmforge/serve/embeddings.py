@@ -56,7 +56,7 @@ async def handle_embeddings(gateway: Gateway, request: Request) -> dict:
     job = Job(gateway, request, chat=False)
     job.route, job.id = "/v1/embeddings", f"embd-{uuid.uuid4().hex[:24]}"
     a, engine = gateway.admission, gateway.engine
-    try:
+    with job.audited():
         job.key_id = a.authenticate(request)
         body: EmbeddingRequest = await a.parse(request, EmbeddingRequest)
         if a.check_model(body.model) is not None:
@@ -84,12 +84,6 @@ async def handle_embeddings(gateway: Gateway, request: Request) -> dict:
         job.audit(200)
         return {"object": "list", "data": data, "model": gateway.model_name,
                 "usage": {"prompt_tokens": job.prompt_tokens, "total_tokens": job.prompt_tokens}}
-    except OpenAIError as err:
-        job.audit(err.status, err.message)
-        raise
-    except asyncio.CancelledError:
-        job.audit(499, "client disconnected")
-        raise
 
 
 def add_embeddings_routes(app: FastAPI, gateway: Gateway) -> None:

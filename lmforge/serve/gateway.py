@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -14,6 +15,7 @@ from lmforge.serve.admission import Admission
 from lmforge.serve.audit import AuditLog
 from lmforge.serve.backend import BaseEngine, RequestOutput
 from lmforge.serve.config import ServeConfig
+from lmforge.serve.errors import OpenAIError
 from lmforge.serve.hooks import AllowAll, Decision, ModerationHook, load_hook
 from lmforge.serve.metrics import ServeMetrics
 from lmforge.serve.output_checks import OutputCheckBatcher
@@ -107,6 +109,19 @@ class Job:
                  completion_tokens=self.completion_tokens, latency_ms=(time.monotonic() - self.arrival) * 1000,
                  status=status, finish_reason=",".join(sorted(set(self.finish_reasons))) or None,
                  moderation="; ".join(self.moderation) or "allowed", error=error)
+
+    @contextlib.contextmanager
+    def audited(self):
+        """Audit a request that ends in an OpenAI error (its status) or a client that left (499);
+        the route audits its own successes."""
+        try:
+            yield self
+        except OpenAIError as err:
+            self.audit(err.status, err.message)
+            raise
+        except asyncio.CancelledError:  # the client disconnected before a non-streamed reply
+            self.audit(499, "client disconnected")
+            raise
 
     def observe(self, output: RequestOutput, last_at: dict[int, float], index: int) -> None:
         """Record one output of choice `index` in the metrics (the phases as vLLM splits a request:

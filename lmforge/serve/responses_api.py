@@ -13,7 +13,6 @@ work as in chat completions (`tools`, `structured`).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections import OrderedDict
@@ -291,7 +290,7 @@ async def handle_responses(gateway: Gateway, store: ResponseStore, request: Requ
     job = Job(gateway, request, chat=True)
     job.route, job.id = "/v1/responses", f"resp_{uuid.uuid4().hex}"
     a = gateway.admission
-    try:
+    with job.audited():
         job.key_id = a.authenticate(request)
         body: ResponsesRequest = await a.parse(request, ResponsesRequest)
         job.model_name = a.check_model(body.model) or job.model_name  # a LoRA adapter's name picks it
@@ -319,12 +318,6 @@ async def handle_responses(gateway: Gateway, store: ResponseStore, request: Requ
         response = reply.finished(text, reason)
         job.audit(200)
         return response
-    except OpenAIError as err:
-        job.audit(err.status, err.message)
-        raise
-    except asyncio.CancelledError:  # the client disconnected before a non-streamed reply
-        job.audit(499, "client disconnected")
-        raise
 
 
 async def _events(job: Job, chat: ChatCompletionRequest, handles, reply: ResponseBuilder):
