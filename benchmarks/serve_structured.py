@@ -49,6 +49,7 @@ from benchmarks.serve_throughput import (  # noqa: E402
     hf_run,
     percentile,
     start_server,
+    stream_completion,
 )
 from lmforge.serve.engine import Engine  # noqa: E402
 from lmforge.serve.sampling import SamplingParams  # noqa: E402
@@ -88,27 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def lmforge_send(http: httpx.AsyncClient, max_tokens: int, structured: bool):
     async def send(prompt, seed: int | None = None, budget: int | None = None, texts: list | None = None):
-        body = {"model": "bench", "prompt": prompt, "max_tokens": budget or max_tokens, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {"prompt": prompt, "max_tokens": budget or max_tokens}
         if structured:
             body.update(response_format=FORMAT, temperature=1.0 if seed is not None else 0, seed=seed)
         else:
             body.update(temperature=0, ignore_eos=True)
-        sent, first, tokens, parts = time.perf_counter(), None, 0, []
-        async with http.stream("POST", "/v1/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if event["choices"]:
-                    if first is None:
-                        first = time.perf_counter() - sent
-                    parts.append(event["choices"][0]["text"])
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
+        first, tokens, text = await stream_completion(http, body)
         if texts is not None:
-            texts.append("".join(parts))
+            texts.append(text)
         return first, tokens
     return send
 

@@ -154,24 +154,32 @@ def start_server(model_dir: Path, port: int, max_num_seqs: int, *extra: str) -> 
     raise RuntimeError("lmforge serve did not start")
 
 
+async def stream_completion(http: httpx.AsyncClient, body: dict) -> tuple[float | None, int, str]:
+    """One streamed /v1/completions request -> (time to first token, completion tokens, text)."""
+    body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, **body}
+    sent, first, tokens, parts = time.perf_counter(), None, 0, []
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event["choices"]:
+                if first is None:
+                    first = time.perf_counter() - sent
+                parts.append(event["choices"][0]["text"])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return first, tokens, "".join(parts)
+
+
 def lmforge_run(url: str, clients: int, prompts: list[list[int]], max_tokens: int):
     async def main():
         limits = httpx.Limits(max_connections=clients + 4)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
             async def send(prompt):
-                body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-                sent, first, tokens = time.perf_counter(), None, 0
-                async with http.stream("POST", "/v1/completions", json=body) as response:
-                    response.raise_for_status()
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        event = json.loads(line[6:])
-                        if event["choices"] and first is None:
-                            first = time.perf_counter() - sent
-                        if event.get("usage"):
-                            tokens = event["usage"]["completion_tokens"]
+                body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+                first, tokens, _ = await stream_completion(http, body)
                 return first, tokens
 
             await send(prompts[0])  # warm-up
