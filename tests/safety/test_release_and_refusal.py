@@ -12,8 +12,6 @@ import pytest
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.eval import tasks
 from lmforge.eval.scoring import Scorer
-from lmforge.interop import export
-from lmforge.interop.export import ExportConfig
 from lmforge.safety import release
 from lmforge.safety.gate_stats import wilson
 from lmforge.safety.refusal import is_refusal
@@ -79,19 +77,6 @@ def test_the_safety_group_runs_both_sets_and_reports_refusal_rates(trained_run):
 def write_policy(path: Path, task: Path, **thresholds) -> Path:
     path.write_text(json.dumps({"name": "test-policy", "tasks": [str(task)], "thresholds": thresholds}))
     return path
-
-
-@pytest.fixture
-def released_setup(trained_run, tmp_path):
-    model_dir = tmp_path / "model"
-    export.run(ExportConfig(model=str(trained_run), out=str(model_dir)))
-    task = tmp_path / "mc.jsonl"
-    task.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"question": "Which keyword defines a function?", "choices": ["def", "class", "with"], "answer": 0},
-        {"question": "Which type is immutable?", "choices": ["list", "tuple", "dict"], "answer": 1},
-        {"question": "Which statement handles exceptions?", "choices": ["try", "for", "while"], "answer": 0},
-    ]))
-    return model_dir, task
 
 
 def measured(model_dir: Path, task: Path) -> dict[str, float]:

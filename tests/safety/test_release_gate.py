@@ -11,8 +11,6 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError
-from lmforge.interop import export
-from lmforge.interop.export import ExportConfig
 from lmforge.safety import gate_stats, judging, release
 from lmforge.safety.release import ReleasePolicy, Threshold
 
@@ -120,26 +118,13 @@ def test_a_threshold_the_sample_cannot_resolve_is_refused_with_the_n_it_needs(bo
     assert "no sample size can" in gate_stats.unresolvable("safety/x", 40, 1.0, None, None, 0.95)
 
 
-@pytest.fixture
-def model_and_task(trained_run, tmp_path):
-    model_dir = tmp_path / "model"
-    export.run(ExportConfig(model=str(trained_run), out=str(model_dir)))
-    task = tmp_path / "mc.jsonl"
-    task.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"question": "Which keyword defines a function?", "choices": ["def", "class", "with"], "answer": 0},
-        {"question": "Which type is immutable?", "choices": ["list", "tuple", "dict"], "answer": 1},
-        {"question": "Which statement handles exceptions?", "choices": ["try", "for", "while"], "answer": 0},
-    ]))
-    return model_dir, task
-
-
 def policy_file(path: Path, task: Path, **extra) -> Path:
     path.write_text(json.dumps({"name": "gate", "tasks": [str(task)], **extra}))
     return path
 
 
-def test_the_cli_refuses_an_unresolvable_policy_in_one_line_before_loading_the_model(model_and_task, tmp_path, capsys):
-    model_dir, task = model_and_task
+def test_the_cli_refuses_an_unresolvable_policy_in_one_line_before_loading_the_model(released_setup, tmp_path, capsys):
+    model_dir, task = released_setup
     policy = policy_file(tmp_path / "p.yaml", task, thresholds={"mc/acc": {"min": 0.9}, "mc/acc_norm": {"min": 0.0}})
     assert main(["release", str(model_dir), "--policy", str(policy)]) == 2
     err = capsys.readouterr().err
@@ -147,8 +132,8 @@ def test_the_cli_refuses_an_unresolvable_policy_in_one_line_before_loading_the_m
     assert "mc/acc_norm" not in err and not (model_dir / "release.json").exists()
 
 
-def test_the_cli_reports_intervals_and_compares_with_a_baseline_release(model_and_task, tmp_path):
-    model_dir, task = model_and_task
+def test_the_cli_reports_intervals_and_compares_with_a_baseline_release(released_setup, tmp_path):
+    model_dir, task = released_setup
     policy = policy_file(tmp_path / "p.yaml", task, thresholds={"mc/acc": {"min": 0.0}, "mc/acc_norm": {"max": 1.0}})
 
     def release_cli(*extra: str) -> tuple[subprocess.CompletedProcess, dict]:

@@ -98,3 +98,32 @@ def make_server(serve_model, tmp_path: Path, moderator=None, **sections):
 def served(serve_model, tmp_path_factory):
     with make_server(serve_model, tmp_path_factory.mktemp("serve"), engine={"max_num_seqs": 16}) as server:
         yield server
+
+
+@pytest.fixture
+def serve_config_of(monkeypatch):
+    """`lmforge serve ARGS` up to the config it would serve with (the server is not started)."""
+    from lmforge.cli import main
+    from lmforge.serve import server
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def run(config):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(server, "run", run)
+
+    def config_of(*args: str) -> ServeConfig:
+        monkeypatch.setenv("LMFORGE_DEBUG", "1")  # let Stop through main's error handling
+        try:
+            with pytest.raises(Stop):
+                main(["serve", *args])
+        finally:
+            monkeypatch.delenv("LMFORGE_DEBUG")
+        return seen["config"]
+
+    return config_of

@@ -144,26 +144,12 @@ def test_prompt_logprobs_under_an_adapter_are_its_merged_models(serve_model, ada
                                    torch.tensor([lp.logprob for lp in want.prompt_logprobs[1:]]), atol=1e-4, rtol=0)
 
 
-def test_lora_modules_flag_takes_vllms_name_path_pairs_and_its_json_form(monkeypatch):
+def test_lora_modules_flag_takes_vllms_name_path_pairs_and_its_json_form(serve_config_of):
     from lmforge.cli import main
-    from lmforge.serve import server
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def run(config):
-        seen["config"] = config
-        raise Stop
-
-    monkeypatch.setattr(server, "run", run)
-    monkeypatch.setenv("LMFORGE_DEBUG", "1")  # let Stop through main's error handling
-    with pytest.raises(Stop):
-        main(["serve", "m", "--lora-modules", "docs=runs/a terse=runs/b",
-              "--lora-modules", '{"name": "json", "path": "runs/c"}'])
-    assert seen["config"].lora.adapters == {"docs": "runs/a", "terse": "runs/b", "json": "runs/c"}
-    monkeypatch.delenv("LMFORGE_DEBUG")
+    config = serve_config_of("m", "--lora-modules", "docs=runs/a terse=runs/b",
+                             "--lora-modules", '{"name": "json", "path": "runs/c"}')
+    assert config.lora.adapters == {"docs": "runs/a", "terse": "runs/b", "json": "runs/c"}
     assert main(["serve", "m", "--lora-modules", "no-path"]) == 2
     assert main(["serve", "m", "--lora-modules", "a=x", "--lora-modules", "a=y"]) == 2
 

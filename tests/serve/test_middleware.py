@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import httpx
 import openai
-import pytest
 
 from lmforge.cli import main
 from lmforge.serve.auth import RateLimiter, duration
@@ -106,29 +105,11 @@ def test_allowed_origins_answer_a_browsers_preflight_and_label_its_replies(serve
         assert "access-control-allow-origin" not in elsewhere.headers
 
 
-def test_lmforge_serve_takes_vllms_cors_flags_as_json_lists_repeats_or_commas(monkeypatch):
-    from lmforge.serve import server
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def run(config):
-        seen["config"] = config
-        raise Stop
-
-    monkeypatch.setattr(server, "run", run)
-    monkeypatch.setenv("LMFORGE_DEBUG", "1")  # let Stop through main's error handling
-    with pytest.raises(Stop):
-        main(["serve", "m", "--allowed-origins", '["https://a.example", "https://b.example"]',
-              "--allowed-methods", "GET,POST", "--allowed-methods", "OPTIONS", "--allow-credentials"])
-    cors = seen["config"].cors
+def test_lmforge_serve_takes_vllms_cors_flags_as_json_lists_repeats_or_commas(serve_config_of):
+    cors = serve_config_of("m", "--allowed-origins", '["https://a.example", "https://b.example"]',
+                           "--allowed-methods", "GET,POST", "--allowed-methods", "OPTIONS", "--allow-credentials").cors
     assert cors.allowed_origins == ["https://a.example", "https://b.example"]
     assert cors.allowed_methods == ["GET", "POST", "OPTIONS"] and cors.allowed_headers == ["*"]
     assert cors.allow_credentials
-    with pytest.raises(Stop):
-        main(["serve", "m"])
-    assert seen["config"].cors.allowed_origins == []  # the default: no CORS
-    monkeypatch.delenv("LMFORGE_DEBUG")
+    assert serve_config_of("m").cors.allowed_origins == []  # the default: no CORS
     assert main(["serve", "m", "--allowed-origins", '["https://a.example", 3]']) == 2  # one line, exit 2
