@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 BUNDLED_CORPUS = Path(__file__).parent / "data" / "corpus" / "python_docs.jsonl.gz"
 BUNDLED_CHAT = [
     Path(__file__).parent / "data" / "chat" / "python_docs_chat.jsonl.gz",
-    Path(__file__).parent / "data" / "chat" / "safety_sft.jsonl.gz",
+    Path(__file__).parent / "data" / "moderation" / "safety_sft.jsonl.gz",
 ]
 STATE_FILE = "stages.json"
 KIND = "quickstart work dir"  # the output marker's kind (atomic.check_output_dir)
@@ -77,12 +77,13 @@ class QuickstartConfig(Section):
     prompt: str = "The Python interpreter"
     sampling: SamplingConfig = SamplingConfig(max_tokens=60, temperature=0.8, top_k=50, seed=0)
     progress: bool = True
-    # Alignment: a short SFT on the bundled chat data (Python docs Q&A + safety refusals),
-    # then the safety evals on the pretrained and the fine-tuned model side by side.
+    # Alignment: a short SFT on the bundled chat data (Python docs Q&A + the safety set:
+    # harmful requests refused, their benign neighbours answered), then the safety evals on
+    # the pretrained and the fine-tuned model side by side, judged by the refusal classifier.
     sft_data: list[str] = Field(default_factory=lambda: [str(p) for p in BUNDLED_CHAT if p.is_file()])
     sft_steps: int = Field(60, ge=0, description="0 skips the SFT stage")
     sft_lr: float = Field(1e-3, gt=0)
-    safety_eval_limit: int = Field(20, ge=1, description="prompts per safety set")
+    safety_eval_limit: int | None = Field(None, ge=1, description="prompts per safety set (default: all 40)")
 
 
 @dataclasses.dataclass
@@ -310,7 +311,8 @@ def safety_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> S
         details = {}
         for name, path in models.items():
             found = run_eval(EvalConfig(model=str(path), tasks=["safety"], limit=config.safety_eval_limit, seed=config.seed))
-            details[name] = {f"{task}/{m}": v["value"] for task, r in found.items() for m, v in r["metrics"].items()}
+            details[name] = {f"{task}/{m}": {"value": v["value"], "stderr": v["stderr"], "n": r["n"]}
+                             for task, r in found.items() for m, v in r["metrics"].items()}
         return details
 
     fingerprint = {"limit": config.safety_eval_limit, "models": {k: str(v) for k, v in models.items()},

@@ -34,7 +34,10 @@ def test_quickstart_runs_every_stage_then_skips_unchanged_ones(tmp_path):
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert {"tokenizer", "tokenize", "train", "sample", "sft", "safety", "export"} <= set(summary)
     assert summary["sft"]["details"]["final_loss"] < summary["sft"]["details"]["first_loss"]
-    assert set(summary["safety"]["details"]) == {"pretrained", "sft"} and "refusal rate" in first.stdout
+    assert set(summary["safety"]["details"]) == {"pretrained", "sft"} and "of harmful requests" in first.stdout
+    harmful = summary["safety"]["details"]["sft"]["safety_harmful/refusal_rate"]
+    assert harmful["n"] == 4 and 0 <= harmful["value"] <= 1 and harmful["stderr"] >= 0  # reported with its stderr
+    assert f"{harmful['value']:.0%} ± {harmful['stderr']:.0%} (n=4)" in first.stdout
     assert all(s["status"] == "ran" for s in summary.values())
     train = summary["train"]["details"]
     assert train["final_loss"] < train["first_loss"] - 1.0

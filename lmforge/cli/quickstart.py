@@ -53,9 +53,9 @@ def _print_summary(console, details: dict[str, dict], out: Path) -> None:
         console.print(f"[bold]sft[/] {sft['conversations']} conversations, {sft['steps']} steps; "
                       f"loss {sft['first_loss']:.3f} -> {sft['final_loss']:.3f}")
     for name, values in details.get("safety", {}).items():
-        console.print(f"[bold]safety[/] {name}: refusal rate on harmful requests "
-                      f"{values.get('safety_harmful/refusal_rate', 0):.0%}, on benign ones "
-                      f"{values.get('safety_benign/over_refusal_rate', 0):.0%}")
+        console.print(f"[bold]safety[/] {name}: refuses {_rate(values.get('safety_harmful/refusal_rate'))} of harmful "
+                      f"requests, {_rate(values.get('safety_benign/over_refusal_rate'))} of benign ones "
+                      "(held-out eval sets; refusal judge: classifier)")
     if "export" in details:
         path = details["export"]["model_dir"]
         console.print(f"[bold]model dir[/] {path} (Hugging Face format); load it with", soft_wrap=True)
@@ -65,3 +65,10 @@ def _print_summary(console, details: dict[str, dict], out: Path) -> None:
             f"  or: lmforge generate {path} --prompt '...'",
         ):
             console.print(line, soft_wrap=True, markup=False)
+
+
+def _rate(metric) -> str:
+    """`85% ± 6% (n=40)`: a rate with its standard error."""
+    if not isinstance(metric, dict):  # a summary written before stderr was recorded
+        return "-" if metric is None else f"{metric:.0%}"
+    return f"{metric['value']:.0%} ± {metric['stderr']:.0%} (n={metric['n']})"

@@ -88,19 +88,33 @@ def train_classifier(
     args: ConfigArgs = None,
     data: Annotated[str | None, typer.Option(help="labelled JSONL: text + labels / label")] = None,
     out: Annotated[str | None, typer.Option(help="classifier dir to write")] = None,
+    val_data: Annotated[str | None, typer.Option(help="labelled JSONL to validate and calibrate on (default: hold out --val-fraction)")] = None,
+    val_fraction: float | None = None,
     epochs: int | None = None,
     lr: float | None = None,
+    max_len: int | None = None,
     train_base: Annotated[bool | None, typer.Option(help="fine-tune the whole model, not only the head")] = None,
-    threshold: float | None = None,
+    target_fpr: Annotated[float | None, typer.Option(help="calibrate thresholds to this validation false-positive rate")] = None,
+    threshold: Annotated[float | None, typer.Option(help="every category's threshold when not calibrated")] = None,
     overwrite: Annotated[bool | None, typer.Option(help="replace an --out dir that is not an lmforge classifier")] = None,
 ):
-    """Train a moderation classifier (a head on an lmforge model) from labelled JSONL."""
+    """Train a moderation classifier (a head on an lmforge model), thresholds calibrated on validation."""
     from lmforge.safety import classifier
 
     config = build_config(classifier.ClassifierConfig, args, flags(
-        model=model, data=data, out=out, epochs=epochs, lr=lr, threshold=threshold,
+        model=model, data=data, out=out, val_data=val_data, val_fraction=val_fraction, epochs=epochs, lr=lr,
+        max_len=max_len, target_fpr=target_fpr, threshold=threshold,
     ) | negatable(train_base=train_base, overwrite=overwrite))
     metrics = classifier.run(config)
-    for name, values in metrics.get("categories", {}).items():
-        typer.echo(f"{name}: precision {values['precision']}, recall {values['recall']} (support {values['support']})")
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    for name, m in metrics.get("categories", {}).items():
+        typer.echo(f"{name}: threshold {m['threshold']:.3f}, precision {fmt(m['precision'])}, recall {fmt(m['recall'])}, "
+                   f"F1 {fmt(m['f1'])}, false-positive rate {fmt(m['fpr'])} (support {m['support']})")
+    if metrics:
+        b = metrics["binary"]
+        typer.echo(f"harmful at all: precision {fmt(b['precision'])}, recall {fmt(b['recall'])}, F1 {fmt(b['f1'])}, "
+                   f"false-positive rate on safe texts {fmt(b['fpr'])} (validation, n={metrics['n']})")
     typer.echo(f"classifier -> {config.out}")

@@ -30,7 +30,7 @@ from lmforge.data.hf_datasets import dataset_source
 from lmforge.data.readers import load_records
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.scoring import Scorer
-from lmforge.safety.refusal import is_refusal
+from lmforge.safety.refusal import load_judge
 from lmforge.shipped import resolve_path
 
 SHIPPED_DIR = Path(__file__).parent / "tasks"
@@ -53,8 +53,10 @@ class TaskSpec(Section):
     max_tokens: int = Field(32, ge=1)
     num_fewshot: int = Field(0, ge=0)
     fewshot_separator: str = "\n\n"
-    # refusal: each prompt is sent as a chat user turn; a refusal detector reads the reply.
+    # refusal: each prompt is sent as a chat user turn; a refusal judge reads the reply.
     expect: Literal["refuse", "comply"] = "refuse"
+    judge: str | dict[str, Any] = Field(
+        "classifier", description="refusal judge: classifier (shipped), patterns, {name: classifier, path: DIR}, module:factory")
 
 
 @dataclass
@@ -228,12 +230,15 @@ def evaluate(task: Task, scorer: Scorer, limit: int | None = None, seed: int = 1
     contexts = [fewshot_prefix(task, i, rng) + ex.prompt for i, ex in enumerate(examples)]
     samples = []
     if task.spec.type == "refusal":
-        refused = []
+        judge = load_judge(task.spec.judge)
+        replies = []
         for ex in examples:
             ids = scorer.tokenizer.encode_chat([{"role": "user", "content": ex.prompt}], add_generation_prompt=True)
-            reply = scorer.generate_until(ids, [], task.spec.max_tokens)
-            refused.append(float(is_refusal(reply)))
-            samples.append({"line": ex.line, "prompt": ex.prompt, "reply": reply, "refused": bool(refused[-1])})
+            replies.append(scorer.generate_until(ids, [], task.spec.max_tokens))
+        verdicts = judge.refused([ex.prompt for ex in examples], replies)
+        for ex, reply, verdict in zip(examples, replies, verdicts, strict=True):
+            samples.append({"line": ex.line, "prompt": ex.prompt, "reply": reply, "refused": bool(verdict)})
+        refused = [float(v) for v in verdicts]
         metrics = {"refusal_rate" if task.spec.expect == "refuse" else "over_refusal_rate": refused}
     elif task.spec.type == "multiple_choice":
         requests, owners = [], []

@@ -7,9 +7,12 @@ category (multi-label, sigmoid), trained from labelled JSONL:
     {"text": "...", "label": "hate"}  /  {"label": "safe"}   one category, or none
 
 By default only the head trains (seconds on a CPU); `train_base: true` fine-tunes the
-whole model. The output dir holds `classifier.json` (categories, thresholds, base model,
-validation precision/recall), `head.safetensors`, and the fine-tuned base as a model dir
-when it was trained. `TextClassifier.scores(texts)` serves moderation.
+whole model. Each category's threshold is then calibrated on the validation data (`val_data`,
+or `val_fraction` held out) to a target false-positive rate (`target_fpr`, 5%), and the
+serving policy uses these thresholds unless it sets its own. The output dir holds
+`classifier.json` (categories, calibrated thresholds, base model, validation precision,
+recall, F1 and false-positive rates), `head.safetensors`, and the fine-tuned base as a model
+dir when it was trained. `TextClassifier.scores(texts)` serves moderation.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from lmforge import atomic
 from lmforge.config import Section
 from lmforge.errors import CheckpointError, DataError
 from lmforge.jsonl import load_jsonl
+from lmforge.safety import calibration
 from lmforge.store.loading import load_model
 from lmforge.store.model_dir import save_model_dir
 
@@ -40,13 +44,15 @@ class ClassifierConfig(Section):
     model: str = Field(description="base lmforge model: model dir, run dir or checkpoint")
     data: str = Field(description="labelled JSONL: text + labels (list) or label (one category or 'safe')")
     out: str = Field(description="classifier dir to write")
+    val_data: str | None = Field(None, description="labelled JSONL for validation and calibration (default: hold out val_fraction of data)")
     val_fraction: float = Field(0.2, ge=0, lt=1)
     epochs: int = Field(20, ge=1)
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     max_len: int = Field(128, ge=8)
     train_base: bool = Field(False, description="fine-tune the whole model, not only the head")
-    threshold: float = Field(0.5, gt=0, lt=1)
+    target_fpr: float | None = Field(0.05, ge=0, lt=1, description="calibrate each category's threshold on validation to this false-positive rate; null: use threshold")
+    threshold: float = Field(0.5, gt=0, lt=1, description="every category's threshold when not calibrated")
     seed: int = 0
     overwrite: bool = Field(False, description="replace an out dir that is not an lmforge classifier")
 
@@ -103,57 +109,86 @@ class TextClassifier(nn.Module):
         return [[c for c, p in s.items() if p >= self.thresholds[c]] for s in self.scores(texts)]
 
 
-def _metrics(classifier: TextClassifier, items: list[tuple[str, list[str]]]) -> dict[str, Any]:
-    if not items:
+def _split(config: ClassifierConfig, records: list) -> tuple[list, list]:
+    if config.val_data:
+        return records, read_labelled(config.val_data)
+    order = list(range(len(records)))
+    random.Random(config.seed).shuffle(order)
+    held = round(len(records) * config.val_fraction)
+    return [records[i] for i in order[held:]], [records[i] for i in order[:held]]
+
+
+def _targets(items: list[tuple[str, list[str]]], categories: list[str]) -> torch.Tensor:
+    labels = torch.zeros(len(items), len(categories))
+    for i, (_, names) in enumerate(items):
+        for name in names:
+            if name in categories:
+                labels[i, categories.index(name)] = 1.0
+    return labels
+
+
+@torch.no_grad()
+def _pooled(classifier: TextClassifier, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """The frozen base's pooled features, computed once when only the head trains."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens, mask = classifier.encode(texts[start : start + batch_size])
+        hidden = classifier.base.hidden_states(tokens)
+        out.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+def _fit(classifier: TextClassifier, train: list, config: ClassifierConfig) -> None:
+    labels = _targets(train, classifier.categories)
+    positives = labels.sum(0)
+    pos_weight = ((len(train) - positives) / positives.clamp(min=1)).clamp(1, 10)  # rare categories count more
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    params = [p for p in classifier.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    features = None if config.train_base else _pooled(classifier, [t for t, _ in train])
+    classifier.train()
+    for epoch in range(config.epochs):
+        order = list(range(len(train)))
+        random.Random(config.seed + epoch).shuffle(order)
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start : start + config.batch_size]
+            if features is None:
+                logits = classifier.logits(*classifier.encode([train[i][0] for i in rows]))
+            else:
+                logits = classifier.head(features[rows])
+            loss = loss_fn(logits, labels[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def _calibrate(classifier: TextClassifier, val: list, config: ClassifierConfig) -> dict[str, Any]:
+    """Thresholds for the target false-positive rate on validation, and the metrics there."""
+    if not val:
         return {}
-    predicted = classifier.flags([t for t, _ in items])
-    per_category = {}
-    for category in classifier.categories:
-        tp = sum(category in p and category in y for p, (_, y) in zip(predicted, items, strict=True))
-        fp = sum(category in p and category not in y for p, (_, y) in zip(predicted, items, strict=True))
-        fn = sum(category not in p and category in y for p, (_, y) in zip(predicted, items, strict=True))
-        per_category[category] = {"precision": tp / (tp + fp) if tp + fp else None,
-                                  "recall": tp / (tp + fn) if tp + fn else None, "support": tp + fn}
-    exact = sum(set(p) == set(y) for p, (_, y) in zip(predicted, items, strict=True)) / len(items)
-    return {"exact_match": exact, "categories": per_category, "n": len(items)}
+    scores = classifier.scores([t for t, _ in val])
+    labels = [y for _, y in val]
+    if config.target_fpr is not None:
+        classifier.thresholds = calibration.calibrate(scores, labels, classifier.categories, config.target_fpr)
+    return {**calibration.report(scores, labels, classifier.thresholds), "target_fpr": config.target_fpr}
 
 
 def run(config: ClassifierConfig) -> dict[str, Any]:
-    """Train, validate, save; return the validation metrics."""
+    """Train, calibrate on validation, save; return the validation metrics."""
     atomic.check_output_dir(config.out, "moderation classifier", overwrite=config.overwrite,
-                            inputs=[config.model, config.data])
+                            inputs=[config.model, config.data, *([config.val_data] if config.val_data else [])])
     records = read_labelled(config.data)
     categories = sorted({c for _, labels in records for c in labels})
     if not categories:
         raise DataError(f"{config.data}: every record is labelled safe; nothing to learn")
+    train, val = _split(config, records)
     base, tokenizer, source = load_model(config.model, "cpu", torch.float32)
-    rng = random.Random(config.seed)
-    order = list(range(len(records)))
-    rng.shuffle(order)
-    held = round(len(records) * config.val_fraction)
-    val = [records[i] for i in order[:held]]
-    train = [records[i] for i in order[held:]]
     torch.manual_seed(config.seed)
     classifier = TextClassifier(base, categories, dict.fromkeys(categories, config.threshold), tokenizer, config.max_len)
     for param in base.parameters():
         param.requires_grad_(config.train_base)
-    optimizer = torch.optim.AdamW([p for p in classifier.parameters() if p.requires_grad], lr=config.lr)
-    targets = {c: i for i, c in enumerate(categories)}
-    classifier.train()
-    for epoch in range(config.epochs):
-        random.Random(config.seed + epoch).shuffle(train)
-        for start in range(0, len(train), config.batch_size):
-            batch = train[start : start + config.batch_size]
-            tokens, mask = classifier.encode([t for t, _ in batch])
-            labels = torch.zeros(len(batch), len(categories))
-            for i, (_, names) in enumerate(batch):
-                for name in names:
-                    labels[i, targets[name]] = 1.0
-            loss = nn.functional.binary_cross_entropy_with_logits(classifier.logits(tokens, mask), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    metrics = _metrics(classifier, val)
+    _fit(classifier, train, config)
+    metrics = _calibrate(classifier, val, config)
     out = Path(config.out)
     with atomic.atomic_dir(out, "moderation classifier") as tmp:
         save_file({k: v.contiguous() for k, v in classifier.head.state_dict().items()}, str(tmp / "head.safetensors"))

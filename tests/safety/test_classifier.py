@@ -11,39 +11,47 @@ import pytest
 from lmforge.errors import DataError
 from lmforge.safety.classifier import ClassifierConfig, load_classifier, read_labelled, run
 
+MODERATION = Path(__file__).resolve().parents[2] / "lmforge" / "data" / "moderation"
 TASKS = Path(__file__).resolve().parents[2] / "lmforge" / "eval" / "tasks"
-CHAT = Path(__file__).resolve().parents[2] / "lmforge" / "data" / "chat" / "safety_sft.jsonl.gz"
 
 
 def prompts(name):
     return [json.loads(line)["prompt"] for line in (TASKS / f"{name}.jsonl").read_text().splitlines()]
 
 
-def test_classifier_trained_on_refusal_data_flags_unseen_harmful_requests(trained_run, tmp_path):
-    rows = []
-    with gzip.open(CHAT, "rt", encoding="utf-8") as f:
-        for record in map(json.loads, f):
-            label = "harmful" if record["id"].startswith("safety-refusal") else "safe"
-            rows.append({"text": record["messages"][0]["content"], "label": label})
-    rows += [{"text": json.loads(line)["question"], "label": "safe"} for line in (TASKS / "python_mc.jsonl").read_text().splitlines()]
-    data = tmp_path / "labelled.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = run(ClassifierConfig(model=str(trained_run), data=str(data), out=str(tmp_path / "clf"),
-                                   epochs=10, lr=1e-3, train_base=True))
-    assert metrics["n"] == 20 and metrics["categories"]["harmful"]["support"] > 0
+def subset(split: str, every: int, path: Path) -> Path:
+    """Every `every`-th record of a shipped split (whole templates stay in their split)."""
+    with gzip.open(MODERATION / f"moderation_{split}.jsonl.gz", "rt", encoding="utf-8") as f:
+        lines = f.readlines()[::every]
+    path.write_text("".join(lines))
+    return path
+
+
+def test_classifier_calibrated_on_validation_serves_at_its_thresholds(trained_run, tmp_path):
+    train, val = subset("train", 4, tmp_path / "train.jsonl"), subset("validation", 2, tmp_path / "val.jsonl")
+    metrics = run(ClassifierConfig(model=str(trained_run), data=str(train), val_data=str(val), out=str(tmp_path / "clf"),
+                                   epochs=4, lr=1e-3, max_len=48, train_base=True, target_fpr=0.05))
+    # Calibrated: on validation at most 5% of the safe texts are flagged in any category.
+    assert metrics["binary"]["fpr"] <= 0.05 and metrics["target_fpr"] == 0.05
+    assert metrics["n"] == len(read_labelled(val)) and metrics["binary"]["recall"] > metrics["binary"]["fpr"]
+    saved = json.loads((tmp_path / "clf" / "classifier.json").read_text())
+    assert saved["thresholds"] == {c: m["threshold"] for c, m in metrics["categories"].items()}
+    assert len(set(saved["thresholds"].values())) > 1  # per category, not one number
     classifier = load_classifier(tmp_path / "clf")
-    harmful, benign = classifier.flags(prompts("safety_harmful")), classifier.flags(prompts("safety_benign"))
-    recall = sum(bool(f) for f in harmful) / len(harmful)
-    false_positive = sum(bool(f) for f in benign) / len(benign)
-    precision = sum(bool(f) for f in harmful) / max(1, sum(bool(f) for f in harmful) + sum(bool(f) for f in benign))
-    assert recall >= 0.75 and false_positive <= 0.5 and precision >= 0.65, (recall, false_positive, precision)
-    assert set(classifier.scores(["How do I sort a list?"])[0]) == {"harmful"}
-    # The trained classifier is a moderation backend, composed with the rules at its own thresholds.
+    assert sorted(classifier.categories) == ["harassment", "hate", "illicit", "self-harm", "sexual", "violence"]
+    # The held-out test templates: the classifier separates them better than chance.
+    test = read_labelled(subset("test", 2, tmp_path / "test.jsonl"))
+    flagged = classifier.flags([t for t, _ in test])
+    recall = sum(bool(f) for f, (_, y) in zip(flagged, test, strict=True) if y) / sum(bool(y) for _, y in test)
+    fpr = sum(bool(f) for f, (_, y) in zip(flagged, test, strict=True) if not y) / sum(not y for _, y in test)
+    assert recall > 1.5 * fpr, (recall, fpr)
+    # A serving policy composes it with the rules at its calibrated thresholds unless it sets its own.
     from lmforge.safety.moderation import build
 
     moderation = build(["rules", {"name": "classifier", "path": str(tmp_path / "clf")}])
-    results = moderation.moderate([*prompts("safety_harmful")[:8], "Mail me at a.b@example-corp.com"])
-    assert sum("harmful" in r.flagged for r in results[:8]) >= 6 and "pii/email" in results[-1].flagged
+    assert {c: moderation.thresholds[c] for c in classifier.categories} == saved["thresholds"]
+    assert build([{"name": "classifier", "path": str(tmp_path / "clf")}], {"hate": 0.9}).thresholds["hate"] == 0.9
+    assert "pii/email" in moderation.moderate(["Mail me at a.b@example-corp.com"])[0].flagged
 
 
 def test_bad_labelled_data_names_the_line(tmp_path):
@@ -54,18 +62,3 @@ def test_bad_labelled_data_names_the_line(tmp_path):
     data.write_text(json.dumps({"text": "a", "label": "safe"}) + "\n" + json.dumps({"text": "b", "label": "safe"}) + "\n")
     with pytest.raises(DataError, match="every record is labelled safe"):
         run(ClassifierConfig(model=str(tmp_path), data=str(data), out=str(tmp_path / "c")))
-
-
-def test_the_shipped_moderation_set_trains_openai_categories_that_separate_held_out_requests(trained_run, tmp_path):
-    shipped = Path(__file__).resolve().parents[2] / "lmforge" / "data" / "moderation" / "moderation_labelled.jsonl.gz"
-    records = read_labelled(shipped)
-    assert len(records) == 160
-    run(ClassifierConfig(model=str(trained_run), data=str(shipped), out=str(tmp_path / "clf"), epochs=40, lr=2e-3,
-                         train_base=True, val_fraction=0.0, threshold=0.3))
-    classifier = load_classifier(tmp_path / "clf")
-    assert sorted(classifier.categories) == ["harassment", "hate", "illicit", "self-harm", "sexual", "violence"]
-    # Held out: the safety evaluation sets, written separately from the moderation set.
-    harmful, benign = classifier.flags(prompts("safety_harmful")), classifier.flags(prompts("safety_benign"))
-    recall = sum(bool(f) for f in harmful) / len(harmful)
-    false_positive = sum(bool(f) for f in benign) / len(benign)
-    assert recall - false_positive >= 0.2, (recall, false_positive)

@@ -1,0 +1,65 @@
+"""Thresholds calibrated for a target false-positive rate, the metrics, and the TF-IDF baseline."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lmforge.jsonl import load_jsonl
+from lmforge.safety import calibration
+from lmforge.safety.moderation_data import CATEGORIES, OUT
+from lmforge.safety.tfidf import TfidfClassifier
+
+
+def test_threshold_admits_at_most_the_target_share_of_negatives():
+    negatives = [i / 100 for i in range(100)]  # 0.00 .. 0.99
+    t = calibration.threshold_for_fpr(negatives, 0.05, floor=0.0)
+    assert sum(n >= t for n in negatives) == 5 and t == math.nextafter(0.94, math.inf)
+    assert calibration.threshold_for_fpr(negatives, 0.0, floor=0.0) > 0.99  # none may pass
+    # Ties move together: three negatives at 0.9 cannot be split, so none of them passes.
+    assert sum(n >= calibration.threshold_for_fpr([0.9, 0.9, 0.9, 0.1], 0.5, floor=0.0) for n in [0.9, 0.9, 0.9]) == 0
+    assert calibration.threshold_for_fpr([0.01, 0.02], 0.05) == 0.05  # the floor
+
+
+def test_calibrate_bounds_the_share_of_safe_texts_flagged_in_any_category():
+    scores = [{"a": 0.9, "b": 0.2}, {"a": 0.6, "b": 0.8}, {"a": 0.3, "b": 0.7}, {"a": 0.1, "b": 0.1}, {"a": 0.7, "b": 0.1}]
+    labels = [["a"], ["b"], [], [], ["a"]]
+    thresholds = calibration.calibrate(scores, labels, ["a", "b"], target_fpr=0.0, floor=0.0)
+    assert thresholds == {"a": math.nextafter(0.3, math.inf), "b": math.nextafter(0.7, math.inf)}  # above the safe texts
+    report = calibration.report(scores, labels, thresholds)
+    assert report["categories"]["a"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "fpr": pytest.approx(1 / 3),
+                                         "support": 2, "threshold": thresholds["a"]}  # one-vs-rest: b's text scores a 0.6
+    assert report["categories"]["b"]["recall"] == 1.0 and report["binary"]["fpr"] == 0.0
+    loose = calibration.report(scores, labels, {"a": 0.5, "b": 0.5})
+    assert loose["binary"] == {"precision": 0.75, "recall": 1.0, "f1": pytest.approx(6 / 7), "fpr": 0.5, "support": 3}
+    with pytest.raises(ValueError, match="target_fpr"):
+        calibration.calibrate(scores, labels, ["a"], target_fpr=1.0)
+
+
+def test_calibrate_splits_the_target_between_categories_that_flag_different_safe_texts():
+    # 100 safe texts: category a flags the first 10 highly, category b the last 10.
+    safe = [{"a": 0.9 if i < 10 else 0.1, "b": 0.9 if i >= 90 else 0.1} for i in range(100)]
+    safe = [{"a": s["a"] - i / 1000, "b": s["b"] - i / 1000} for i, s in enumerate(safe)]  # no ties
+    thresholds = calibration.calibrate(safe, [[] for _ in safe], ["a", "b"], target_fpr=0.06, floor=0.0)
+    flagged = sum(any(s[c] >= thresholds[c] for c in "ab") for s in safe)
+    assert flagged == 6  # 3 + 3: each category alone at 6% would flag 12 safe texts together
+
+
+def split(name):
+    rows = [r for _, r in load_jsonl(OUT / f"moderation_{name}.jsonl.gz")]
+    return [r["text"] for r in rows], [r["labels"] for r in rows]
+
+
+def test_tfidf_baseline_calibrated_on_validation_keeps_near_its_false_positive_rate_on_unseen_templates():
+    train, val, test = split("train"), split("validation"), split("test")
+    model = TfidfClassifier(CATEGORIES).fit(*train)
+    val_scores, test_scores = model.scores(val[0]), model.scores(test[0])
+    thresholds = calibration.calibrate(val_scores, val[1], CATEGORIES, target_fpr=0.05)
+    assert calibration.report(val_scores, val[1], thresholds)["binary"]["fpr"] <= 0.05
+    calibrated = calibration.report(test_scores, test[1], thresholds)["binary"]
+    naive = calibration.report(test_scores, test[1], dict.fromkeys(CATEGORIES, 0.1))["binary"]
+    # Unseen templates move the rate (whole templates pass or fail together), but not far,
+    # and far less than an uncalibrated threshold.
+    assert calibrated["fpr"] <= 0.15 and calibrated["recall"] >= 0.3, calibrated
+    assert naive["fpr"] >= calibrated["fpr"] + 0.15, (naive, calibrated)
