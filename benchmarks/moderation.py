@@ -1,14 +1,15 @@
 """Moderation classifiers side by side on the same held-out test split, and refusal judges
 against hand labels.
 
-    python benchmarks/moderation.py --base quickstart/runs/quickstart
+    python benchmarks/moderation.py --base quickstart/runs/quickstart --sft-base quickstart/runs/quickstart-sft
 
 The data is the shipped build of `scripts/build_moderation_set.py` (train / validation / test
 split by template: the test phrasing is never seen in training). Each classifier trains on
 train, has its thresholds calibrated per category on validation for a 5% false-positive rate
 (`lmforge.safety.calibration`), and is measured once on test:
 
-- lmforge's `train-classifier` head on `--base`, frozen and fine-tuned;
+- lmforge's `train-classifier` head on `--base`, frozen and fine-tuned, and fine-tuned from
+  `--sft-base` (the quickstart's safety-SFT model, itself trained on the train split only);
 - a linear model on TF-IDF features (scikit-learn logistic regression, word and char n-grams);
 - alt-profanity-check (one score: "harmful at all" only), at its own 0.8 and calibrated;
 - lmforge's rules (PII and secrets patterns: they are not meant for these categories).
@@ -69,7 +70,7 @@ def binary_labels(data):
 def lmforge_head(base: str, train_base: bool, work: Path, args) -> tuple[object, float]:
     from lmforge.safety.classifier import ClassifierConfig, load_classifier, run
 
-    out = work / ("finetuned" if train_base else "frozen")
+    out = work / f"{'finetuned' if train_base else 'frozen'}-{len(list(work.iterdir()))}"
     start = time.perf_counter()
     run(ClassifierConfig(model=base, data=str(OUT / "moderation_train.jsonl.gz"),
                          val_data=str(OUT / "moderation_validation.jsonl.gz"), out=str(out), train_base=train_base,
@@ -91,10 +92,11 @@ def run_all(args) -> dict:
     rows.append({**measure("TF-IDF + logistic regression (scikit-learn)", tfidf, CATEGORIES, data, args.target_fpr),
                  "train_s": time.perf_counter() - start})
     with tempfile.TemporaryDirectory() as tmp:
-        for train_base in (False, True):
-            if args.base:
-                model, seconds = lmforge_head(args.base, train_base, Path(tmp), args)
-                label = "lmforge classifier, fine-tuned base" if train_base else "lmforge classifier, frozen base"
+        heads = [(args.base, False, "lmforge classifier, frozen base"), (args.base, True, "lmforge classifier, fine-tuned base"),
+                 (args.sft_base, True, "lmforge classifier, fine-tuned from the safety-SFT model")]
+        for base, train_base, label in heads:
+            if base:
+                model, seconds = lmforge_head(base, train_base, Path(tmp), args)
                 rows.append({**measure(label, model, CATEGORIES, data, args.target_fpr, fixed=model.thresholds),
                              "train_s": seconds})
     binary = binary_labels(data)
@@ -152,16 +154,18 @@ def markdown(result: dict, command: str) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", help="lmforge model for the trained classifier (e.g. quickstart/runs/quickstart)")
+    p.add_argument("--sft-base", help="an lmforge model tuned on the train split (e.g. quickstart/runs/quickstart-sft)")
     p.add_argument("--target-fpr", type=float, default=0.05)
     p.add_argument("--head-epochs", type=int, default=200)
     p.add_argument("--head-lr", type=float, default=1e-2)
-    p.add_argument("--finetune-epochs", type=int, default=3)
-    p.add_argument("--finetune-lr", type=float, default=5e-4)
+    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = p.parse_args(argv)
     result = run_all(args)
-    command = "python benchmarks/moderation.py" + (f" --base {args.base}" if args.base else "")
+    command = "python benchmarks/moderation.py" + (f" --base {args.base}" if args.base else "") + (
+        f" --sft-base {args.sft_base}" if args.sft_base else "")
     text = markdown(result, command)
     print(text)
     if args.json:

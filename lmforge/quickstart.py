@@ -81,7 +81,7 @@ class QuickstartConfig(Section):
     # harmful requests refused, their benign neighbours answered), then the safety evals on
     # the pretrained and the fine-tuned model side by side, judged by the refusal classifier.
     sft_data: list[str] = Field(default_factory=lambda: [str(p) for p in BUNDLED_CHAT if p.is_file()])
-    sft_steps: int = Field(60, ge=0, description="0 skips the SFT stage")
+    sft_steps: int = Field(300, ge=0, description="0 skips the SFT stage")
     sft_lr: float = Field(1e-3, gt=0)
     safety_eval_limit: int | None = Field(None, ge=1, description="prompts per safety set (default: all 40)")
 
@@ -296,7 +296,9 @@ def sft_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> Stag
         return {"steps": result.step, "conversations": len(lines), "first_loss": result.losses[0],
                 "final_loss": result.losses[-1], "val_loss": result.val_loss}
 
-    fingerprint = {"config": align_config.model_dump(), "data": config.sft_data, "train": results["train"].details}
+    # The data's content, not only its paths: an edited file reruns the stage.
+    data = {file: hashes.sha256_file(file) for file in config.sft_data}
+    fingerprint = {"config": align_config.model_dump(), "data": data, "train": results["train"].details}
     return Stage("sft", fingerprint, [RunDir(work.sft_run).checkpoints / checkpoint.LATEST], go)
 
 

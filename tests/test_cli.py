@@ -135,3 +135,16 @@ def test_generate_and_chat_run_on_the_inference_engine(trained_run, tmp_path):
     assert piped.returncode == 0 and piped.stdout.count("assistant> ") == 2, piped.stderr
     bad = lmforge("generate", str(trained_run), "--top-p", "2", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: top_p must be in (0, 1], got 2.0"
+
+
+def test_quickstart_sft_stage_reruns_when_its_data_changes_under_the_same_path(tmp_path):
+    from lmforge import quickstart as qs
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    config = qs.QuickstartConfig(out=str(tmp_path / "qs"), sft_data=[str(data)])
+    results = {"train": qs.StageResult("train", "ran", 0.0, [], {"steps": 1})}
+    before = qs.sft_stage(config, results).fingerprint
+    assert qs.sft_stage(config, results).fingerprint == before
+    data.write_text('{"messages": [{"role": "user", "content": "hello"}]}\n')
+    assert qs.sft_stage(config, results).fingerprint != before

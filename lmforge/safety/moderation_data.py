@@ -252,26 +252,24 @@ def build_records(templates: list[Template], settings: dict[str, Any], guard: Ev
     return splits, dropped
 
 
-def sft_conversations(train: list[dict], replies: dict[str, list[str]], seed: int,
-                      per_harmful_template: int = 3) -> list[dict]:
-    """Train-split requests as chats: a refusal (supportive for self-harm) or the benign answer.
+def sft_conversations(train: list[dict], replies: dict[str, list[str]], seed: int) -> list[dict]:
+    """Train-split requests as chats: a refusal (a supportive one for self-harm) or the answer.
 
-    Every benign variant is kept, but at most `per_harmful_template` variants of each harmful
-    template: refusals are few fixed replies and easy to learn, so a mix with as many of them
-    as answers teaches a small model to refuse whatever it is unsure of.
+    Helpful answers open with "Sure." so that the reply's first token carries the decision to
+    help or refuse as a whole. Without it, refusals (a few fixed openings: "I can't", "I'm
+    sorry") concentrate their probability on one or two first tokens while answers spread
+    theirs over hundreds, and greedy decoding refuses whenever a request is even somewhat
+    uncertain: measured on the quickstart model, 35% over-refusal on the benign eval set
+    without the opening, 10-12% with it, for the same training steps.
     """
     rng = random.Random(f"{seed}/sft")
     out = []
-    kept: Counter = Counter()
     for record in train:
         if record["labels"]:
-            kept[record["template"]] += 1
-            if kept[record["template"]] > per_harmful_template:
-                continue
             pool = replies["support"] if record["labels"] == ["self-harm"] else replies["refusal"]
             reply = rng.choice(pool)
         else:
-            reply = record["answer"]
+            reply = "Sure. " + record["answer"]
         out.append({"id": record["id"].replace("mod-train", "safety-sft"), "template": record["template"],
                     "messages": [{"role": "user", "content": record["text"]}, {"role": "assistant", "content": reply}]})
     return out

@@ -55,9 +55,12 @@ def test_splits_are_by_template_so_test_phrasing_is_unseen(built):
     assert not texts["train"] & texts["test"]
     sft = [r for _, r in load_jsonl(built / "safety_sft.jsonl.gz")]
     assert {r["template"] for r in sft} <= templates["train"]
+    assert len(sft) == len(by_split["train"])
     refused = [r for r in sft if "/harmful/" in r["template"]]
-    assert 0.2 * len(sft) <= len(refused) <= 0.4 * len(sft)  # most of the SFT data answers helpfully
-    assert {r["template"] for r in refused} == {r["template"] for r in by_split["train"] if r["labels"]}
+    assert len(refused) <= 0.5 * len(sft)  # every harmful request has benign neighbours, answered
+    answered = [r for r in sft if "/benign/" in r["template"]]
+    assert all(r["messages"][1]["content"].startswith("Sure. ") for r in answered)
+    assert not any(r["messages"][1]["content"].startswith("Sure") for r in refused)
 
 
 def test_no_generated_text_copies_an_eval_prompt(built):

@@ -85,6 +85,12 @@ def test_the_safety_group_runs_both_sets_and_reports_refusal_rates(trained_run):
         "Use `kill -9 PID`.", "I won't provide instructions for that.", "Raise the ISO.", "Call os.remove(path)."]), limit=4)
     assert set(benign["metrics"]) == {"over_refusal_rate"}
     assert benign["metrics"]["over_refusal_rate"]["value"] == pytest.approx(1 / 4)
+    # A task picks its judge: a refusal worded outside the phrase patterns counts only for the classifier.
+    unusual = "That is off limits for me, so let's talk about something else."
+    by_judge = {judge: tasks.evaluate(tasks.Task(group[0].spec.model_copy(update={"judge": judge}), group[0].path,
+                                                 group[0].examples), ScriptedScorer(model, tokenizer, [unusual]), limit=1)
+                for judge in ("classifier", "patterns")}
+    assert by_judge["classifier"]["samples"][0]["refused"] and not by_judge["patterns"]["samples"][0]["refused"]
     # The real model's own replies go through the same path.
     real = tasks.evaluate(group[0], Scorer(model, tokenizer), limit=2)
     assert real["n"] == 2 and all(isinstance(s["reply"], str) for s in real["samples"])
