@@ -72,10 +72,8 @@ def lmforge_head(base: str, train_base: bool, work: Path, args) -> tuple[object,
 
     out = work / f"{'finetuned' if train_base else 'frozen'}-{len(list(work.iterdir()))}"
     start = time.perf_counter()
-    run(ClassifierConfig(model=base, data=str(OUT / "moderation_train.jsonl.gz"),
+    run(ClassifierConfig(model=base, data=str(OUT / "moderation_train.jsonl.gz"),  # train-classifier's defaults
                          val_data=str(OUT / "moderation_validation.jsonl.gz"), out=str(out), train_base=train_base,
-                         epochs=args.finetune_epochs if train_base else args.head_epochs,
-                         lr=args.finetune_lr if train_base else args.head_lr, max_len=64, batch_size=32,
                          target_fpr=args.target_fpr))
     return load_classifier(out), time.perf_counter() - start
 
@@ -156,10 +154,6 @@ def main(argv=None) -> None:
     p.add_argument("--base", help="lmforge model for the trained classifier (e.g. quickstart/runs/quickstart)")
     p.add_argument("--sft-base", help="an lmforge model tuned on the train split (e.g. quickstart/runs/quickstart-sft)")
     p.add_argument("--target-fpr", type=float, default=0.05)
-    p.add_argument("--head-epochs", type=int, default=200)
-    p.add_argument("--head-lr", type=float, default=1e-2)
-    p.add_argument("--finetune-epochs", type=int, default=5)
-    p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = p.parse_args(argv)

@@ -46,9 +46,9 @@ class ClassifierConfig(Section):
     out: str = Field(description="classifier dir to write")
     val_data: str | None = Field(None, description="labelled JSONL for validation and calibration (default: hold out val_fraction of data)")
     val_fraction: float = Field(0.2, ge=0, lt=1)
-    epochs: int = Field(20, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(16, ge=1)
+    epochs: int | None = Field(None, ge=1, description="passes over the data (default: 200 for the head alone, 5 with train_base)")
+    lr: float | None = Field(None, gt=0, description="default: 1e-2 for the head alone, 1e-3 with train_base")
+    batch_size: int = Field(32, ge=1)
     max_len: int = Field(128, ge=8)
     train_base: bool = Field(False, description="fine-tune the whole model, not only the head")
     target_fpr: float | None = Field(0.05, ge=0, lt=1, description="calibrate each category's threshold on validation to this false-positive rate; null: use threshold")
@@ -144,10 +144,11 @@ def _fit(classifier: TextClassifier, train: list, config: ClassifierConfig) -> N
     pos_weight = ((len(train) - positives) / positives.clamp(min=1)).clamp(1, 10)  # rare categories count more
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     params = [p for p in classifier.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    optimizer = torch.optim.AdamW(params, lr=config.lr or (1e-3 if config.train_base else 1e-2))
     features = None if config.train_base else _pooled(classifier, [t for t, _ in train])
     classifier.train()
-    for epoch in range(config.epochs):
+    epochs = config.epochs or (5 if config.train_base else 200)
+    for epoch in range(epochs):
         order = list(range(len(train)))
         random.Random(config.seed + epoch).shuffle(order)
         for start in range(0, len(order), config.batch_size):
