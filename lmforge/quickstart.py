@@ -32,6 +32,7 @@ from lmforge.eval.runner import EvalConfig
 from lmforge.eval.runner import run as run_eval
 from lmforge.interop import export
 from lmforge.model.config import ModelConfig
+from lmforge.safety.refusal import JUDGE_DATA
 from lmforge.serve.config import EngineConfig
 from lmforge.serve.engine import Engine
 from lmforge.serve.sampling import SamplingConfig
@@ -49,6 +50,7 @@ BUNDLED_CHAT = [
     Path(__file__).parent / "data" / "chat" / "python_docs_chat.jsonl.gz",
     Path(__file__).parent / "data" / "moderation" / "safety_sft.jsonl.gz",
 ]
+SAFETY_TASKS = Path(__file__).parent / "eval" / "tasks"
 STATE_FILE = "stages.json"
 KIND = "quickstart work dir"  # the output marker's kind (atomic.check_output_dir)
 
@@ -317,8 +319,11 @@ def safety_stage(config: QuickstartConfig, results: dict[str, StageResult]) -> S
                              for task, r in found.items() for m, v in r["metrics"].items()}
         return details
 
+    # What decides the rates: the eval sets and the refusal judge's data, by content.
+    judged_by = [*sorted(SAFETY_TASKS.glob("safety*")), JUDGE_DATA]
     fingerprint = {"limit": config.safety_eval_limit, "models": {k: str(v) for k, v in models.items()},
-                   "train": results["train"].details, "sft": results["sft"].details if "sft" in results else None}
+                   "train": results["train"].details, "sft": results["sft"].details if "sft" in results else None,
+                   "judged_by": {p.name: hashes.sha256_file(p) for p in judged_by if p.is_file()}}
     return Stage("safety", fingerprint, [RunDir(path).eval_dir / "safety_harmful.json" for path in models.values()], go)
 
 
