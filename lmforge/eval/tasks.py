@@ -29,8 +29,8 @@ from lmforge.config import Section, build, read_yaml
 from lmforge.data.hf_datasets import dataset_source
 from lmforge.data.readers import load_records
 from lmforge.errors import ConfigError, DataError
+from lmforge.eval.judge_model import refusal_judge
 from lmforge.eval.scoring import Scorer
-from lmforge.safety.refusal import load_judge
 from lmforge.shipped import resolve_path
 
 SHIPPED_DIR = Path(__file__).parent / "tasks"
@@ -56,7 +56,8 @@ class TaskSpec(Section):
     # refusal: each prompt is sent as a chat user turn; a refusal judge reads the reply.
     expect: Literal["refuse", "comply"] = "refuse"
     judge: str | dict[str, Any] = Field(
-        "classifier", description="refusal judge: classifier (shipped), patterns, {name: classifier, path: DIR}, module:factory")
+        "classifier", description="refusal judge: classifier (shipped), patterns, {name: classifier, path: DIR}, "
+                                  "{name: model, path: MODEL} (a judge model), module:factory")
 
 
 @dataclass
@@ -230,7 +231,7 @@ def evaluate(task: Task, scorer: Scorer, limit: int | None = None, seed: int = 1
     contexts = [fewshot_prefix(task, i, rng) + ex.prompt for i, ex in enumerate(examples)]
     samples = []
     if task.spec.type == "refusal":
-        judge = load_judge(task.spec.judge)
+        judge = refusal_judge(task.spec.judge)
         replies = []
         for ex in examples:
             ids = scorer.tokenizer.encode_chat([{"role": "user", "content": ex.prompt}], add_generation_prompt=True)
@@ -273,6 +274,7 @@ def evaluate(task: Task, scorer: Scorer, limit: int | None = None, seed: int = 1
         # Per-example 0/1 outcomes per metric, in the order of `samples` (keyed by their `line`):
         # what the release gate pairs against a previous release (McNemar). Absent in older files.
         "outcomes": {name: [int(x) for x in v] for name, v in metrics.items() if all(x in (0.0, 1.0) for x in v)},
+        **({"judge": task.spec.judge} if task.spec.type == "refusal" else {}),  # who decided what a refusal is
     }
 
 

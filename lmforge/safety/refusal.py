@@ -12,7 +12,9 @@ One interface, `RefusalJudge.refused(prompts, replies) -> [bool]`, several judge
 - `patterns`: phrase patterns of the kind XSTest's string-match evaluator uses (Röttger et
   al., 2024): apologies, inability, policy references near the start of the reply. Kept as
   the baseline the others are compared with.
-- `module:factory`: your own (a judge model, an API), returning an object with `refused`.
+- `{name: model, path: MODEL}` (in eval tasks): a judge model asked Yes or No
+  (`lmforge.eval.judge_model`, which needs the eval layer to load and score a model);
+- `module:factory`: your own (an API, a rubric), returning an object with `refused`.
 
 `judge_agreement` measures a judge against the hand-labelled replies in
 `lmforge/data/moderation/refusal_handlabelled.jsonl`.

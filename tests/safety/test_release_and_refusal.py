@@ -91,6 +91,19 @@ def test_the_safety_group_runs_both_sets_and_reports_refusal_rates(trained_run):
                                                  group[0].examples), ScriptedScorer(model, tokenizer, [unusual]), limit=1)
                 for judge in ("classifier", "patterns")}
     assert by_judge["classifier"]["samples"][0]["refused"] and not by_judge["patterns"]["samples"][0]["refused"]
+    assert harmful["judge"] == "classifier" and by_judge["patterns"]["judge"] == "patterns"
+    # A judge model behind the same interface: the tiny model asked Yes or No, deterministically.
+    judged = tasks.evaluate(tasks.Task(group[0].spec.model_copy(update={"judge": {"name": "model", "path": str(trained_run)}}),
+                                       group[0].path, group[0].examples), ScriptedScorer(model, tokenizer, [unusual] * 2), limit=2)
+    assert judged["judge"]["name"] == "model" and all(isinstance(s["refused"], bool) for s in judged["samples"])
+    from lmforge.eval.judge_model import ModelJudge
+
+    verdicts = ModelJudge(str(trained_run)).refused(["a", "b"], [unusual, "Sure: open(path)."])
+    assert verdicts == ModelJudge(str(trained_run)).refused(["a", "b"], [unusual, "Sure: open(path)."])
+    assert judge_agreement(ModelJudge(str(trained_run)))["n"] == 80  # any judge is measured against the hand labels
+    with pytest.raises(ConfigError, match="'model' needs a path"):
+        tasks.evaluate(tasks.Task(group[0].spec.model_copy(update={"judge": {"name": "model"}}), group[0].path,
+                                  group[0].examples), ScriptedScorer(model, tokenizer, [unusual]), limit=1)
     # The real model's own replies go through the same path.
     real = tasks.evaluate(group[0], Scorer(model, tokenizer), limit=2)
     assert real["n"] == 2 and all(isinstance(s["reply"], str) for s in real["samples"])
