@@ -1,10 +1,10 @@
 """Moderation thresholds calibrated on validation data, and the metrics they are judged by.
 
 A moderator gives each text a probability per category; where to cut is a choice between
-catching harm and blocking innocent requests. `calibrate` picks, per category, the lowest
-threshold at a common false-positive rate on the safe validation texts such that the share of
-safe texts flagged in any category (what a gateway's users see as over-blocking) stays at or
-below a target (5% by default): the most recall under that constraint. `report`
+catching harm and blocking innocent requests. `calibrate` picks per-category thresholds on
+validation data so that the share of safe texts flagged in any category (what a gateway's
+users see as over-blocking) stays at or below a target (5% by default), spending that budget
+where it catches the most harmful texts. `report`
 gives per category precision, recall, F1 and false-positive rate, and the same for the
 binary question a gateway asks (is this text harmful at all?), whose false-positive rate
 is the share of safe texts flagged in any category.
@@ -12,6 +12,7 @@ is the share of safe texts flagged in any category.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,43 +21,63 @@ Scores = Sequence[dict[str, float]]
 Labels = Sequence[Sequence[str]]
 
 
-def threshold_for_fpr(negative_scores: Sequence[float], target_fpr: float, floor: float = 0.05) -> float:
-    """The lowest threshold at which at most `target_fpr` of the negatives score >= it."""
-    ordered = sorted(negative_scores, reverse=True)
-    allowed = math.floor(target_fpr * len(ordered) + 1e-9)  # negatives that may pass
-    if allowed >= len(ordered):
-        return floor
-    # Strictly above the first negative that must not pass (ties move together).
-    return max(floor, min(math.nextafter(ordered[allowed], math.inf), 1.0))
+def _above(score: float) -> float:
+    """The smallest threshold a text with `score` does not reach (scores pass at >=)."""
+    return math.nextafter(score, math.inf)
 
 
 def calibrate(scores: Scores, labels: Labels, categories: Sequence[str], target_fpr: float = 0.05,
               floor: float = 0.05) -> dict[str, float]:
-    """Per-category thresholds at which at most `target_fpr` of the safe validation texts are
-    flagged in any category (the gateway's false-positive rate).
+    """Per-category thresholds that flag the most harmful validation texts while at most
+    `target_fpr` of the safe ones are flagged in any category (the gateway's false-positive rate).
 
-    Each category's threshold sits at the same per-category false-positive rate `alpha` on
-    the safe texts; `alpha` is the largest (most recall) whose union stays within the target.
+    Every category starts just above its highest-scoring safe text (no false positive). The
+    budget of safe texts that may be flagged is then spent greedily: at each step the category
+    and depth whose lowering gains the most harmful texts per newly flagged safe text (a safe
+    text another category already flags costs nothing) takes it, until nothing that fits the
+    budget gains anything. Ties move together; no threshold goes below `floor`.
     """
     if not 0 <= target_fpr < 1:
         raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
-    safe = [s for s, y in zip(scores, labels, strict=True) if not y]
+    safe = [i for i, y in enumerate(labels) if not y]
     if not safe:
         raise ValueError("calibration needs safe (unlabelled) validation texts")
+    budget = math.floor(target_fpr * len(safe) + 1e-9)
+    ranked = {c: sorted(((scores[i][c], i) for i in safe), reverse=True) for c in categories}
+    positives = {c: sorted(s[c] for s, y in zip(scores, labels, strict=True) if c in y) for c in categories}
+    thresholds = {c: max(floor, _above(ranked[c][0][0])) for c in categories}
+    admitted = dict.fromkeys(categories, 0)  # how many of the category's ranked safe texts pass
+    flagged: set[int] = set()
+    while True:
+        best = None
+        for c in categories:
+            move = _best_move(ranked[c], positives[c], admitted[c], thresholds[c], flagged, budget, floor)
+            if move is not None and (best is None or move[0] > best[0]):
+                best = (*move, c)
+        if best is None:
+            return thresholds
+        _, depth, threshold, c = best
+        flagged.update(i for _, i in ranked[c][admitted[c]:depth])
+        admitted[c], thresholds[c] = depth, threshold
 
-    def at(alpha: float) -> dict[str, float]:
-        return {c: threshold_for_fpr([s[c] for s in safe], alpha, floor) for c in categories}
 
-    def union_fpr(thresholds: dict[str, float]) -> float:
-        return sum(any(s[c] >= t for c, t in thresholds.items()) for s in safe) / len(safe)
-
-    low, high = 0.0, target_fpr
-    if union_fpr(at(high)) <= target_fpr:
-        return at(high)
-    for _ in range(40):  # the union grows with alpha: bisect for the largest that fits
-        middle = (low + high) / 2
-        low, high = (middle, high) if union_fpr(at(middle)) <= target_fpr else (low, middle)
-    return at(low)
+def _best_move(ranked, positives, start, current, flagged, budget, floor):
+    """((gain per cost, gain), depth, threshold) of this category's best lowering within the budget."""
+    best, cost, j = None, 0, start
+    while j < len(ranked):
+        level = ranked[j][0]
+        while j < len(ranked) and ranked[j][0] == level:  # ties pass together
+            cost += ranked[j][1] not in flagged
+            j += 1
+        if len(flagged) + cost > budget:
+            break
+        threshold = max(floor, _above(ranked[j][0]) if j < len(ranked) else floor)
+        gain = bisect.bisect_left(positives, current) - bisect.bisect_left(positives, threshold)
+        if gain > 0:
+            key = (gain / cost if cost else math.inf, gain)
+            if best is None or key > best[0]:
+                best = (key, j, threshold)
+    return best
 
 
 def _prf(tp: int, fp: int, fn: int, negatives: int) -> dict[str, float | None]:

@@ -12,14 +12,22 @@ from lmforge.safety.moderation_data import CATEGORIES, OUT
 from lmforge.safety.tfidf import TfidfClassifier
 
 
-def test_threshold_admits_at_most_the_target_share_of_negatives():
-    negatives = [i / 100 for i in range(100)]  # 0.00 .. 0.99
-    t = calibration.threshold_for_fpr(negatives, 0.05, floor=0.0)
-    assert sum(n >= t for n in negatives) == 5 and t == math.nextafter(0.94, math.inf)
-    assert calibration.threshold_for_fpr(negatives, 0.0, floor=0.0) > 0.99  # none may pass
-    # Ties move together: three negatives at 0.9 cannot be split, so none of them passes.
-    assert sum(n >= calibration.threshold_for_fpr([0.9, 0.9, 0.9, 0.1], 0.5, floor=0.0) for n in [0.9, 0.9, 0.9]) == 0
-    assert calibration.threshold_for_fpr([0.01, 0.02], 0.05) == 0.05  # the floor
+def one(safe, harmful, target, floor=0.0):
+    scores = [{"a": x} for x in [*safe, *harmful]]
+    return calibration.calibrate(scores, [[]] * len(safe) + [["a"]] * len(harmful), ["a"], target, floor)["a"]
+
+
+def test_calibrate_admits_at_most_the_target_share_of_safe_texts():
+    safe = [i / 100 for i in range(100)]  # 0.00 .. 0.99
+    harmful = [i / 100 + 0.005 for i in range(100)]  # one just above every safe text
+    t = one(safe, harmful, 0.05)
+    assert sum(x >= t for x in safe) == 5 and t == math.nextafter(0.94, math.inf)
+    assert one(safe, harmful, 0.0) == math.nextafter(0.99, math.inf)  # no safe text may pass
+    # Ties move together: three safe texts at 0.9 cannot be split, so none passes.
+    assert one([0.9, 0.9, 0.9, 0.1], [0.5], 0.5) == math.nextafter(0.9, math.inf)
+    assert one([0.01, 0.02], [0.5], 0.0, floor=0.05) == 0.05  # never below the floor
+    # Spending the budget must catch something: with nothing to gain, no safe text is flagged.
+    assert one(safe, [0.999], 0.05) == math.nextafter(0.99, math.inf)
 
 
 def test_calibrate_bounds_the_share_of_safe_texts_flagged_in_any_category():
@@ -37,13 +45,21 @@ def test_calibrate_bounds_the_share_of_safe_texts_flagged_in_any_category():
         calibration.calibrate(scores, labels, ["a"], target_fpr=1.0)
 
 
-def test_calibrate_splits_the_target_between_categories_that_flag_different_safe_texts():
-    # 100 safe texts: category a flags the first 10 highly, category b the last 10.
-    safe = [{"a": 0.9 if i < 10 else 0.1, "b": 0.9 if i >= 90 else 0.1} for i in range(100)]
-    safe = [{"a": s["a"] - i / 1000, "b": s["b"] - i / 1000} for i, s in enumerate(safe)]  # no ties
-    thresholds = calibration.calibrate(safe, [[] for _ in safe], ["a", "b"], target_fpr=0.06, floor=0.0)
+def test_calibrate_spends_the_budget_where_it_catches_the_most_harm():
+    # 100 safe texts, a budget of 6. Catching a's harmful texts (0.85) means flagging the 10
+    # safe texts that score a higher (0.90..): over budget. Catching b's second group (0.4)
+    # costs the 6 safe texts that score b above it: within budget.
+    safe = [{"a": 0.9 + i / 1000 if i < 10 else 0.1, "b": 0.5 if i == 50 else 0.45 - i / 1000 if 60 <= i < 65 else 0.0}
+            for i in range(100)]
+    harmful = [{"a": 0.85, "b": 0.0}] * 10 + [{"b": 0.6, "a": 0.0}] * 10 + [{"b": 0.4, "a": 0.0}] * 10
+    labels = [[]] * 100 + [["a"]] * 10 + [["b"]] * 20
+    thresholds = calibration.calibrate([*safe, *harmful], labels, ["a", "b"], target_fpr=0.06, floor=0.0)
+    assert thresholds["a"] > 0.909  # a cannot afford its harmful texts: it flags no safe one
+    assert thresholds["b"] <= 0.4  # b spends the budget on its second group
     flagged = sum(any(s[c] >= thresholds[c] for c in "ab") for s in safe)
-    assert flagged == 6  # 3 + 3: each category alone at 6% would flag 12 safe texts together
+    assert flagged <= 6
+    report = calibration.report([*safe, *harmful], labels, thresholds)
+    assert report["categories"]["b"]["recall"] == 1.0 and report["binary"]["fpr"] <= 0.06
 
 
 def split(name):
