@@ -51,7 +51,7 @@ class ClassifierConfig(Section):
     batch_size: int = Field(32, ge=1)
     max_len: int = Field(128, ge=8)
     train_base: bool = Field(False, description="fine-tune the whole model, not only the head")
-    target_fpr: float | None = Field(0.05, ge=0, lt=1, description="calibrate each category's threshold on validation to this false-positive rate; null: use threshold")
+    target_fpr: float | None = Field(0.05, ge=0, lt=1, description="calibrate the per-category thresholds on validation so that at most this share of safe texts is flagged by any category; null: use threshold")
     threshold: float = Field(0.5, gt=0, lt=1, description="every category's threshold when not calibrated")
     seed: int = 0
     overwrite: bool = Field(False, description="replace an out dir that is not an lmforge classifier")
