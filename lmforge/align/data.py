@@ -7,7 +7,8 @@
 
 Files are JSONL (.gz, .zst) or parquet, `datasets` dirs or Hub datasets (`data.readers`); every bad record is reported as `file:line: problem`.
 SFT examples become (input, target) rows, either packed several to a row (attention and
-RoPE positions restart at each conversation, so packing changes no number) or one per row.
+RoPE positions restart at each conversation, so packing changes no number) or one per row;
+a micro-batch is cut to its longest row (`Rows.trimmed`), so padding to data.seq_len costs nothing.
 """
 
 from __future__ import annotations
@@ -95,20 +96,43 @@ def encode_conversation(tokenizer: LmTokenizer, messages: list[dict], loss_on: L
     return Sequence(ids[: max_len + 1], trained[: max_len + 1])
 
 
+# A micro-batch is cut to its longest row rounded up to this: few distinct shapes (for compiled
+# and cached kernels), and at most 7 pad columns more than the longest row needs.
+WIDTH_MULTIPLE = 8
+
+
 @dataclass
 class Rows:
-    """Fixed-width training rows: inputs, targets (IGNORE_INDEX where untrained) and document ids."""
+    """Right-padded training rows: inputs, targets (IGNORE_INDEX where untrained), document ids, and
+    how many leading positions of each row hold tokens (the rest is padding)."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     document_ids: torch.Tensor | None
+    lengths: torch.Tensor
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
     def select(self, index: list[int]) -> Rows:
         docs = None if self.document_ids is None else self.document_ids[index]
-        return Rows(self.inputs[index], self.targets[index], docs)
+        return Rows(self.inputs[index], self.targets[index], docs, self.lengths[index])
+
+    def narrow(self, width: int) -> Rows:
+        """The first `width` columns. Rows are right-padded and the model is causal, so cutting
+        padding changes no logit of a real token and no loss."""
+        docs = None if self.document_ids is None else self.document_ids[:, :width]
+        return Rows(self.inputs[:, :width], self.targets[:, :width], docs, self.lengths.clamp(max=width))
+
+    def needed_width(self) -> int:
+        """The longest row rounded up to WIDTH_MULTIPLE, at most the rows' width."""
+        longest = int(self.lengths.max()) if len(self) else 1
+        return min(self.inputs.shape[1], -(-max(longest, 1) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+
+    def trimmed(self) -> Rows:
+        """These rows without the padding columns no row needs: a micro-batch of short
+        conversations costs what its tokens cost, not data.seq_len per row."""
+        return self.narrow(self.needed_width())
 
 
 def _pair(sequence: Sequence) -> tuple[list[int], list[int]]:
@@ -136,6 +160,7 @@ def build_rows(sequences: list[Sequence], seq_len: int, pad_id: int, pack: bool)
     inputs = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     documents = torch.full((len(rows), seq_len), -1, dtype=torch.long)
+    lengths = torch.zeros(len(rows), dtype=torch.long)
     for r, row in enumerate(rows):
         position = 0
         for d, (row_inputs, row_targets) in enumerate(row):
@@ -144,7 +169,8 @@ def build_rows(sequences: list[Sequence], seq_len: int, pad_id: int, pack: bool)
             targets[r, position:end] = torch.tensor(row_targets)
             documents[r, position:end] = d
             position = end
-    return Rows(inputs, targets, documents if pack else None)
+        lengths[r] = position
+    return Rows(inputs, targets, documents if pack else None, lengths)
 
 
 # ------------------------------------------------------------------------------------ DPO
@@ -175,8 +201,15 @@ def encode_preference(
 def build_rows_exact(sequences: list[Sequence], width: int, pad_id: int) -> Rows:
     inputs = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     targets = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    lengths = torch.zeros(len(sequences), dtype=torch.long)
     for r, sequence in enumerate(sequences):
         row_inputs, row_targets = _pair(sequence)
         inputs[r, : len(row_inputs)] = torch.tensor(row_inputs)
         targets[r, : len(row_targets)] = torch.tensor(row_targets)
-    return Rows(inputs, targets, None)
+        lengths[r] = len(row_inputs)
+    return Rows(inputs, targets, None, lengths)
+
+
+def pair_width(chosen: Rows, rejected: Rows) -> int:
+    """The width that holds both sides of these pairs (they run as one batch)."""
+    return max(chosen.needed_width(), rejected.needed_width())

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.align.data import Rows
+from lmforge.align.data import Rows, pair_width
 from lmforge.align.losses import preference_loss, sequence_logprobs
 from lmforge.device import autocast
 from lmforge.errors import DataError
@@ -71,10 +71,11 @@ class SFTObjective(LoaderState):
                  rank: int = 0, world_size: int = 1):
         self.train_rows, self.val_rows, self.seq_len = train, val, seq_len
         self.loader = RowLoader(len(train), micro_batch_size, accum, seed, rank, world_size)
-        self.tokens_per_step = self.loader.samples_per_step * seq_len
+        # Real tokens (padding is cut from each micro-batch), on average over the data.
+        self.tokens_per_step = round(self.loader.samples_per_step * train.lengths.float().mean().item())
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        rows = self.train_rows.select(self.loader.rows(step, micro_step))
+        rows = self.train_rows.select(self.loader.rows(step, micro_step)).trimmed()
         batch = {"inputs": rows.inputs, "targets": rows.targets}
         if rows.document_ids is not None:
             batch["document_ids"] = rows.document_ids
@@ -91,7 +92,7 @@ class SFTObjective(LoaderState):
         model.eval()
         total = count = 0.0
         for start in range(0, len(self.val_rows), 8):
-            rows = self.val_rows.select(list(range(start, min(start + 8, len(self.val_rows)))))
+            rows = self.val_rows.select(list(range(start, min(start + 8, len(self.val_rows))))).trimmed()
             trained = int((rows.targets != -100).sum())
             docs = rows.document_ids.to(device) if rows.document_ids is not None else None
             with autocast(device, dtype):
@@ -114,14 +115,12 @@ class DPOObjective(LoaderState):
         self.chosen, self.rejected, self.reference, self.val = chosen, rejected, reference, val
         self.seq_len, self.beta, self.loss_kind = seq_len, beta, loss_kind
         self.loader = RowLoader(len(chosen), micro_batch_size, accum, seed, rank, world_size)
-        self.tokens_per_step = 2 * self.loader.samples_per_step * seq_len
+        # Real tokens of both replies (padding is cut from each micro-batch), on average over the pairs.
+        self.tokens_per_step = round(self.loader.samples_per_step * (chosen.lengths + rejected.lengths).float().mean().item())
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
         index = self.loader.rows(step, micro_step)
-        chosen, rejected = self.chosen.select(index), self.rejected.select(index)
-        return {"inputs": torch.cat([chosen.inputs, rejected.inputs]),
-                "targets": torch.cat([chosen.targets, rejected.targets]),
-                "reference": self.reference[index]}
+        return {**pair_batch(self.chosen.select(index), self.rejected.select(index)), "reference": self.reference[index]}
 
     def stats(self, model, batch):
         logprobs = sequence_logprobs(model(batch["inputs"]), batch["targets"])
@@ -144,9 +143,8 @@ class DPOObjective(LoaderState):
         losses, margins, accuracy = [], [], []
         for start in range(0, len(chosen), 8):
             index = list(range(start, min(start + 8, len(chosen))))
-            batch = {"inputs": torch.cat([chosen.select(index).inputs, rejected.select(index).inputs]).to(device),
-                     "targets": torch.cat([chosen.select(index).targets, rejected.select(index).targets]).to(device),
-                     "reference": reference[index].to(device)}
+            batch = {k: v.to(device) for k, v in pair_batch(chosen.select(index), rejected.select(index)).items()}
+            batch["reference"] = reference[index].to(device)
             with autocast(device, dtype):
                 stats = self.stats(model, batch)
             losses.append(stats.loss.item() * len(index))
@@ -157,6 +155,13 @@ class DPOObjective(LoaderState):
         return {"val_loss": sum(losses) / n, "val_reward_margin": sum(margins) / n, "val_preference_accuracy": sum(accuracy) / n}
 
 
+def pair_batch(chosen: Rows, rejected: Rows) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows as one batch, cut to the width the longest of them needs."""
+    width = pair_width(chosen, rejected)
+    chosen, rejected = chosen.narrow(width), rejected.narrow(width)
+    return {"inputs": torch.cat([chosen.inputs, rejected.inputs]), "targets": torch.cat([chosen.targets, rejected.targets])}
+
+
 @torch.no_grad()
 def reference_logprobs(model, chosen: Rows, rejected: Rows, device, dtype, batch_size: int = 8) -> torch.Tensor:
     """[pairs, 2] summed reply log-probs (chosen, rejected) under the frozen starting model."""
@@ -164,9 +169,8 @@ def reference_logprobs(model, chosen: Rows, rejected: Rows, device, dtype, batch
     out = []
     for start in range(0, len(chosen), batch_size):
         index = list(range(start, min(start + batch_size, len(chosen))))
-        inputs = torch.cat([chosen.select(index).inputs, rejected.select(index).inputs]).to(device)
-        targets = torch.cat([chosen.select(index).targets, rejected.select(index).targets]).to(device)
+        batch = {k: v.to(device) for k, v in pair_batch(chosen.select(index), rejected.select(index)).items()}
         with autocast(device, dtype):
-            logprobs = sequence_logprobs(model(inputs), targets).float().cpu()
+            logprobs = sequence_logprobs(model(batch["inputs"]), batch["targets"]).float().cpu()
         out.append(torch.stack([logprobs[: len(index)], logprobs[len(index):]], dim=1))
     return torch.cat(out)

@@ -46,6 +46,15 @@ def encode_pairs(tokenizer: LmTokenizer, records: list, seq_len: int) -> tuple[t
     return chosen[distinct], rejected[distinct]
 
 
+def used_length(rows: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Per row: one past its last non-pad token (the whole width when pad_id is None)."""
+    width = rows.shape[1]
+    if pad_id is None:
+        return torch.full((rows.shape[0],), width, dtype=torch.long)
+    positions = torch.arange(1, width + 1).expand_as(rows)
+    return torch.where(rows != pad_id, positions, 0).amax(dim=1).clamp(min=1)
+
+
 def pair_stats(model, chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pair: Bradley–Terry loss and reward margin r_chosen - r_rejected (fp32), one forward for both."""
     rewards = model(torch.cat([chosen, rejected])).float()
@@ -60,15 +69,22 @@ class RewardModelObjective(LoaderState):
     sharded = True  # batches are this rank's block of each step's pairs
 
     def __init__(self, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None,
-                 seq_len: int, micro_batch_size: int, accum: int, seed: int, rank: int = 0, world_size: int = 1):
+                 seq_len: int, micro_batch_size: int, accum: int, seed: int, rank: int = 0, world_size: int = 1,
+                 pad_id: int | None = None):
         self.chosen, self.rejected = train
         self.val, self.seq_len = val, seq_len
         self.loader = RowLoader(len(self.chosen), micro_batch_size, accum, seed, rank, world_size)
-        self.tokens_per_step = 2 * self.loader.samples_per_step * seq_len
+        # Tokens in use per pair (the longer side): with pad_id known, micro-batches drop the
+        # padding columns no row needs; the reward is read before them, so no number changes.
+        width = self.chosen.shape[1]
+        self.lengths = torch.maximum(used_length(self.chosen, pad_id), used_length(self.rejected, pad_id))
+        self.tokens_per_step = round(2 * self.loader.samples_per_step * self.lengths.float().mean().item()) if pad_id is not None \
+            else 2 * self.loader.samples_per_step * width
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
         index = self.loader.rows(step, micro_step)
-        return {"chosen": self.chosen[index], "rejected": self.rejected[index]}
+        width = min(self.chosen.shape[1], -(-int(self.lengths[index].max()) // align_data.WIDTH_MULTIPLE) * align_data.WIDTH_MULTIPLE)
+        return {"chosen": self.chosen[index, :width], "rejected": self.rejected[index, :width]}
 
     def loss(self, model, batch):
         losses, margin = pair_stats(model, batch["chosen"], batch["rejected"])

@@ -189,7 +189,7 @@ def _rm(config: AlignConfig, resume: bool, env: distributed.DistEnv, overwrite: 
     train_rows = encode_pairs(tokenizer, train, config.data.seq_len)
     val_rows = encode_pairs(tokenizer, val, config.data.seq_len) if val else None
     objective = RewardModelObjective(train_rows, val_rows, config.data.seq_len, config.train.micro_batch_size, accum,
-                                     config.run.seed, env.rank, env.world_size)
+                                     config.run.seed, env.rank, env.world_size, pad_id=tokenizer.pad_id)
     log.info("rm: %d pairs, %d held out", len(train_rows[0]), len(val_rows[0]) if val_rows else 0)
     return fine_tune(config, base, tokenizer, source, objective, "rm", resume, env, overwrite,
                   head=lambda model: RewardModel.from_lm(model, tokenizer.pad_id))

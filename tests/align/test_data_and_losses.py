@@ -92,6 +92,42 @@ def test_packed_and_padded_batches_give_the_same_loss(trained_tokenizer, model):
     )
 
 
+def test_micro_batches_cut_to_their_longest_row_give_the_same_losses(trained_tokenizer, model):
+    """SFT and DPO batches drop the padding columns no row needs: the width is the longest row
+    rounded up to WIDTH_MULTIPLE, and the loss (and DPO log-probs) equal the full-width ones."""
+    from lmforge.align.objectives import DPOObjective, SFTObjective, pair_batch
+
+    seqs = sequences(trained_tokenizer)
+    padded = align_data.build_rows(seqs, 128, trained_tokenizer.pad_id, pack=False)
+    assert padded.lengths.tolist() == [len(s.ids) - 1 for s in seqs]
+    longest = max(len(s.ids) - 1 for s in seqs)
+    sft = SFTObjective(padded, None, 128, micro_batch_size=3, accum=1, seed=0)
+    batch = sft.batch(0, 0)
+    width = batch["inputs"].shape[1]
+    assert longest <= width < longest + align_data.WIDTH_MULTIPLE and width % align_data.WIDTH_MULTIPLE == 0
+    assert sft.tokens_per_step == round(3 * padded.lengths.float().mean().item())
+    with torch.no_grad():
+        order = sft.loader.rows(0, 0)
+        full = padded.select(order)
+        assert model(batch["inputs"], batch["targets"]).item() == pytest.approx(model(full.inputs, full.targets).item(), abs=1e-5)
+
+    prompt = [{"role": "user", "content": "Which module sorts lists?"}]
+    pairs = [align_data.encode_preference(trained_tokenizer, prompt, [{"role": "assistant", "content": good}],
+                                          [{"role": "assistant", "content": bad}], 127)
+             for good, bad in (("bisect keeps a list sorted as you insert", "os"), ("heapq", "the sys module, mostly"))]
+    chosen = align_data.build_rows_exact([p.chosen for p in pairs], 127, trained_tokenizer.pad_id)
+    rejected = align_data.build_rows_exact([p.rejected for p in pairs], 127, trained_tokenizer.pad_id)
+    cut = pair_batch(chosen, rejected)
+    assert cut["inputs"].shape[1] < 127
+    with torch.no_grad():
+        trimmed = sequence_logprobs(model(cut["inputs"]), cut["targets"])
+        whole = sequence_logprobs(model(torch.cat([chosen.inputs, rejected.inputs])), torch.cat([chosen.targets, rejected.targets]))
+    assert trimmed.tolist() == pytest.approx(whole.tolist(), abs=1e-4)
+    dpo = DPOObjective(chosen, rejected, torch.zeros(2, 2), None, 127, 2, 1, 0, 0.1, "sigmoid")
+    assert dpo.batch(0, 0)["inputs"].shape[1] == cut["inputs"].shape[1]
+    assert dpo.tokens_per_step == int((chosen.lengths + rejected.lengths).sum())
+
+
 def test_dpo_loss_equals_the_closed_form_on_hand_computed_logprobs():
     pc, pr = torch.tensor([-4.0, -7.5]), torch.tensor([-6.0, -7.0])
     rc, rr = torch.tensor([-5.0, -7.0]), torch.tensor([-5.5, -8.0])

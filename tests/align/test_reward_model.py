@@ -17,7 +17,7 @@ import yaml
 
 from lmforge.align.config import AlignConfig
 from lmforge.align.data import read_preferences
-from lmforge.align.reward_model import encode_pairs, reward_scorer
+from lmforge.align.reward_model import RewardModelObjective, encode_pairs, reward_scorer
 from lmforge.align.run import REWARD_MODEL_DIR, run_rm
 from lmforge.errors import ConfigError
 from lmforge.model.reward import RewardModel, last_token_index
@@ -98,6 +98,16 @@ def test_the_export_loads_in_transformers_with_the_same_scores(rm_run, trained_r
         got = hf(input_ids=tokens).logits.squeeze(-1)
     assert expected.abs().max() > 1e-3  # the head was trained, not left at zero
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # Training batches drop the padding columns no row needs; the rewards stay the same.
+    short_chosen, short_rejected = chosen.clone(), rejected.clone()
+    short_chosen[:, 37:] = short_rejected[:, 37:] = tokenizer.pad_id  # rows of at most 37 tokens
+    objective = RewardModelObjective((short_chosen, short_rejected), None, 128, len(chosen), 1, 0, pad_id=tokenizer.pad_id)
+    batch = objective.batch(0, 0)
+    assert batch["chosen"].shape[1] == 40  # 37 rounded up to a multiple of 8
+    index = objective.loader.rows(0, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(torch.cat([batch["chosen"], batch["rejected"]])),
+                                   ours(torch.cat([short_chosen[index], short_rejected[index]])), rtol=1e-5, atol=1e-5)
 
 
 def test_the_export_loads_back_as_a_scorer_for_rl_rewards_with_the_same_rewards(rm_run):
