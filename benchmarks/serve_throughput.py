@@ -26,6 +26,7 @@ import asyncio
 import datetime
 import gzip
 import json
+import math
 import os
 import platform
 import queue
@@ -66,6 +67,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-moderation", action="store_true",
                    help="skip the contender with configs/moderation.yaml (rules + profanity, output checked in windows)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    p.add_argument("--workload", choices=["lockstep", "realistic"], default="lockstep",
+                   help="lockstep: C clients back to back, fixed lengths; realistic: mixed prompt and output "
+                   "lengths arriving as a Poisson process (open loop)")
+    p.add_argument("--requests", type=int, default=96, help="realistic: requests in the run")
+    p.add_argument("--rate", type=float, default=8.0, help="realistic: mean arrivals per second (Poisson)")
+    p.add_argument("--prompt-range", type=int, nargs=2, default=[16, 192], help="realistic: prompt tokens, uniform")
+    p.add_argument("--output-range", type=int, nargs=2, default=[16, 256], help="realistic: new tokens, log-uniform")
+    p.add_argument("--max-batch", type=int, default=16, help="realistic: lmforge max_num_seqs and HF's largest batch")
     return p.parse_args(argv)
 
 
@@ -126,6 +135,42 @@ async def closed_loop(clients: int, prompts: list[list[int]], send) -> tuple[flo
     return time.perf_counter() - start, ttfts, tokens
 
 
+async def open_loop(prompts: list[list[int]], lengths: list[int], arrivals: list[float], send):
+    """Each request sent at its arrival time whatever is still running; -> (wall seconds from the first
+    arrival to the last reply, TTFTs, output tokens, end-to-end latencies)."""
+    ttfts, latencies, tokens = [], [], 0
+    start = time.perf_counter()
+
+    async def one(prompt, length, at):
+        nonlocal tokens
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        sent = time.perf_counter()
+        ttft, n = await send(prompt, length)
+        latencies.append(time.perf_counter() - sent)
+        ttfts.append(ttft)
+        tokens += n
+
+    await asyncio.gather(*(one(p, n, t) for p, n, t in zip(prompts, lengths, arrivals, strict=True)))
+    return time.perf_counter() - start, ttfts, tokens, latencies
+
+
+def realistic_workload(pool: list[list[int]], args, seed: int = 0):
+    """Mixed lengths arriving as a Poisson process: prompts cut to a uniform length in
+    --prompt-range, outputs log-uniform in --output-range, exponential gaps at --rate."""
+    import random
+
+    rng = random.Random(seed)
+    low, high = args.output_range
+    prompts, lengths, arrivals, now = [], [], [], 0.0
+    for i in range(args.requests):
+        source = pool[i % len(pool)]
+        prompts.append(source[: rng.randint(*args.prompt_range)])
+        lengths.append(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+        arrivals.append(now)
+        now += rng.expovariate(args.rate)
+    return prompts, lengths, arrivals
+
+
 # -- lmforge serve ---------------------------------------------------------------------------
 
 
@@ -173,16 +218,20 @@ async def stream_completion(http: httpx.AsyncClient, body: dict) -> tuple[float 
     return first, tokens, "".join(parts)
 
 
-def lmforge_run(url: str, clients: int, prompts: list[list[int]], max_tokens: int):
+def lmforge_run(url: str, clients: int, prompts: list[list[int]], max_tokens: int, arrivals=None, lengths=None):
+    """Closed loop of `clients` (every request `max_tokens` long), or with `arrivals` (seconds from
+    the start) and per-request `lengths`, the open-loop realistic workload."""
     async def main():
-        limits = httpx.Limits(max_connections=clients + 4)
+        limits = httpx.Limits(max_connections=(clients if arrivals is None else len(prompts)) + 4)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-            async def send(prompt):
-                body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            async def send(prompt, tokens=max_tokens):
+                body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
                 first, tokens, _ = await stream_completion(http, body)
                 return first, tokens
 
             await send(prompts[0])  # warm-up
+            if arrivals is not None:
+                return await open_loop(prompts, lengths, arrivals, send)
             return await closed_loop(clients, prompts, send)
 
     return asyncio.run(main())
@@ -207,12 +256,14 @@ class FirstTokenClock:
 
 
 def hf_run(model, clients: int, prompts: list[list[int]], max_tokens: int, batch: bool, pad_id: int,
-           generate_kwargs=None, on_output=None):
+           generate_kwargs=None, on_output=None, arrivals=None, lengths=None):
     """A worker thread runs `generate` (one request, or all queued up to `clients`); asyncio clients wait.
 
     `generate_kwargs(rows)`: the keywords of one `generate` over `rows` requests (default: exactly
     `max_tokens` new tokens); `on_output(new_ids)`: sees each request's new tokens. A request's
-    output is its new tokens up to the first padding (rows that ended early are padded)."""
+    output is its new tokens up to the first padding (rows that ended early are padded). With
+    `arrivals` and `lengths` (the realistic workload): a batch generates as many tokens as its
+    longest request asks for, and each request keeps its own first `length`."""
     jobs: queue.Queue = queue.Queue()
 
     def worker():
@@ -223,19 +274,20 @@ def hf_run(model, clients: int, prompts: list[list[int]], max_tokens: int, batch
             group = [first_job]
             while batch and len(group) < clients and not jobs.empty():
                 group.append(jobs.get_nowait())
-            width = max(len(p) for p, _, _ in group)
+            width = max(len(p) for p, _, _, _ in group)
+            longest = max(n for _, _, _, n in group)
             ids = torch.full((len(group), width), pad_id)
             mask = torch.zeros((len(group), width), dtype=torch.long)
-            for i, (p, _, _) in enumerate(group):  # left padding, as decoder-only batching needs
+            for i, (p, _, _, _) in enumerate(group):  # left padding, as decoder-only batching needs
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
             clock = FirstTokenClock()
-            kwargs = {"min_new_tokens": max_tokens} if generate_kwargs is None else generate_kwargs(len(group))
+            kwargs = {"min_new_tokens": longest} if generate_kwargs is None else generate_kwargs(len(group))
             with torch.inference_mode():
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
                                      pad_token_id=pad_id, streamer=clock, **kwargs)
-            for row, (_, sent, done) in enumerate(group):
-                new = out[row, width:].tolist()
+            for row, (_, sent, done, length) in enumerate(group):
+                new = out[row, width:width + length].tolist()
                 if generate_kwargs is not None and pad_id in new:  # rows that ended early, padded
                     new = new[: new.index(pad_id)]
                 if on_output is not None:
@@ -248,12 +300,14 @@ def hf_run(model, clients: int, prompts: list[list[int]], max_tokens: int, batch
     async def main():
         loop = asyncio.get_running_loop()
 
-        async def send(prompt):
+        async def send(prompt, tokens=max_tokens):
             future = loop.create_future()
-            jobs.put((prompt, time.perf_counter(), lambda r: loop.call_soon_threadsafe(future.set_result, r)))
+            jobs.put((prompt, time.perf_counter(), lambda r: loop.call_soon_threadsafe(future.set_result, r), tokens))
             return await future
 
         await send(prompts[0])  # warm-up
+        if arrivals is not None:
+            return await open_loop(prompts, lengths, arrivals, send)
         return await closed_loop(clients, prompts, send)
 
     try:
@@ -269,6 +323,9 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.workload == "realistic":
+        realistic(args, argv)
+        return
     started = time.perf_counter()
     results: dict[int, dict[str, tuple[float, list[float], int]]] = {}
     biggest = max(args.concurrency)
@@ -352,3 +409,68 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def realistic(args, argv) -> None:
+    """The open-loop workload: lmforge serve (continuous batching) against HF static batches formed
+    from the requests waiting, on the same arrivals; writes the serve_throughput_realistic section."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, pool, config = build(Path(tmp), args.preset, args.prompt_range[1], 200)
+        prompts, lengths, arrivals = realistic_workload(pool, args)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        pad_id = json.loads((model_dir / "generation_config.json").read_text()).get("pad_token_id") or 0
+        port = free_port()
+        server = start_server(model_dir, port, max_num_seqs=args.max_batch)
+        contenders = {
+            "lmforge serve": lambda: lmforge_run(f"http://127.0.0.1:{port}", args.max_batch, prompts, args.output_range[0], arrivals, lengths),
+            BASELINE: lambda: hf_run(hf, args.max_batch, prompts, args.output_range[0], batch=True, pad_id=pad_id, arrivals=arrivals,
+                                     lengths=lengths),
+        }
+        row: dict[str, tuple] = {}
+        try:
+            for _ in range(args.rounds):
+                for name, measure in contenders.items():
+                    result = measure()
+                    if name not in row or result[2] / result[0] > row[name][2] / row[name][0]:
+                        row[name] = result
+                    wall, ttfts, tokens, latencies = result
+                    print(f"{name:<16} {tokens / wall:8.1f} tok/s  TTFT p50 {percentile(ttfts, 0.5) * 1000:7.1f} ms  "
+                          f"latency p99 {percentile(latencies, 0.99):6.2f} s ({wall:.1f} s)", flush=True)
+        finally:
+            server.terminate()
+            server.wait(60)
+    command = ".venv/bin/python benchmarks/serve_throughput.py " + shlex.join(argv or sys.argv[1:])
+    offered = sum(lengths) / arrivals[-1] if arrivals[-1] else float("nan")
+    lines = [
+        f"### Serving throughput, realistic workload: `lmforge serve` vs HF static batches ({args.preset}, fp32, CPU)",
+        "",
+        f"{args.requests} requests arriving as a Poisson process at {args.rate:g}/s (open loop: a request is sent at "
+        f"its time whatever is still running), prompts of {args.prompt_range[0]}-{args.prompt_range[1]} tokens "
+        f"(uniform), outputs of {args.output_range[0]}-{args.output_range[1]} new tokens (log-uniform; greedy, EOS "
+        f"ignored); {sum(lengths):,} output tokens in all, offered at {offered:,.0f} tokens/s. lmforge over HTTP (SSE) "
+        f"with `engine.max_num_seqs={args.max_batch}`; HF in-process, each `generate` a batch of the requests waiting "
+        f"(up to {args.max_batch}), as long as its longest request, each request keeping its own tokens. Throughput: "
+        "output tokens / seconds from the first arrival to the last reply; TTFT and latency count from the moment "
+        "a request is sent.",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, python {platform.python_version()}, CPU threads {torch.get_num_threads()}",
+        f"- model: {config.num_params():,} parameters; {args.rounds} alternating rounds, the best of each reported; "
+        f"total wall time {time.perf_counter() - started:.0f} s",
+        "",
+        f"| implementation | output tokens/s | vs {BASELINE} | TTFT p50 (ms) | TTFT p99 (ms) | latency p50 (s) | latency p99 (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = row[BASELINE][2] / row[BASELINE][0]
+    for name, (wall, ttfts, tokens, latencies) in row.items():
+        lines.append(f"| {name} | {tokens / wall:,.0f} | {tokens / wall / base:.2f}x | {percentile(ttfts, 0.5) * 1000:,.0f} | "
+                     f"{percentile(ttfts, 0.99) * 1000:,.0f} | {percentile(latencies, 0.5):.2f} | {percentile(latencies, 0.99):.2f} |")
+    block = "\n".join(lines)
+    print(block)
+    if not args.no_write:
+        write_section("serve_throughput_realistic", block)

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.peers import PEERS  # noqa: E402
 from benchmarks.sections import write_section  # noqa: E402
 from lmforge import device as devices  # noqa: E402
 from lmforge.device import autocast  # noqa: E402
@@ -64,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true", help="print only; leave --out untouched")
+    p.add_argument("--section", default="train_throughput", help="the BENCHMARKS.md section to write")
     return p.parse_args(argv)
 
 
@@ -285,7 +287,7 @@ def render(
 
     hf = next(i for i in impls if i.name.startswith("HF"))
     lines = [
-        f"### Training throughput: lmforge vs HF transformers ({args.preset}, {args.dtype})",
+        f"### Training throughput: lmforge vs HF transformers and litgpt ({args.preset}, {args.dtype})",
         "",
         "Forward + backward + fused AdamW step, tokens/second, same process, same weights and batch.",
         "",
@@ -371,6 +373,14 @@ def main(argv=None) -> int:
         Impl("lmforge", lm, build_optimizers(lm, optim_config, DEVICE), lmforge_loss),
         Impl("HF transformers (sdpa)", hf, hf_optimizer(hf, optim_config), hf_loss),
     ]
+    for name, build in PEERS.items():
+        try:
+            model, loss_fn = build(lm)
+        except ImportError as exc:
+            impls.append(Impl(name, None, [], None, error=f"not installed ({exc.name})"))
+            continue
+        print(f"parameters: {name} {n_params(model):,}", flush=True)
+        impls.append(Impl(name, model.train(), hf_optimizer(model, optim_config), loss_fn))
 
     compile_note = None
     if args.compile:
@@ -443,7 +453,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if not out.is_absolute():
             out = Path.cwd() / out
-        write_section("train_throughput", section, out)
+        write_section(args.section, section, out)
         print(f"wrote {out}")
     return 0
 

@@ -61,7 +61,10 @@ class LoopConfig(Section):
     dtype: Literal["auto", "bf16", "bfloat16", "fp32", "float32"] = Field(
         "auto", description="auto: bf16 autocast where the device has fast bf16 matmul"
     )
-    compile: bool = Field(False, description="torch.compile each block (eager, with a warning, where unavailable)")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each block; auto: on CUDA, and on CPU for dense pretraining steps big "
+        "enough to pay the compile back (train.parallel's AUTO_COMPILE_MIN_STEP_FLOPS); eager, with a warning, where unavailable"
+    )
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(200, ge=0, description="0 disables periodic validation")
     eval_batches: int = Field(20, ge=1)

@@ -41,6 +41,7 @@ from lmforge.train.objective import Objective, accumulation
 from lmforge.train.optim import build_optimizers
 from lmforge.train.parallel import (
     clip_gradients,
+    decide_compile,
     grad_norm,
     gradient_sync,
     inner_model,
@@ -139,7 +140,7 @@ class Trainer:
     def _build(self) -> None:
         """The model, parallelized; its optimizers (peak lr kept per group); the checkpointer."""
         self.model = parallelize(self.build_model().to(self.device), self.parallel, self.env, self.dtype,
-                                 compile=self.loop.compile)
+                                 compile=decide_compile(self.loop, self.device, self.objective, self.model_config))
         # Validation runs on every rank (FSDP needs all of them for each forward); under DDP on
         # the bare replica, which needs no collectives.
         self.eval_model = inner_model(self.model)

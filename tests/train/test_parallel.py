@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from lmforge.monitor.alerts import ALERTS_FILE
 from lmforge.store.run_dir import RunDir
@@ -56,6 +57,34 @@ def test_compile_where_unavailable_trains_uncompiled_with_a_clear_message(make_c
         result = trainer.run(make_config("no-compile", train={**FP32, "compile": True, "max_steps": 2}))
     assert result.status == "completed"
     assert "torch.compile is unavailable here (RuntimeError: no C++ compiler): training without it" in caplog.text
+
+
+def test_compile_auto_compiles_what_pays_back_and_leaves_the_rest_eager():
+    from lmforge.errors import ConfigError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    big, small = 10 * parallel.AUTO_COMPILE_MIN_STEP_FLOPS, parallel.AUTO_COMPILE_MIN_STEP_FLOPS / 10
+    assert parallel.compile_decision("auto", cpu, "pretrain", big)[0] is True
+    compiled, why = parallel.compile_decision("auto", cpu, "pretrain", small)
+    assert compiled is False and "eager on CPU for steps of" in why
+    assert parallel.compile_decision("auto", cpu, "sft", big)[0] is False  # rows change shape each step
+    assert parallel.compile_decision("auto", cpu, "pretrain", big, moe=True)[0] is False
+    assert parallel.compile_decision("auto", cuda, "sft", small)[0] is True
+    assert parallel.compile_decision(False, cuda, "pretrain", big) == (False, "train.compile=false")
+    assert parallel.compile_decision(True, cpu, "sft", small) == (True, "train.compile=true")
+    with pytest.raises(ConfigError, match="train.compile must be"):
+        parallel.compile_decision("yes", cpu, "pretrain", big)
+
+
+def test_compile_auto_on_a_long_enough_cpu_run_compiles_the_blocks_and_learns_the_same(make_config, monkeypatch, caplog):
+    """The compiled path runs on CPU (CI has no GPU): the same losses as eager, within fp32 rounding."""
+    settings = {**FP32, "max_steps": 3}
+    eager = trainer.run(make_config("eager", schedule=CONSTANT, train={**settings, "compile": False}))
+    monkeypatch.setattr(parallel, "AUTO_COMPILE_MIN_STEP_FLOPS", 0.0)
+    with caplog.at_level(logging.INFO, logger="lmforge.train.parallel"):
+        compiled = trainer.run(make_config("auto", schedule=CONSTANT, train=settings))
+    assert "train.compile=auto: steps of" in caplog.text and "compiled 2 blocks with torch.compile" in caplog.text
+    assert compiled.losses == pytest.approx(eager.losses, abs=1e-4)
 
 
 def test_a_world_size_above_one_with_the_single_strategy_is_refused():
