@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="lockstep: C clients back to back, fixed lengths; realistic: mixed prompt and output "
                    "lengths arriving as a Poisson process (open loop)")
     p.add_argument("--requests", type=int, default=96, help="realistic: requests in the run")
-    p.add_argument("--rate", type=float, default=8.0, help="realistic: mean arrivals per second (Poisson)")
+    p.add_argument("--rate", type=float, default=16.0, help="realistic: mean arrivals per second (Poisson)")
     p.add_argument("--prompt-range", type=int, nargs=2, default=[16, 192], help="realistic: prompt tokens, uniform")
     p.add_argument("--output-range", type=int, nargs=2, default=[16, 256], help="realistic: new tokens, log-uniform")
     p.add_argument("--max-batch", type=int, default=16, help="realistic: lmforge max_num_seqs and HF's largest batch")
@@ -407,9 +407,6 @@ def main(argv=None) -> None:
         write_section("serve_throughput", block)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def realistic(args, argv) -> None:
     """The open-loop workload: lmforge serve (continuous batching) against HF static batches formed
@@ -474,3 +471,7 @@ def realistic(args, argv) -> None:
     print(block)
     if not args.no_write:
         write_section("serve_throughput_realistic", block)
+
+
+if __name__ == "__main__":
+    main()
