@@ -62,7 +62,7 @@ class LoopConfig(Section):
         "auto", description="auto: bf16 autocast where the device has fast bf16 matmul"
     )
     compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile each block; auto: on CUDA, and on CPU for dense pretraining steps big "
+        "auto", description="torch.compile each block; auto: pretraining on CUDA, and on CPU dense pretraining steps big "
         "enough to pay the compile back (train.parallel's AUTO_COMPILE_MIN_STEP_FLOPS); eager, with a warning, where unavailable"
     )
     log_every: int = Field(10, ge=1)

@@ -44,10 +44,10 @@ def compile_decision(setting: bool | str, device: torch.device, kind: str, step_
         raise ConfigError(f"train.compile must be true, false or auto, got {setting!r}")
     if setting != "auto":
         return bool(setting), f"train.compile={str(setting).lower()}"
-    if device.type == "cuda":
-        return True, "train.compile=auto on CUDA"
     if kind != "pretrain":
         return False, f"train.compile=auto: eager for {kind} (its batches change shape from step to step)"
+    if device.type == "cuda":
+        return True, "train.compile=auto: pretraining on CUDA"
     if moe:
         return False, "train.compile=auto: eager for a mixture-of-experts model on CPU (compiled MoE not measured there)"
     if step_flops < AUTO_COMPILE_MIN_STEP_FLOPS:

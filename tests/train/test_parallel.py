@@ -69,7 +69,8 @@ def test_compile_auto_compiles_what_pays_back_and_leaves_the_rest_eager():
     assert compiled is False and "eager on CPU for steps of" in why
     assert parallel.compile_decision("auto", cpu, "sft", big)[0] is False  # rows change shape each step
     assert parallel.compile_decision("auto", cpu, "pretrain", big, moe=True)[0] is False
-    assert parallel.compile_decision("auto", cuda, "sft", small)[0] is True
+    assert parallel.compile_decision("auto", cuda, "pretrain", small)[0] is True
+    assert parallel.compile_decision("auto", cuda, "sft", big)[0] is False
     assert parallel.compile_decision(False, cuda, "pretrain", big) == (False, "train.compile=false")
     assert parallel.compile_decision(True, cpu, "sft", small) == (True, "train.compile=true")
     with pytest.raises(ConfigError, match="train.compile must be"):
