@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-moderation", action="store_true",
                    help="skip the contender with configs/moderation.yaml (rules + profanity, output checked in windows)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    p.add_argument("--server-args", nargs="*", default=[], help="extra `lmforge serve` overrides (key=value)")
     p.add_argument("--workload", choices=["lockstep", "realistic"], default="lockstep",
                    help="lockstep: C clients back to back, fixed lengths; realistic: mixed prompt and output "
                    "lengths arriving as a Poisson process (open loop)")
@@ -335,11 +336,12 @@ def main(argv=None) -> None:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         pad_id = json.loads((model_dir / "generation_config.json").read_text()).get("pad_token_id") or 0
         port = free_port()
-        server = start_server(model_dir, port, max_num_seqs=biggest)
+        server = start_server(model_dir, port, biggest, *args.server_args)
         moderated_port, moderated = None, None
         if not args.no_moderation:
             moderated_port = free_port()
-            moderated = start_server(model_dir, moderated_port, biggest, f"moderation.policy={ROOT / 'configs' / 'moderation.yaml'}")
+            moderated = start_server(model_dir, moderated_port, biggest, f"moderation.policy={ROOT / 'configs' / 'moderation.yaml'}",
+                                     *args.server_args)
         try:
             for c in args.concurrency:
                 prompts = all_prompts[: args.requests_per_client * c]
@@ -421,7 +423,7 @@ def realistic(args, argv) -> None:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         pad_id = json.loads((model_dir / "generation_config.json").read_text()).get("pad_token_id") or 0
         port = free_port()
-        server = start_server(model_dir, port, max_num_seqs=args.max_batch)
+        server = start_server(model_dir, port, args.max_batch, *args.server_args)
         contenders = {
             "lmforge serve": lambda: lmforge_run(f"http://127.0.0.1:{port}", args.max_batch, prompts, args.output_range[0], arrivals, lengths),
             BASELINE: lambda: hf_run(hf, args.max_batch, prompts, args.output_range[0], batch=True, pad_id=pad_id, arrivals=arrivals,

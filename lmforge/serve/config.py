@@ -20,6 +20,8 @@ class EngineConfig(Section):
     device: str = Field("auto", description="auto: cuda if available, else cpu")
     dtype: DtypeName = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the blocks for decoding (falls back with a warning)")
+    cpu_threads: int | None = Field(None, ge=1, description="`lmforge serve` on CPU: torch threads; None: every core "
+                                    "this process may use but one, which the HTTP front end keeps (event loop, SSE)")
     backend: Literal["lmforge", "vllm"] = Field("lmforge", description="vllm: serve an exported model dir with vLLM (GPU)")
     vllm_args: dict[str, Any] = Field(default_factory=dict, description="backend vllm: extra vllm.AsyncEngineArgs keywords")
 

@@ -8,7 +8,9 @@ model's release record before anything loads; the engine then loads the model, a
 from __future__ import annotations
 
 import logging
+import os
 
+import torch
 import uvicorn
 
 from lmforge.device import dtype_name
@@ -44,12 +46,26 @@ def run(config: ServeConfig) -> None:
     if config.engine.backend == "vllm":  # vLLM's own series then carry the model_name that lmforge's do
         config.engine.vllm_args.setdefault("served_model_name", config.served_model_name)
     engine = Engine.from_path(config.model, config.engine, config.lora)
+    if engine.device.type == "cpu":
+        set_cpu_threads(config.engine.cpu_threads)
     app = create_app(engine, config, moderator=moderator, digests=digests)
     log.info("serving %s as %r on http://%s:%d (device %s, %s)", config.model, app.state.gateway.model_name,
              config.server.host, config.server.port, engine.device, dtype_name(engine.dtype))
     log.info("audit log: %s", config.audit.path or "off (audit.path=FILE keeps one row per request)")
     uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
                 timeout_graceful_shutdown=int(config.server.graceful_shutdown_s) or None)
+
+
+def set_cpu_threads(threads: int | None) -> int:
+    """torch's intra-op threads for a CPU engine behind the HTTP server. By default one core is left
+    to the front end: the event loop, SSE and detokenizing run beside every decode step, and an
+    OpenMP team that must share all its cores with them stalls at each barrier (on 2 cores,
+    13% fewer tokens/s at 16 streams; BENCHMARKS.md, serving notes)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = threads or max(1, cores - 1)
+    torch.set_num_threads(threads)
+    log.info("engine on CPU: %d torch thread(s) of %d core(s) (engine.cpu_threads)", threads, cores)
+    return threads
 
 
 def released_or_none(model: str) -> dict | None:

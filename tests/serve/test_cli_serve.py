@@ -95,3 +95,17 @@ def test_lmforge_serve_of_a_missing_model_is_one_line_even_with_allow_unreleased
                            "--port", "1"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: model not found: {tmp_path / 'absent'}"  # no warning line before it
+
+
+def test_a_cpu_engine_leaves_one_core_to_the_http_front_end_unless_told(monkeypatch):
+    import lmforge.serve.server as server
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        assert server.set_cpu_threads(None) == 3 and torch.get_num_threads() == 3
+        assert server.set_cpu_threads(2) == 2 and torch.get_num_threads() == 2  # engine.cpu_threads
+        monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+        assert server.set_cpu_threads(None) == 1  # never zero
+    finally:
+        torch.set_num_threads(before)
