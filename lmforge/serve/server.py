@@ -46,14 +46,18 @@ def run(config: ServeConfig) -> None:
     if config.engine.backend == "vllm":  # vLLM's own series then carry the model_name that lmforge's do
         config.engine.vllm_args.setdefault("served_model_name", config.served_model_name)
     engine = Engine.from_path(config.model, config.engine, config.lora)
-    if engine.device.type == "cpu":
-        set_cpu_threads(config.engine.cpu_threads)
     app = create_app(engine, config, moderator=moderator, digests=digests)
     log.info("serving %s as %r on http://%s:%d (device %s, %s)", config.model, app.state.gateway.model_name,
              config.server.host, config.server.port, engine.device, dtype_name(engine.dtype))
     log.info("audit log: %s", config.audit.path or "off (audit.path=FILE keeps one row per request)")
-    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
-                timeout_graceful_shutdown=int(config.server.graceful_shutdown_s) or None)
+    threads = torch.get_num_threads()
+    if torch.device(engine.device).type == "cpu":  # the vLLM backend names its device as a string
+        set_cpu_threads(config.engine.cpu_threads)
+    try:
+        uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
+                    timeout_graceful_shutdown=int(config.server.graceful_shutdown_s) or None)
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process
 
 
 def set_cpu_threads(threads: int | None) -> int:

@@ -81,13 +81,14 @@ def test_lmforge_serve_writes_nothing_into_the_current_dir_unless_asked(trained_
     from lmforge.cli import main
 
     monkeypatch.chdir(tmp_path)
-    served = {}
+    served, threads = {}, torch.get_num_threads()
     monkeypatch.setattr(server.uvicorn, "run", lambda app, **kwargs: served.setdefault("app", app))
     assert main(["serve", str(trained_run), "--allow-unreleased", "engine.device=cpu"]) == 0
     with TestClient(served["app"]) as client:
         model = client.get("/v1/models").json()["data"][0]["id"]
         assert client.post("/v1/completions", json={"model": model, "prompt": "The", "max_tokens": 2}).status_code == 200
     assert list(tmp_path.iterdir()) == []  # no serve_audit.sqlite: the audit log is off unless audit.path is set
+    assert torch.get_num_threads() == threads  # serve's CPU thread setting ends with the server
 
 
 def test_lmforge_serve_of_a_missing_model_is_one_line_even_with_allow_unreleased(tmp_path):
