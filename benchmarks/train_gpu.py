@@ -1,4 +1,5 @@
-"""Training throughput on one GPU the way `lmforge train` runs it: bf16 FSDP2 + compiled blocks.
+"""Training throughput on one GPU the way `lmforge train` runs it (bf16 FSDP2 + compiled blocks), and
+the inference engine's decode throughput.
 
 For each preset the model goes through train/parallel.py exactly as in a run
 (`parallel.strategy=fsdp` in a one-process group: bf16 gathered weights, fp32 gradient
@@ -12,7 +13,7 @@ matmul peak") and peak allocated memory.
     .venv/bin/python benchmarks/train_gpu.py                              # 125m, 350m, llama3-1b
     .venv/bin/python benchmarks/train_gpu.py --presets llama3-1b --batch-size 8 --ac selective
     .venv/bin/python benchmarks/train_gpu.py --device cpu --presets tiny --steps 2 --warmup 1 \\
-        --variants eager --no-write                                       # smoke test of the code path
+        --variants eager --decode-batch 4 --decode-tokens 8 --no-write    # smoke test of the code path
 
 Results go to stdout and into BENCHMARKS.md between the train_gpu markers.
 """
@@ -61,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--ac", choices=["none", "full", "selective"], default="none", help="activation checkpointing")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the inference engine's decode throughput per preset (eager and engine.compile)")
+    p.add_argument("--decode-batch", type=int, default=64, help="sequences decoded together (engine.max_num_seqs)")
+    p.add_argument("--decode-prompt", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--decode-tokens", type=int, default=256, help="new tokens per sequence (EOS ignored)")
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
@@ -80,8 +86,8 @@ class Result:
     error: str | None = None
 
 
-def build_model(preset: str, args, device: torch.device) -> Transformer:
-    overrides = {} if PRESETS[preset].get("vocab_size") else {"vocab_size": args.vocab_size}
+def build_model(preset: str, args, device: torch.device, vocab_size: int | None = None) -> Transformer:
+    overrides = {} if PRESETS[preset].get("vocab_size") else {"vocab_size": vocab_size or args.vocab_size}
     config = ModelConfig(preset=preset, max_seq_len=max(args.seq_len, 8), **overrides)
     with torch.device("meta"):
         model = Transformer(config)
@@ -146,6 +152,87 @@ def measure(preset: str, variant: str, args, env: distributed.DistEnv) -> Result
     return result
 
 
+@dataclass
+class DecodeResult:
+    preset: str
+    engine: str
+    params: int
+    tokens_per_second: float = 0.0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def measure_decode(preset: str, compiled: bool, args, device: torch.device) -> DecodeResult:
+    """lmforge's engine (what `lmforge serve` runs) in bf16 on `device`: --decode-batch sequences of
+    --decode-prompt random prompt tokens, each decoding --decode-tokens new ones greedily, in one
+    `run_to_completion` (prefill included); output tokens/s over the whole batch."""
+    from lmforge.serve.config import EngineConfig
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.sampling import SamplingParams
+
+    tokenizer = decode_tokenizer()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the engine's defaults
+    vocab = tokenizer.vocab_size if not PRESETS[preset].get("vocab_size") else None
+    model = build_model(preset, args, device, vocab_size=vocab).to(dtype).eval()
+    result = DecodeResult(preset, "eager" if not compiled else "engine.compile", model.config.num_params())
+    try:
+        engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=args.decode_batch, device=device.type,
+                                                       compile=compiled))
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, min(tokenizer.vocab_size, model.config.vocab_size),
+                                (args.decode_batch, args.decode_prompt), generator=g).tolist()
+        warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        engine.run_to_completion(prompts[: min(4, len(prompts))], warm)  # compilation happens here
+        params = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = engine.run_to_completion(prompts, params)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result.seconds = time.perf_counter() - start
+        result.tokens_per_second = sum(len(o.token_ids) for o in outputs) / result.seconds
+    except torch.OutOfMemoryError:
+        result.error = f"out of memory at {args.decode_batch} sequences"
+    except Exception as exc:  # noqa: BLE001 - recorded in the table, the other rows still run
+        result.error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+    return result
+
+
+_TOKENIZER = []
+
+
+def decode_tokenizer():
+    """A byte-level BPE trained on the bundled corpus (8,192 tokens), once per process."""
+    if not _TOKENIZER:
+        import gzip
+        import json
+
+        from lmforge.tokenizer import train_tokenizer
+
+        corpus = ROOT / "lmforge" / "data" / "corpus" / "python_docs.jsonl.gz"
+        with gzip.open(corpus, "rt", encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        _TOKENIZER.append(train_tokenizer(iter(texts), vocab_size=8192))
+    return _TOKENIZER[0]
+
+
+def render_decode(args, results: list[DecodeResult]) -> str:
+    lines = [
+        "",
+        f"Inference engine decode (`lmforge serve`'s engine, in-process): {args.decode_batch} sequences of "
+        f"{args.decode_prompt} random prompt tokens, {args.decode_tokens} new tokens each (greedy, EOS ignored), "
+        "one batch, prefill included; bf16 on CUDA.",
+        "",
+        "| preset | params | engine | output tokens/s | seconds |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for r in results:
+        value = f"failed: {r.error} | " if r.error else f"{r.tokens_per_second:,.0f} | {r.seconds:.1f}"
+        lines.append(f"| {r.preset} | {r.params / 1e6:,.0f}M | {r.engine} | {value} |")
+    return "\n".join(lines) + "\n"
+
+
 def release_memory(device: torch.device) -> None:
     """Between measurements: the last model, optimizer and compiled graphs are garbage."""
     gc.collect()
@@ -196,9 +283,17 @@ def main(argv=None) -> int:
                 print(f"  {r.error or f'{r.tokens_per_second:,.0f} tok/s, MFU {r.mfu:.1%}, peak {r.peak_memory_gib:.1f} GiB'}",
                       flush=True)
                 results.append(r)
+        decode = []
+        for preset in args.presets.split(",") if args.decode else []:
+            for compiled in (False, True):
+                print(f"{preset} / decode {'compiled' if compiled else 'eager'} ...", flush=True)
+                d = measure_decode(preset, compiled, args, env.device)
+                release_memory(env.device)
+                print(f"  {d.error or f'{d.tokens_per_second:,.0f} output tok/s'}", flush=True)
+                decode.append(d)
     finally:
         distributed.shutdown(env)
-    section = render(args, results, env.device)
+    section = render(args, results, env.device) + (render_decode(args, decode) if decode else "")
     print()
     print(section)
     if not args.no_write:
