@@ -54,8 +54,8 @@ def capabilities() -> list[str]:
 
 
 def third_party_imports(where: Path, requires: bool = True) -> dict[str, list[str]]:
-    """Top-level name -> the `file:line`s importing it, for every non-stdlib, non-lmforge import
-    (and, with `requires`, every `extras.require("name", ...)`)."""
+    """Top-level name -> the `file:line`s importing it, for every import that is neither stdlib nor this
+    repo's (lmforge, tests, benchmarks), and, with `requires`, every `extras.require("name", ...)`."""
     found: dict[str, list[str]] = {}
     for path in sorted(where.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -69,7 +69,7 @@ def third_party_imports(where: Path, requires: bool = True) -> dict[str, list[st
                 continue
             for name in names:
                 top = "tensorboard" if name.startswith("torch.utils.tensorboard") else name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in {"lmforge", "tests"}:
+                if top not in sys.stdlib_module_names and top not in {"lmforge", "tests", "benchmarks"}:
                     found.setdefault(top, []).append(f"{path.relative_to(ROOT)}:{node.lineno}")
     return found
 

@@ -26,6 +26,16 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return (logprobs * scored).sum(-1)
 
 
+def reply_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`sequence_logprobs` of `model` on `inputs`, the output head and log-softmax run only from the
+    first scored position of any row on (`logits_to_keep`): a prompt's positions are never scored,
+    so their vocabulary-wide logits would be computed and thrown away."""
+    scored = targets != IGNORE_INDEX
+    first = int(scored.int().argmax(dim=1).min()) if bool(scored.any()) else 0
+    keep = targets.shape[1] - first
+    return sequence_logprobs(model(inputs, logits_to_keep=keep), targets[:, first:])
+
+
 @dataclass
 class PreferenceStats:
     loss: torch.Tensor

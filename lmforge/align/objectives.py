@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lmforge.align.data import Rows, pair_width
-from lmforge.align.losses import preference_loss, sequence_logprobs
+from lmforge.align.losses import preference_loss, reply_logprobs
 from lmforge.device import autocast
 from lmforge.errors import DataError
 from lmforge.train.objective import LoaderState
@@ -123,7 +123,7 @@ class DPOObjective(LoaderState):
         return {**pair_batch(self.chosen.select(index), self.rejected.select(index)), "reference": self.reference[index]}
 
     def stats(self, model, batch):
-        logprobs = sequence_logprobs(model(batch["inputs"]), batch["targets"])
+        logprobs = reply_logprobs(model, batch["inputs"], batch["targets"])
         pairs = logprobs.shape[0] // 2
         reference = batch["reference"]
         return preference_loss(logprobs[:pairs], logprobs[pairs:], reference[:, 0], reference[:, 1], self.beta, self.loss_kind)
@@ -171,6 +171,6 @@ def reference_logprobs(model, chosen: Rows, rejected: Rows, device, dtype, batch
         index = list(range(start, min(start + batch_size, len(chosen))))
         batch = {k: v.to(device) for k, v in pair_batch(chosen.select(index), rejected.select(index)).items()}
         with autocast(device, dtype):
-            logprobs = sequence_logprobs(model(batch["inputs"]), batch["targets"]).float().cpu()
+            logprobs = reply_logprobs(model, batch["inputs"], batch["targets"]).float().cpu()
         out.append(torch.stack([logprobs[: len(index)], logprobs[len(index):]], dim=1))
     return torch.cat(out)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.align import data as align_data
-from lmforge.align.losses import preference_loss, sequence_logprobs
+from lmforge.align.losses import preference_loss, reply_logprobs, sequence_logprobs
 from lmforge.chat import ChatSession
 from lmforge.errors import CheckpointError, DataError
 from lmforge.model import ModelConfig, Transformer
@@ -123,6 +123,8 @@ def test_micro_batches_cut_to_their_longest_row_give_the_same_losses(trained_tok
         trimmed = sequence_logprobs(model(cut["inputs"]), cut["targets"])
         whole = sequence_logprobs(model(torch.cat([chosen.inputs, rejected.inputs])), torch.cat([chosen.targets, rejected.targets]))
     assert trimmed.tolist() == pytest.approx(whole.tolist(), abs=1e-4)
+    with torch.no_grad():  # the head only from the first reply token on: the same log-probs
+        assert reply_logprobs(model, cut["inputs"], cut["targets"]).tolist() == pytest.approx(trimmed.tolist(), abs=1e-4)
     dpo = DPOObjective(chosen, rejected, torch.zeros(2, 2), None, 127, 2, 1, 0, 0.1, "sigmoid")
     assert dpo.batch(0, 0)["inputs"].shape[1] == cut["inputs"].shape[1]
     assert dpo.tokens_per_step == int((chosen.lengths + rejected.lengths).sum())
