@@ -47,6 +47,7 @@ from benchmarks.serve_throughput import (  # noqa: E402
     closed_loop,
     free_port,
     hf_run,
+    keep_best,
     percentile,
     start_server,
     stream_completion,
@@ -202,9 +203,7 @@ def measure(args, model_dir, all_prompts, hf, pad_id, grammars, grammar, url):
         }
         for _ in range(args.rounds):
             for name, run in contenders.items():
-                result = run()
-                if name not in row or result[2] / result[0] > row[name][2] / row[name][0]:
-                    row[name] = result
+                keep_best(row, name, run())
         for name, (wall, ttfts, tokens) in row.items():
             print(f"concurrency {c:>2} {name:<30} {tokens / wall:8.1f} tok/s  TTFT p50 {percentile(ttfts, 0.5) * 1000:7.1f} ms"
                   f"  p99 {percentile(ttfts, 0.99) * 1000:7.1f} ms ({len(ttfts)} requests, {tokens} tokens)", flush=True)

@@ -103,8 +103,15 @@ ROW_ORDER = ["lmforge serve", BASELINE, "HF sequential", "lmforge + moderation"]
 
 
 def tokens_per_second(measured: tuple[float, list[float], int]) -> float:
-    wall, _, tokens = measured
+    wall, _, tokens = measured[:3]
     return tokens / wall
+
+
+def keep_best(row: dict[str, tuple], name: str, result: tuple) -> None:
+    """Alternating rounds keep each contender's best throughput (wall seconds, TTFTs, tokens, ...):
+    a shared machine's noise hits every contender."""
+    if name not in row or tokens_per_second(result) > tokens_per_second(row[name]):
+        row[name] = result
 
 
 def headline(results: dict[int, dict[str, tuple[float, list[float], int]]]) -> str:
@@ -354,12 +361,9 @@ def main(argv=None) -> None:
                 if moderated_port is not None:
                     contenders["lmforge + moderation"] = lambda c=c, prompts=prompts: lmforge_run(
                         f"http://127.0.0.1:{moderated_port}", c, prompts, args.max_tokens)
-                # Alternating rounds, best throughput kept: a shared machine's noise hits every contender.
                 for _ in range(args.rounds):
                     for name, measure in contenders.items():
-                        result = measure()
-                        if name not in row or result[2] / result[0] > row[name][2] / row[name][0]:
-                            row[name] = result
+                        keep_best(row, name, measure())
                 for name, (wall, ttfts, tokens) in row.items():
                     print(f"concurrency {c:>2} {name:<16} {tokens / wall:8.1f} tok/s  TTFT p50 "
                           f"{percentile(ttfts, 0.5) * 1000:7.1f} ms  p99 {percentile(ttfts, 0.99) * 1000:7.1f} ms  "
@@ -434,8 +438,7 @@ def realistic(args, argv) -> None:
             for _ in range(args.rounds):
                 for name, measure in contenders.items():
                     result = measure()
-                    if name not in row or result[2] / result[0] > row[name][2] / row[name][0]:
-                        row[name] = result
+                    keep_best(row, name, result)
                     wall, ttfts, tokens, latencies = result
                     print(f"{name:<16} {tokens / wall:8.1f} tok/s  TTFT p50 {percentile(ttfts, 0.5) * 1000:7.1f} ms  "
                           f"latency p99 {percentile(latencies, 0.99):6.2f} s ({wall:.1f} s)", flush=True)

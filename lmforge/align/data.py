@@ -101,6 +101,11 @@ def encode_conversation(tokenizer: LmTokenizer, messages: list[dict], loss_on: L
 WIDTH_MULTIPLE = 8
 
 
+def rounded_width(longest: int, full: int) -> int:
+    """A micro-batch's width: its longest row rounded up to WIDTH_MULTIPLE, at most `full`."""
+    return min(full, -(-max(longest, 1) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+
+
 @dataclass
 class Rows:
     """Right-padded training rows: inputs, targets (IGNORE_INDEX where untrained), document ids, and
@@ -126,8 +131,7 @@ class Rows:
 
     def needed_width(self) -> int:
         """The longest row rounded up to WIDTH_MULTIPLE, at most the rows' width."""
-        longest = int(self.lengths.max()) if len(self) else 1
-        return min(self.inputs.shape[1], -(-max(longest, 1) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+        return rounded_width(int(self.lengths.max()) if len(self) else 1, self.inputs.shape[1])
 
     def trimmed(self) -> Rows:
         """These rows without the padding columns no row needs: a micro-batch of short

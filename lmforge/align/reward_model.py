@@ -83,7 +83,7 @@ class RewardModelObjective(LoaderState):
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
         index = self.loader.rows(step, micro_step)
-        width = min(self.chosen.shape[1], -(-int(self.lengths[index].max()) // align_data.WIDTH_MULTIPLE) * align_data.WIDTH_MULTIPLE)
+        width = align_data.rounded_width(int(self.lengths[index].max()), self.chosen.shape[1])
         return {"chosen": self.chosen[index, :width], "rejected": self.rejected[index, :width]}
 
     def loss(self, model, batch):

@@ -63,8 +63,8 @@ def run(config: ServeConfig) -> None:
 def set_cpu_threads(threads: int | None) -> int:
     """torch's intra-op threads for a CPU engine behind the HTTP server. By default one core is left
     to the front end: the event loop, SSE and detokenizing run beside every decode step, and an
-    OpenMP team that must share all its cores with them stalls at each barrier (on 2 cores,
-    13% fewer tokens/s at 16 streams; BENCHMARKS.md, serving notes)."""
+    OpenMP team that must share all its cores with them stalls at each barrier (on 2 cores at 16
+    streams: 1,565 output tokens/s with both, 1,883 with one; BENCHMARKS.md, serving notes)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = threads or max(1, cores - 1)
     torch.set_num_threads(threads)
