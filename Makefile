@@ -19,7 +19,7 @@ $(VENV)/.core-installed: pyproject.toml
 	$(BIN)/pip install -q -e .
 	@touch $@
 
-# The test set: the core, every extra (serve, eval, align, track, ray, datasets) and the tests' tools.
+# The test set: the core, every extra (serve, eval, align, track, ray, sweep, datasets) and the tests' tools.
 $(VENV)/.dev-installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
