@@ -6,6 +6,7 @@ a request gives back: `RequestOutput` deltas through a `RequestHandle`, gathered
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -73,13 +74,7 @@ class RequestHandle:
         self.finished = False
 
     def _put(self, output: RequestOutput) -> None:  # called on the engine thread
-        if self._loop is None:
-            self._queue.put(output)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
-        except RuntimeError:  # the event loop is gone: nobody is listening
-            pass
+        deliver([(self, output)])
 
     def cancel(self) -> None:
         if not self.finished:
@@ -94,7 +89,12 @@ class RequestHandle:
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
             while not self.finished:
-                output = await self._queue.get()
+                # A consumer that fell behind the engine takes what has piled up as one output
+                # (as vLLM's output collector does): one SSE event for several tokens, not several.
+                outputs = [await self._queue.get()]
+                while not outputs[-1].finished and not self._queue.empty():
+                    outputs.append(self._queue.get_nowait())
+                output = merge_outputs(outputs)
                 self.finished = output.finished
                 yield output
         finally:  # the consumer stopped early (client gone): free the slot
@@ -102,6 +102,42 @@ class RequestHandle:
 
     def result(self) -> Completion:
         return gather(self.request_id, self.prompt_ids, list(self))
+
+
+def deliver(outputs: list[tuple[RequestHandle, RequestOutput]]) -> None:
+    """Hand outputs to their consumers from the engine thread: one wake-up per event loop for a
+    whole step's outputs (each wake-up is a write to the loop's self-pipe), not one per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+    for handle, output in outputs:
+        if handle._loop is None:
+            handle._queue.put(output)
+        else:
+            by_loop.setdefault(handle._loop, []).append((handle._queue, output))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop is gone: nobody is listening
+            pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, output in items:
+        q.put_nowait(output)
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: tokens, text and log-probs joined, the first's
+    timing and prompt log-probs, the last's state."""
+    if len(outputs) == 1:
+        return outputs[0]
+    first, last = outputs[0], outputs[-1]
+    logprobs = None
+    if any(o.logprobs is not None for o in outputs):
+        logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
+    return dataclasses.replace(
+        last, token_ids=[t for o in outputs for t in o.token_ids], text="".join(o.text for o in outputs),
+        logprobs=logprobs, prompt_logprobs=next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None),
+        queued_at=first.queued_at, scheduled_at=first.scheduled_at)
 
 
 def gather(request_id: str, prompt_ids: list[int], outputs: Sequence[RequestOutput]) -> Completion:

@@ -22,6 +22,8 @@ class EngineConfig(Section):
     compile: bool = Field(False, description="torch.compile the blocks for decoding (falls back with a warning)")
     cpu_threads: int | None = Field(None, ge=1, description="`lmforge serve` on CPU: torch threads; None: every core "
                                     "this process may use but one, which the HTTP front end keeps (event loop, SSE)")
+    stream_interval: int = Field(1, ge=1, description="tokens per streamed output after the first (vLLM's "
+                                 "--stream-interval): larger sends fewer SSE events, less host work per token")
     backend: Literal["lmforge", "vllm"] = Field("lmforge", description="vllm: serve an exported model dir with vLLM (GPU)")
     vllm_args: dict[str, Any] = Field(default_factory=dict, description="backend vllm: extra vllm.AsyncEngineArgs keywords")
 

@@ -34,6 +34,7 @@ from lmforge.serve.backend import (
     RequestError,
     RequestHandle,
     RequestOutput,
+    deliver,
 )
 from lmforge.serve.config import EngineConfig, LoraConfig
 from lmforge.serve.kv_cache import SlotKVCache
@@ -95,6 +96,7 @@ class Engine(BaseEngine):
         self._running: list[_Sequence] = []
         self._incoming: deque[_Sequence] = deque()
         self._cancels: set[str] = set()
+        self._outbox: list[tuple[RequestHandle, RequestOutput]] = []  # this step's outputs, delivered together
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -223,7 +225,10 @@ class Engine(BaseEngine):
                 cancels, self._cancels = self._cancels, set()
                 if not (self._running or self._waiting):
                     break
-            self._step(cancels)
+            try:
+                self._step(cancels)
+            finally:
+                self._deliver()
         return [handle.result() for handle in handles]
 
     def _loop(self) -> None:
@@ -245,6 +250,8 @@ class Engine(BaseEngine):
                 log.exception("engine step failed; failing the running requests")
                 for seq in list(self._running):
                     self._finish(seq, "error")
+            finally:
+                self._deliver()
 
     @torch.inference_mode()
     def _step(self, cancels: set[str]) -> None:
@@ -399,13 +406,15 @@ class Engine(BaseEngine):
             self._finish(s, "length")
         else:
             s.next_token = token
-            self._emit(s, finished=False, reason=None)
+            # The first token goes out at once (time to first token); later ones every stream_interval.
+            if len(s.new_ids) >= self.config.stream_interval or len(s.output_ids) == 1:
+                self._emit(s, finished=False, reason=None)
 
     def _emit(self, s: _Sequence, finished: bool, reason: str | None) -> None:
         prompt_logprobs = None
         if s.prompt_logprobs is not None and not s.prompt_logprobs_sent:
             prompt_logprobs, s.prompt_logprobs_sent = s.prompt_logprobs, True
-        s.handle._put(RequestOutput(
+        self._outbox.append((s.handle, RequestOutput(
             request_id=s.id,
             token_ids=s.new_ids,
             text=s.tracker.flush(final=finished),
@@ -418,9 +427,13 @@ class Engine(BaseEngine):
             stop_token_id=s.stop_token_id if finished else None,
             queued_at=None if s.timing_sent else s.queued_at,
             scheduled_at=None if s.timing_sent else s.scheduled_at,
-        ))
+        )))
         s.timing_sent = True
         s.new_ids, s.new_logprobs = [], []
+
+    def _deliver(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        deliver(outbox)
 
     def _finish(self, s: _Sequence, reason: str) -> None:
         if s.slot is not None:

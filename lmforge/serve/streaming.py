@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from lmforge.serve.backend import RequestHandle, RequestOutput
+from lmforge.serve.backend import RequestHandle, RequestOutput, merge_outputs
 from lmforge.serve.gateway import Job
 from lmforge.serve.responses import chat_logprobs, completion_logprobs, sse
 from lmforge.serve.tools import ToolCallStream, finish_reason, reads_tool_calls
@@ -75,7 +75,7 @@ class _ModeratedChoice:
             visible = decision.redacted[0] if decision.redacted else self.raw
             upto = len(visible) if finished else max(len(self.released), len(visible) - self.holdback)
             text, self.released = visible[len(self.released):upto], visible[:upto]
-        out, self.held = joined(self.held), []
+        out, self.held = merge_outputs(self.held), []
         return decision.allowed, text, out
 
 
@@ -140,15 +140,6 @@ async def stream(job: Job, body, handles: list[RequestHandle], chunk: Chunk,
         for h in handles:
             h.cancel()
         job.audit(status, error)
-
-
-def joined(outputs: list[RequestOutput]) -> RequestOutput:
-    """Outputs held back by moderation as one: their log-probs together, the last one's state."""
-    last = outputs[-1]
-    logprobs = [lp for o in outputs for lp in (o.logprobs or [])] if any(o.logprobs is not None for o in outputs) else None
-    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
-    return dataclasses.replace(last, token_ids=[t for o in outputs for t in o.token_ids], text="".join(o.text for o in outputs),
-                               logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 def stream_chat(job: Job, body, handles: list[RequestHandle]) -> AsyncIterator[str]:

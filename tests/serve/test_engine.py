@@ -120,6 +120,35 @@ def test_async_stream_yields_deltas_that_add_up(engine):
     assert "".join(d.text for d in deltas) == whole.text
 
 
+def test_a_stream_that_falls_behind_gets_what_piled_up_as_one_output(engine):
+    """The engine runs ahead of a slow consumer: its outputs merge, nothing is lost or reordered."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
+
+    async def main():
+        handle = engine.submit(PROMPTS[2], params, loop=asyncio.get_running_loop())
+        while not handle._queue.qsize() or not handle._queue._queue[-1].finished:  # let the request finish
+            await asyncio.sleep(0.01)
+        return [out async for out in handle]
+
+    outputs = asyncio.run(main())
+    whole = engine.generate([PROMPTS[2]], params)[0]
+    assert len(outputs) == 1 and outputs[0].finished and outputs[0].finish_reason == "length"
+    assert outputs[0].token_ids == whole.token_ids and outputs[0].text == whole.text
+    assert [lp.token_id for lp in outputs[0].logprobs] == whole.token_ids
+    assert outputs[0].queued_at is not None and outputs[0].scheduled_at is not None  # the first output's timing
+
+
+def test_stream_interval_sends_the_first_token_alone_then_every_n(serve_model):
+    model, tokenizer = serve_model
+    params = SamplingParams(max_tokens=11, temperature=0, ignore_eos=True)
+    with Engine(model, tokenizer, EngineConfig(max_num_seqs=2, stream_interval=4)) as engine:
+        outputs = list(engine.submit(PROMPTS[0], params))
+        whole = engine.generate([PROMPTS[0]], params)[0]
+    assert [len(o.token_ids) for o in outputs] == [1, 4, 4, 2]
+    assert [t for o in outputs for t in o.token_ids] == whole.token_ids
+    assert "".join(o.text for o in outputs) == whole.text
+
+
 def test_bad_prompts_are_refused_before_they_run(engine):
     with pytest.raises(RequestError, match="empty"):
         engine.submit([], SamplingParams())
