@@ -8,7 +8,8 @@ generate, chat, export and the quickstart. The rest come per capability, as pypr
     eval   `lmforge eval --harness` (lm-evaluation-harness)
     align  LoRA in `lmforge sft` / `dpo` / `rl` and `lmforge lora merge` (peft)
     track  `run.trackers: [wandb, mlflow]`
-    ray    `lmforge curate executor.kind=ray`
+    ray    `lmforge curate executor.kind=ray`, `lmforge sweep executor.kind=ray`
+    sweep  `lmforge sweep sampler=optuna` (optuna), `executor.kind=submitit` (submitit)
     vllm   `lmforge serve engine.backend=vllm` (brings its own CUDA build of torch)
     datasets  `datasets` saved dirs and Hub datasets as inputs
 
@@ -35,6 +36,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "wandb": ("wandb", "track"),
     "mlflow": ("mlflow", "track"),
     "ray": ("ray", "ray"),
+    "optuna": ("optuna", "sweep"),
+    "submitit": ("submitit", "sweep"),
     "vllm": ("vllm", "vllm"),
     "datasets": ("datasets", "datasets"),
 }

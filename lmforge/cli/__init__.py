@@ -21,6 +21,8 @@ import typer
 from lmforge import extras
 from lmforge.cli import configdoc, data, infer, interop, quickstart, runs, safety, train, verify
 from lmforge.cli.eval import eval_app
+from lmforge.cli.scaling import scaling_app
+from lmforge.cli.sweep import sweep_app
 from lmforge.errors import LmforgeError
 
 app = typer.Typer(
@@ -77,6 +79,8 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(runs.runs_app, name="runs")
 app.add_typer(interop.lora_app, name="lora")
 app.add_typer(runs.configs_app, name="configs")
+app.add_typer(sweep_app, name="sweep")
+app.add_typer(scaling_app, name="scaling")
 
 
 def _os_error_message(err: OSError) -> str:

@@ -24,6 +24,16 @@ from lmforge.store import token_dataset
 from lmforge.store.model_dir import MODEL_CARD_FILE
 from lmforge.store.run_dir import RunDir
 
+# The look every lmforge HTML page shares (run reports, sweep reports).
+STYLE = """<style>
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: 0.2em; } table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ddd; padding: 4px 10px; text-align: left; font-size: 14px; }
+th { background: #f5f5f5; } .charts { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; } figcaption { font-size: 12px; color: #666; text-align: center; }
+pre { background: #f8f8f8; padding: 1em; overflow-x: auto; font-size: 12px; }
+</style>"""
+
 CURVES = [
     ("loss", "train loss", ["loss"]),
     ("val", "validation", ["val_loss", "val_bpb"]),
@@ -72,6 +82,23 @@ def _last_val_rewards(records: list[dict[str, Any]]) -> list[tuple[str, Any]]:
             for k, v in last.items() if k.startswith("val_reward") and not k.endswith("/stderr")]
 
 
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (laid out tight), closing it."""
+    from matplotlib import pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def figure(png: bytes, title: str) -> str:
+    """A PNG embedded as a data URI with its caption (the page stays one self-contained file)."""
+    return (f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>")
+
+
 def _plot(records: list[dict[str, Any]], keys: list[str], title: str) -> bytes | None:
     series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and "step" in r] for k in keys}
     series = {k: v for k, v in series.items() if v}
@@ -91,11 +118,7 @@ def _plot(records: list[dict[str, Any]], keys: list[str], title: str) -> bytes |
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def _expert_heatmap(records: list[dict[str, Any]]) -> bytes | None:
@@ -117,14 +140,10 @@ def _expert_heatmap(records: list[dict[str, Any]]) -> bytes | None:
     layers = last.get("expert_load_layers") or list(range(len(load)))
     ax.set_yticks(range(len(load)), [str(i) for i in layers])
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
-def _table(rows: list[tuple[str, Any]]) -> str:
+def table(rows: list[tuple[str, Any]]) -> str:
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(fmt(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 
@@ -210,32 +229,25 @@ def render(run: str | os.PathLike, out: str | os.PathLike | None = None, overwri
             if png is None:
                 continue
             atomic.write_bytes(tmp / f"{name}.png", png)
-            images.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>{html.escape(title)}</figcaption></figure>')
-        overview = _table([
+            images.append(figure(png, title))
+        overview = table([
             ("kind", summary.kind), ("status", summary.status), ("step", f"{fmt(summary.step)} / {fmt(summary.max_steps)}"),
             ("tokens", summary.tokens), ("last train loss", summary.last_loss), ("best val loss", summary.best_val_loss),
             ("best val bits/byte", summary.best_val_bpb), *_last_val_rewards(records),
             ("latest checkpoint", summary.checkpoint), ("created", summary.created_at),
         ])
-        evals = _table(sorted(summary.evals.items())) if summary.evals else "<p>No evaluation results in eval/.</p>"
+        evals = table(sorted(summary.evals.items())) if summary.evals else "<p>No evaluation results in eval/.</p>"
         card = path / MODEL_CARD_FILE
         card_html = f"<h2>Model card</h2><pre>{html.escape(card.read_text(encoding='utf-8'))}</pre>" if card.is_file() else ""
         config = json.dumps(summary.config, indent=2)
         page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>lmforge report: {html.escape(summary.name)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-h1 {{ margin-bottom: 0.2em; }} table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-th, td {{ border: 1px solid #ddd; padding: 4px 10px; text-align: left; font-size: 14px; }}
-th {{ background: #f5f5f5; }} .charts {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #666; text-align: center; }}
-pre {{ background: #f8f8f8; padding: 1em; overflow-x: auto; font-size: 12px; }}
-</style></head><body>
+{STYLE}</head><body>
 <h1>{html.escape(summary.name)}</h1><p>{html.escape(str(path.resolve()))}</p>
 <h2>Overview</h2>{overview}
 <h2>Curves</h2><div class="charts" id="charts">{''.join(images)}</div>
 <h2>Evaluation</h2>{evals}
-<h2>Lineage</h2>{_table(_lineage(path, manifest))}
+<h2>Lineage</h2>{table(_lineage(path, manifest))}
 {_curation(manifest)}
 {card_html}
 <h2>Config</h2><pre>{html.escape(config)}</pre>

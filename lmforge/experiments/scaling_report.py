@@ -1,0 +1,403 @@
+"""`lmforge scaling fit SWEEP`: scaling laws over a sweep's finished trials, as JSON and one HTML page.
+
+Reads `SWEEP/trials/<id>/trial.json` (status, final metric, N, D, FLOPs) and each trial's
+`config.yaml` (model.dim, optim.lr); fits the Chinchilla law, the iso-FLOP minima when the
+sweep has several sizes per budget, the lr-transfer check when it varied lr and width, and
+the compute-optimal allocation for a budget. Writes `SWEEP/scaling/scaling.json` (every
+number) and `scaling.html` (the plots inlined, as `lmforge report` does) atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge import atomic
+from lmforge.errors import ConfigError
+from lmforge.experiments.lr_transfer import LrTransfer, lr_transfer
+from lmforge.experiments.scaling import (
+    Allocation,
+    IsoFlopFit,
+    ParametricFit,
+    ScalingDataError,
+    ScalingPoint,
+    allocate,
+    best_per_setting,
+    fit_chinchilla,
+    isoflop,
+    optimal_allocation,
+)
+from lmforge.experiments.sweep_dir import TRIAL_FILE, SweepDir
+from lmforge.store.run_dir import RunDir
+
+OUTPUT_KIND = "scaling"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A finished trial as a scaling point, with the width and lr its config trained with."""
+
+    point: ScalingPoint
+    width: float | None
+    lr: float | None
+
+
+@dataclass
+class ScalingResult:
+    sweep_dir: Path
+    out_dir: Path
+    metric: str
+    trials: list[Trial]
+    skipped: dict[str, int]  # trials not counted, by status
+    chinchilla: ParametricFit
+    allocation: Allocation | None = None
+    isoflop: IsoFlopFit | None = None
+    isoflop_note: str | None = None
+    lr_transfer: LrTransfer | None = None
+    lr_transfer_note: str | None = None
+    images: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def json_path(self) -> Path:
+        return self.out_dir / "scaling.json"
+
+    @property
+    def html_path(self) -> Path:
+        return self.out_dir / "scaling.html"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sweep": str(self.sweep_dir.resolve()), "metric": self.metric,
+            "trials": {"used": len(self.trials), "skipped": self.skipped},
+            "points": [{"trial": t.point.name, "params": t.point.params, "tokens": t.point.tokens,
+                        "flops": t.point.compute, "loss": t.point.loss, "width": t.width, "lr": t.lr} for t in self.trials],
+            "chinchilla": self.chinchilla.to_dict(),
+            "allocation": self.allocation.to_dict() if self.allocation else None,
+            "isoflop": self.isoflop.to_dict() if self.isoflop else None, "isoflop_note": self.isoflop_note,
+            "lr_transfer": self.lr_transfer.to_dict() if self.lr_transfer else None,
+            "lr_transfer_note": self.lr_transfer_note,
+        }
+
+
+def parse_budget(value: str | float | None) -> float | None:
+    """A FLOP budget from `1e18`, `1.5e17` or a number; a one-line error for anything else."""
+    if value is None:
+        return None
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        budget = math.nan
+    if not math.isfinite(budget) or budget <= 0:
+        raise ConfigError(f"--budget must be a positive number of FLOPs such as 1e18 or 1.5e17, got {value!r}")
+    return budget
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _lr(params: dict[str, Any], config: dict[str, Any]) -> float | None:
+    swept = next((v for k, v in params.items() if k == "lr" or k.endswith(".lr")), None)
+    optim = config.get("optim") if isinstance(config.get("optim"), dict) else {}
+    return _number(swept if swept is not None else optim.get("lr"))
+
+
+def collect(sweep_dir: str | os.PathLike) -> tuple[list[Trial], dict[str, int]]:
+    """The done trials with a finite metric, as points; the others counted by status."""
+    root = Path(sweep_dir)
+    trials_dir = SweepDir(root).trials
+    if not trials_dir.is_dir():
+        raise ConfigError(f"not a sweep dir: {root} has no trials/ (write one with `lmforge sweep run`)")
+    trials, skipped = [], Counter()
+    for trial_dir in sorted(p for p in trials_dir.iterdir() if p.is_dir()):
+        record = atomic.read_json(trial_dir / TRIAL_FILE)
+        status = record.get("status") if record else "unreadable"
+        loss = _number(record.get("metric"))
+        if status != "done" or loss is None or not math.isfinite(loss):
+            skipped[str(status or "unknown") if status != "done" else "done without a finite metric"] += 1
+            continue
+        metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+        name = str(record.get("id") or trial_dir.name)
+        missing = [k for k in ("params", "tokens") if _number(metrics.get(k)) is None]
+        if missing:
+            raise ScalingDataError(f"trial {name} ({trial_dir / TRIAL_FILE}): metrics has no {' or '.join(missing)}")
+        config = RunDir(trial_dir).read_config() or {}
+        model = config.get("model") if isinstance(config.get("model"), dict) else {}
+        params = record.get("params") if isinstance(record.get("params"), dict) else {}
+        point = ScalingPoint(metrics["params"], metrics["tokens"], loss, _number(metrics.get("flops")) or None, name)
+        trials.append(Trial(point, _number(model.get("dim")), _lr(params, config)))
+    return trials, {k: v for k, v in skipped.items() if v}
+
+
+def _metric_name(sweep_dir: Path) -> str:
+    """The sweep's metric (sweep.yaml); refused when the sweep maximised it: a scaling law fits a loss."""
+    spec = SweepDir(sweep_dir).read_spec()
+    metric = spec.get("metric") if isinstance(spec.get("metric"), str) else "val_loss"
+    if spec.get("mode") == "max":
+        raise ConfigError(f"{sweep_dir}: a scaling law fits a loss, but the sweep maximised {metric} (mode: max)")
+    return metric
+
+
+def fit(sweep_dir: str | os.PathLike, budget: str | float | None = None, out: str | os.PathLike | None = None,
+        overwrite: bool = False, n_bootstrap: int = 200, seed: int = 0) -> ScalingResult:
+    """Fit scaling laws over a sweep dir; write `scaling.json` and `scaling.html` to `out` (default SWEEP/scaling)."""
+    root = Path(sweep_dir)
+    budget_flops = parse_budget(budget)
+    out_dir = Path(out) if out else root / "scaling"
+    atomic.check_output_dir(out_dir, OUTPUT_KIND, overwrite=overwrite, inputs=[root])
+    metric = _metric_name(root)
+    trials, skipped = collect(root)
+    points = [t.point for t in trials]
+    try:
+        chinchilla = fit_chinchilla(points, n_bootstrap=n_bootstrap, seed=seed, source=str(root))
+    except ScalingDataError as err:
+        others = ", ".join(f"{n} {status}" for status, n in sorted(skipped.items()))
+        raise ScalingDataError(f"{err}{f' (not counted: {others})' if others else ''}") from None
+    result = ScalingResult(root, out_dir, metric, trials, skipped, chinchilla)
+    if budget_flops is not None:
+        result.allocation = optimal_allocation(chinchilla, budget_flops)
+    try:
+        result.isoflop = isoflop(points, source=str(root))
+    except ScalingDataError as err:
+        result.isoflop_note = str(err)
+    lr_rows = [(t.width, t.lr, t.point.loss) for t in trials if t.width and t.lr]
+    widths, lrs = {row[0] for row in lr_rows}, {row[1] for row in lr_rows}
+    if len(widths) >= 2 and len(lrs) >= 2:
+        result.lr_transfer = lr_transfer(lr_rows)
+    else:
+        result.lr_transfer_note = (f"the sweep's finished trials have {len(widths)} widths (model.dim) and {len(lrs)} "
+                                   "learning rates; the lr-transfer check needs 2+ of each")
+    result.images = plots(result)
+    with atomic.atomic_dir(out_dir, OUTPUT_KIND) as tmp:
+        atomic.write_json(tmp / "scaling.json", result.to_dict())
+        atomic.write_text(tmp / "scaling.html", render_html(result))
+    return result
+
+
+def _png(fig: Any) -> bytes:
+    from matplotlib import pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _frontier_plot(result: ScalingResult, plt: Any) -> bytes:
+    """Loss vs compute: the trials, the fitted compute-optimal frontier and its bootstrap band."""
+    fit_ = result.chinchilla
+    observed = np.array([t.point.compute for t in result.trials])
+    top = max(observed.max() * 10, result.allocation.budget_flops * 2 if result.allocation else 0)
+    flops = np.geomspace(observed.min() / 2, top, 200)
+    loss = allocate(np.array(fit_.theta), flops)[2][0]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    dots = ax.scatter(observed, [t.point.loss for t in result.trials], c=np.log10([t.point.params for t in result.trials]),
+                      cmap="viridis", s=18, label="trials")
+    fig.colorbar(dots, ax=ax, label="log10 N")
+    ax.plot(flops, loss, color="C3", label="fitted compute-optimal frontier")
+    if fit_.bootstrap:
+        low, high = np.percentile(allocate(np.array(fit_.bootstrap), flops)[2], [2.5, 97.5], axis=0)
+        ax.fill_between(flops, low, high, color="C3", alpha=0.2, label="95% bootstrap band")
+    if result.allocation:
+        a = result.allocation
+        ax.errorbar([a.budget_flops], [a.loss.value], yerr=[[a.loss.value - (a.loss.low or a.loss.value)],
+                    [(a.loss.high or a.loss.value) - a.loss.value]], fmt="*", color="black", markersize=10,
+                    label=f"budget {a.budget_flops:.3g} FLOPs")
+    ax.axvline(observed.max(), color="grey", linestyle=":", linewidth=1)
+    ax.set(xscale="log", xlabel="training FLOPs C", ylabel=result.metric, title="loss vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _fit_plot(result: ScalingResult, plt: Any) -> bytes:
+    points = best_per_setting([t.point for t in result.trials], lambda p: (p.params, p.tokens))  # what the fit saw
+    predicted = result.chinchilla.predict([p.params for p in points], [p.tokens for p in points])
+    observed = np.array([p.loss for p in points])
+    fig, ax = plt.subplots(figsize=(4.8, 3.6), dpi=100)
+    ax.scatter(predicted, observed, s=18, c=np.log10([p.tokens for p in points]), cmap="viridis")
+    span = [min(predicted.min(), observed.min()), max(predicted.max(), observed.max())]
+    ax.plot(span, span, color="grey", linewidth=1)
+    ax.set(xlabel=f"fitted {result.metric}", ylabel=f"observed {result.metric}",
+           title=f"observed vs fitted (RMSE {result.chinchilla.rmse:.3g})")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _isoflop_plot(fit_: IsoFlopFit, metric: str, plt: Any) -> bytes:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=100)
+    for i, budget in enumerate(fit_.budgets):
+        left.scatter(budget.params, budget.losses, s=14, color=f"C{i % 10}", label=f"{budget.flops:.2g} FLOPs")
+        if budget.parabola:
+            x = np.linspace(math.log(min(budget.params)), math.log(max(budget.params)), 100)
+            left.plot(np.exp(x), np.polyval(budget.parabola, x), color=f"C{i % 10}", linewidth=1,
+                      linestyle="-" if budget.params_opt else ":")
+        if budget.params_opt:
+            left.scatter([budget.params_opt], [budget.loss_opt], marker="*", s=80, color=f"C{i % 10}")
+    left.set(xscale="log", xlabel="non-embedding params N", ylabel=metric, title="iso-FLOP profiles")
+    left.legend(fontsize=7)
+    usable = [b for b in fit_.budgets if b.params_opt]
+    flops = np.array([b.flops for b in usable])
+    right.scatter(flops, [b.params_opt for b in usable], color="C0", label="N_opt")
+    right.scatter(flops, [b.tokens_opt for b in usable], color="C1", label="D_opt")
+    line = np.geomspace(flops.min(), flops.max(), 50)
+    right.plot(line, fit_.params_coefficient * line**fit_.params_exponent.value, color="C0",
+               label=f"N_opt ∝ C^{fit_.params_exponent.value:.3f}")
+    right.plot(line, fit_.tokens_coefficient * line**fit_.tokens_exponent.value, color="C1",
+               label=f"D_opt ∝ C^{fit_.tokens_exponent.value:.3f}")
+    right.set(xscale="log", yscale="log", xlabel="training FLOPs C", title="compute-optimal N and D")
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _lr_plot(transfer: LrTransfer, metric: str, plt: Any) -> bytes:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=100)
+    for i, width in enumerate(transfer.widths):
+        left.plot(width.lrs, width.losses, marker=".", color=f"C{i % 10}", label=f"width {width.width:g}")
+        left.scatter([width.best_lr], [width.best_loss], marker="*", s=80, color=f"C{i % 10}")
+    left.set(xscale="log", xlabel="learning rate", ylabel=metric, title="loss vs lr per width")
+    left.legend(fontsize=7)
+    widths = [w.width for w in transfer.widths]
+    right.plot(widths, [w.best_lr for w in transfer.widths], marker="o", label="best lr on the grid")
+    right.plot(widths, [w.refined_lr or w.best_lr for w in transfer.widths], marker="x", linestyle=":",
+               label="refined (parabola in log lr)")
+    grid = [lr for w in transfer.widths for lr in w.lrs]  # the lrs tried, so equal best lrs read as a flat line
+    right.set(xscale="log", yscale="log", xlabel="width (model.dim)", ylabel="best lr", title=transfer.verdict[:60],
+              ylim=(min(grid) / 1.5, max(grid) * 1.5))
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plots(result: ScalingResult) -> dict[str, bytes]:
+    """The report's figures as PNG bytes, by title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    images = {"observed vs fitted loss": _fit_plot(result, plt),
+              "loss vs compute: fitted frontier, 95% band, budget": _frontier_plot(result, plt)}
+    if result.isoflop:
+        images["iso-FLOP parabolas and N_opt(C)"] = _isoflop_plot(result.isoflop, result.metric, plt)
+    if result.lr_transfer:
+        images["best lr vs width"] = _lr_plot(result.lr_transfer, result.metric, plt)
+    return images
+
+
+def sci(value: float, digits: int = 3) -> str:
+    """1e+18 -> '1e18', 1.5e+17 -> '1.5e17': numbers as `--budget` takes them."""
+    mantissa, _, exponent = f"{value:.{digits}g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa
+
+
+def _interval(estimate: Any, spec: str = ".4g") -> str:
+    if estimate.low is None:
+        return "-"
+    return f"[{estimate.low:{spec}}, {estimate.high:{spec}}]"
+
+
+def _rows(head: list[str], rows: list[list[Any]]) -> str:
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    header = f"<tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>" if any(head) else ""
+    return f"<table>{header}{cells}</table>"
+
+
+def _coefficient_rows(result: ScalingResult) -> list[list[Any]]:
+    fit_ = result.chinchilla
+    named = [("E", fit_.E), ("A", fit_.A), ("alpha", fit_.alpha), ("B", fit_.B), ("beta", fit_.beta),
+             ("a = beta/(alpha+beta): N_opt ∝ C^a", fit_.a), ("b = alpha/(alpha+beta): D_opt ∝ C^b", fit_.b)]
+    return [[name, f"{e.value:.4g}", "-" if e.stderr is None else f"{e.stderr:.2g}", _interval(e)] for name, e in named]
+
+
+def render_html(result: ScalingResult) -> str:
+    """One self-contained page: tables of every fit, the figures inlined as data URIs."""
+    fit_ = result.chinchilla
+    skipped = ", ".join(f"{n} {status}" for status, n in sorted(result.skipped.items())) or "none"
+    overview = _rows(["", ""], [["sweep", result.sweep_dir.resolve()], ["metric (the loss fitted)", result.metric],
+                                ["trials counted (done, finite metric)", len(result.trials)], ["not counted", skipped],
+                                ["bootstrap refits", f"{len(fit_.bootstrap)} ({fit_.bootstrap_skipped} resamples skipped)"],
+                                ["residual RMSE (loss, log loss)", f"{fit_.rmse:.4g}, {fit_.rmse_log:.4g}"]])
+    sections = [f"<h2>Chinchilla fit: L(N, D) = E + A/N^alpha + B/D^beta</h2>"
+                f"{_rows(['coefficient', 'value', 'stderr', '95% interval'], _coefficient_rows(result))}"]
+    if result.allocation:
+        a = result.allocation
+        sections.append(f"<h2>Compute-optimal allocation for C = {sci(a.budget_flops)} FLOPs</h2>" + _rows(
+            ["", "value", "95% interval"],
+            [[name, f"{e.value:.4g}", _interval(e)] for name, e in (("params N", a.params), ("tokens D", a.tokens),
+                                                                  (f"predicted {result.metric}", a.loss))]))
+    if result.isoflop:
+        iso = result.isoflop
+        rows = [[f"{b.flops:.3g}", len(b.params), "-" if b.params_opt is None else f"{b.params_opt:.4g}",
+                 "-" if b.tokens_opt is None else f"{b.tokens_opt:.4g}", "-" if b.loss_opt is None else f"{b.loss_opt:.4g}",
+                 b.skipped or ""] for b in iso.budgets]
+        sections.append(f"<h2>Iso-FLOP (approach 2)</h2><p>N_opt ∝ C^{iso.params_exponent.value:.4g} "
+                        f"{_interval(iso.params_exponent)}, D_opt ∝ C^{iso.tokens_exponent.value:.4g} "
+                        f"{_interval(iso.tokens_exponent)}</p>"
+                        + _rows(["FLOPs", "sizes", "N_opt", "D_opt", "loss at N_opt", "skipped"], rows))
+    else:
+        sections.append(f"<h2>Iso-FLOP (approach 2)</h2><p>not fitted: {html.escape(result.isoflop_note or '')}</p>")
+    if result.lr_transfer:
+        lt = result.lr_transfer
+        rows = [[f"{w.width:g}", f"{w.best_lr:.3g}", "-" if w.refined_lr is None else f"{w.refined_lr:.3g}",
+                 f"{w.best_loss:.4g}", "yes" if w.at_grid_edge else ""] for w in lt.widths]
+        sections.append(f"<h2>Learning-rate transfer</h2><p>{html.escape(lt.verdict)}</p>"
+                        + _rows(["width", "best lr", "refined lr", "best loss", "at grid edge"], rows))
+    else:
+        sections.append(f"<h2>Learning-rate transfer</h2><p>not checked: {html.escape(result.lr_transfer_note or '')}</p>")
+    figures = "".join(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                      f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in result.images.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>lmforge scaling: {html.escape(result.sweep_dir.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ddd; padding: 4px 10px; text-align: left; font-size: 14px; }}
+th {{ background: #f5f5f5; }} .charts {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #666; text-align: center; }}
+</style></head><body>
+<h1>Scaling laws: {html.escape(result.sweep_dir.name)}</h1>
+<h2>Overview</h2>{overview}
+{''.join(sections)}
+<h2>Figures</h2><div class="charts">{figures}</div>
+<h2>Numbers</h2><p>Every number above is in scaling.json beside this page.</p>
+</body></html>
+"""
+
+
+def summary_lines(result: ScalingResult) -> list[str]:
+    """What `lmforge scaling fit` prints: the coefficients with intervals and the budget's answer."""
+    fit_ = result.chinchilla
+    skipped = ", ".join(f"{n} {status}" for status, n in sorted(result.skipped.items()))
+    lines = [f"Chinchilla fit over {len(result.trials)} trials of {result.sweep_dir}" + (f" (not counted: {skipped})" if skipped else ""),
+             f"L(N, D) = E + A/N^alpha + B/D^beta; residual RMSE {fit_.rmse:.3g}"]
+    lines += [f"  {name:<44} {value:<10} ± {stderr:<8} 95% {interval}" for name, value, stderr, interval in _coefficient_rows(result)]
+    if result.isoflop:
+        iso = result.isoflop
+        lines.append(f"iso-FLOP: N_opt ∝ C^{iso.params_exponent.value:.3f} {_interval(iso.params_exponent, '.3f')} "
+                     f"over {sum(b.params_opt is not None for b in iso.budgets)} budgets")
+    else:
+        lines.append(f"iso-FLOP: not fitted ({result.isoflop_note})")
+    lines.append(f"lr transfer: {result.lr_transfer.verdict}" if result.lr_transfer
+                 else f"lr transfer: not checked ({result.lr_transfer_note})")
+    if result.allocation:
+        a = result.allocation
+        params_span, tokens_span = ("-" if e.low is None else f"[{sci(e.low)}, {sci(e.high)}]" for e in (a.params, a.tokens))
+        lines.append(f"for C = {sci(a.budget_flops)} FLOPs: N = {sci(a.params.value)} params {params_span}, "
+                     f"D = {sci(a.tokens.value)} tokens {tokens_span}, predicted {result.metric} "
+                     f"{a.loss.value:.4g} (95% interval {_interval(a.loss)})")
+    lines.append(f"wrote {result.json_path} and {result.html_path}")
+    return lines
