@@ -125,6 +125,11 @@ def test_every_shipped_config_validates_against_its_verb(tmp_path, monkeypatch):
             assert release.load_policy("release")[0].name == "default-release"
         elif config.name.startswith("pretrain-"):
             continue  # the next test
+        elif config.name.startswith("sweep-"):  # a sweep spec: its own keys, and its base a shipped recipe
+            from lmforge.experiments.spec import SweepSpec, trial_config
+
+            spec = SweepSpec.model_validate(yaml.safe_load(config.path.read_text()))
+            assert spec.grid_size() > 1 and trial_config(spec, []).data.dataset
         else:  # curate's recipe leaves input.paths for the command line to give
             overrides = ["input.paths=[raw/]"] if config.name == "curate" else []
             verb = config.name.split("-")[0]  # sft-arithmetic: an sft recipe

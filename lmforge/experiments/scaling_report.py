@@ -25,6 +25,7 @@ from lmforge import atomic
 from lmforge.errors import ConfigError
 from lmforge.experiments.lr_transfer import LrTransfer, lr_transfer
 from lmforge.experiments.scaling import (
+    EXPONENT_BOUNDS,
     Allocation,
     IsoFlopFit,
     ParametricFit,
@@ -84,8 +85,35 @@ class ScalingResult:
             "allocation": self.allocation.to_dict() if self.allocation else None,
             "isoflop": self.isoflop.to_dict() if self.isoflop else None, "isoflop_note": self.isoflop_note,
             "lr_transfer": self.lr_transfer.to_dict() if self.lr_transfer else None,
-            "lr_transfer_note": self.lr_transfer_note,
+            "lr_transfer_note": self.lr_transfer_note, "cautions": cautions(self),
         }
+
+
+def cautions(result: ScalingResult) -> list[str]:
+    """What a reader must know before trusting the fit: unidentified terms, wide intervals, extrapolation."""
+    out, fit_ = [], result.chinchilla
+    losses = [t.point.loss for t in result.trials]
+    for name, coefficient, what, sampled in (("alpha", "A", "sizes", [t.point.params for t in result.trials]),
+                                             ("beta", "B", "token counts", [t.point.tokens for t in result.trials])):
+        value, scale = getattr(fit_, name).value, getattr(fit_, coefficient).value
+        # The term's own spread over the sampled range: next to nothing means the data did not fix it.
+        spread = scale * (min(sampled) ** -value - max(sampled) ** -value)
+        if not EXPONENT_BOUNDS[0] * 1.01 < value < EXPONENT_BOUNDS[1] * 0.99 or spread < 0.01 * (max(losses) - min(losses)):
+            out.append(f"{name} = {value:.3g}, {coefficient} = {scale:.3g}: the sweep's {what} barely change the fitted "
+                       "loss, so that term is not identified (widen the range or train longer); the allocation is not "
+                       "meaningful")
+    a = result.allocation
+    if a is not None:
+        for name, estimate, sampled in (("N", a.params, [t.point.params for t in result.trials]),
+                                        ("D", a.tokens, [t.point.tokens for t in result.trials])):
+            if estimate.low and estimate.high and estimate.high / estimate.low > 100:
+                out.append(f"the 95% interval of {name} spans {estimate.high / estimate.low:.3g}x: "
+                           "the sweep does not pin the allocation down")
+            factor = estimate.value / max(sampled)
+            if factor > 10:
+                out.append(f"{name} = {sci(estimate.value)} is {factor:.3g}x the largest sampled ({sci(max(sampled))}): "
+                           "an extrapolation")
+    return out
 
 
 def parse_budget(value: str | float | None) -> float | None:
@@ -371,6 +399,7 @@ figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #666; text-align: 
 </style></head><body>
 <h1>Scaling laws: {html.escape(result.sweep_dir.name)}</h1>
 <h2>Overview</h2>{overview}
+{''.join(f"<p><b>Caution:</b> {html.escape(text)}</p>" for text in cautions(result))}
 {''.join(sections)}
 <h2>Figures</h2><div class="charts">{figures}</div>
 <h2>Numbers</h2><p>Every number above is in scaling.json beside this page.</p>
@@ -399,5 +428,6 @@ def summary_lines(result: ScalingResult) -> list[str]:
         lines.append(f"for C = {sci(a.budget_flops)} FLOPs: N = {sci(a.params.value)} params {params_span}, "
                      f"D = {sci(a.tokens.value)} tokens {tokens_span}, predicted {result.metric} "
                      f"{a.loss.value:.4g} (95% interval {_interval(a.loss)})")
+    lines += [f"caution: {text}" for text in cautions(result)]
     lines.append(f"wrote {result.json_path} and {result.html_path}")
     return lines

@@ -29,7 +29,9 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from lmforge.config import Section, apply_overrides, build, parse_override, read_yaml
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
+from lmforge.shipped import config_path
+from lmforge.store.token_dataset import read_manifest
 
 # Keys the sweep sets for each trial: its run dir is DIR/trials/<trial id>.
 OWNED_KEYS = ("run.name", "run.out_dir")
@@ -186,7 +188,7 @@ def check_grid_ranges(spec: SweepSpec) -> None:
 
 def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepSpec:
     """Read SPEC.yaml, apply `key=value` overrides (they beat the file), validate it all."""
-    data = read_yaml(path)
+    data = read_yaml(config_path(path))  # a shipped recipe by name (sweep-cpu) or a file
     for text in overrides or []:
         keys, value = parse_override(text)
         if keys[0] == "space" and len(keys) > 2:  # space.optim.lr.values=[...]: the param's key holds dots
@@ -242,7 +244,6 @@ def yaml_value(value: Any) -> str:
 def trial_config(spec: SweepSpec, extra: list[str]):
     """The TrainConfig `lmforge train BASE OVERRIDES EXTRA` resolves (the same path as the CLI)."""
     from lmforge.config import load_config
-    from lmforge.shipped import config_path
     from lmforge.train.config import TrainConfig
 
     return load_config(TrainConfig, config_path(spec.base), [*spec.overrides, *extra])
@@ -261,7 +262,7 @@ def validate(spec: SweepSpec) -> None:
         raise ConfigError(f"overrides: {owned[0]!r}: the sweep sets run.name and run.out_dir")
     check_grid_ranges(spec)
     try:
-        trial_config(spec, [])
+        base = trial_config(spec, [])
     except ConfigError as err:
         raise ConfigError(f"sweep spec base {spec.base!r} with its overrides: {err}") from None
     for key, param in spec.space.items():  # each key alone first: the error names that key
@@ -271,6 +272,18 @@ def validate(spec: SweepSpec) -> None:
     combos = itertools.product(*(p.ends() if "." in k else range(len(p.values or [])) for k, p in spec.space.items()))
     for values in itertools.islice(combos, MAX_CHECKED_COMBINATIONS):
         _check_combination(spec, dict(zip(names, values, strict=True)))
+    _check_dataset(base.data.dataset)
+
+
+def _check_dataset(dataset: str) -> None:
+    """A missing token dataset would fail every trial the same way: say so once, up front."""
+
+    if "://" in dataset:  # a remote dataset is read by the trials (on their machines), not here
+        return
+    try:
+        read_manifest(dataset)
+    except DataError as err:
+        raise ConfigError(f"sweep spec: data.dataset: {err} (build one with `lmforge tokenize`)") from None
 
 
 def _check_combination(spec: SweepSpec, params: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from lmforge.experiments.scaling import (
     isoflop,
     optimal_allocation,
 )
-from lmforge.experiments.scaling_report import fit
+from lmforge.experiments.scaling_report import cautions, fit
 
 # Chinchilla-like coefficients (Hoffmann et al. 2022 found E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28).
 E, A, ALPHA, B, BETA = 1.7, 400.0, 0.34, 410.0, 0.28
@@ -187,6 +187,23 @@ def test_fit_over_a_sweep_dir_writes_scaling_json_and_html(tmp_path):
     assert data["lr_transfer"]["verdict"] == "best lr stable across widths (within one grid step)"
     page = (sweep / "scaling" / "scaling.html").read_text()
     assert page.count("<img") == 4 and "Compute-optimal allocation for C = 1e18 FLOPs" in page
+
+
+def test_a_fit_the_sizes_do_not_identify_is_flagged_not_presented_as_an_answer(tmp_path):
+    """Losses that ignore N (tiny models early in training): alpha runs to its bound; the fit says so."""
+    sweep = tmp_path / "sweep"
+    write_sweep(sweep, lrs=(3e-3,))
+    for record in (sweep / "trials").glob("*/trial.json"):
+        data = json.loads(record.read_text())
+        if data["status"] == "done":
+            data["metric"] = 2.0 + 300 / data["metrics"]["tokens"] ** 0.3  # no N term at all
+            record.write_text(json.dumps(data))
+    result = fit(sweep, budget="1e18", n_bootstrap=10)
+    saved = json.loads((sweep / "scaling" / "scaling.json").read_text())["cautions"]
+    assert saved == cautions(result) and any(text.startswith("alpha = ") and "not identified" in text for text in saved)
+    assert "Caution:" in (sweep / "scaling" / "scaling.html").read_text()
+    clean = write_sweep(tmp_path / "clean") or fit(tmp_path / "clean", budget="1e14", n_bootstrap=10)
+    assert not [text for text in cautions(clean) if "not identified" in text]
 
 
 def test_fit_notes_why_isoflop_and_lr_transfer_were_not_run(tmp_path):

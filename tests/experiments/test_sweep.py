@@ -52,23 +52,29 @@ def spec_data(tmp_path: Path, tokens: Path, **changes) -> dict:
     ({"sampler": "grid", "trials": 5}, "trials"),
     ({"samplr": "grid"}, "samplr"),
 ])
-def test_a_bad_spec_fails_before_anything_is_written_naming_the_key(tmp_path, change, named):
+def test_a_bad_spec_fails_before_anything_is_written_naming_the_key(tmp_path, pretrain_data, change, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")) as err:
-        spec = spec_from_dict(spec_data(tmp_path, tmp_path / "tokens", **change))
+        spec = spec_from_dict(spec_data(tmp_path, pretrain_data["tokens"], **change))
         sweep.run(spec)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "sweeps").exists()
 
 
-def test_spec_overrides_on_the_command_line_beat_the_yaml(tmp_path):
+def test_a_missing_token_dataset_fails_the_sweep_once_before_any_trial(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.dataset: not a token dataset .*no-tokens.*lmforge tokenize"):
+        sweep.run(spec_from_dict(spec_data(tmp_path, tmp_path / "no-tokens")))
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_spec_overrides_on_the_command_line_beat_the_yaml(tmp_path, pretrain_data):
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec_data(tmp_path, tmp_path / "tokens", sampler="random", trials=2)))
+    path.write_text(yaml.safe_dump(spec_data(tmp_path, pretrain_data["tokens"], sampler="random", trials=2)))
     spec = load_spec(path, ["trials=3", "executor.max_parallel=1", "space.optim.lr.values=[0.001]"])
     assert (spec.trials, spec.executor.max_parallel, spec.space["optim.lr"].values) == (3, 1, [0.001])
 
 
-def test_grid_is_the_product_of_choices_and_num_points_with_bundles_by_index(tmp_path):
-    spec = spec_from_dict(spec_data(tmp_path, tmp_path / "tokens", space={
+def test_grid_is_the_product_of_choices_and_num_points_with_bundles_by_index(tmp_path, pretrain_data):
+    spec = spec_from_dict(spec_data(tmp_path, pretrain_data["tokens"], space={
         "optim.weight_decay": {"low": 1.0e-3, "high": 0.1, "log": True, "num": 3},
         "size": {"values": [{"model.dim": 64, "model.n_heads": 4}, {"model.dim": 128, "model.n_heads": 4}]},
     }))
@@ -78,11 +84,11 @@ def test_grid_is_the_product_of_choices_and_num_points_with_bundles_by_index(tmp
     assert [p["size"] for p in points[:2]] == [0, 1]
 
 
-def test_random_trials_are_the_same_for_the_same_seed_and_grow_by_appending(tmp_path):
+def test_random_trials_are_the_same_for_the_same_seed_and_grow_by_appending(tmp_path, pretrain_data):
     space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
              "schedule.warmup_steps": {"low": 0, "high": 4, "type": "int"}}
     make = lambda trials, seed: spec_from_dict(  # noqa: E731
-        spec_data(tmp_path, tmp_path / "tokens", sampler="random", trials=trials, seed=seed, space=space))
+        spec_data(tmp_path, pretrain_data["tokens"], sampler="random", trials=trials, seed=seed, space=space))
     first = random_draws(make(4, 0))
     assert first == random_draws(make(4, 0)) and first != random_draws(make(4, 1))
     assert random_draws(make(6, 0))[:4] == first
