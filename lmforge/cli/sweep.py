@@ -64,6 +64,7 @@ def sweep_run(
 def sweep_report(
     directory: Annotated[str, typer.Argument(metavar="DIR", help="sweep dir (out_dir/name)")],
     out: Annotated[str | None, typer.Option(help="HTML file to write (default DIR/report.html)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an --out file that is not an earlier sweep report")] = False,
 ):
     """A table of the trials here and an HTML page: best trial, metric vs each swept key, loss curves."""
     from lmforge.cli.common import print_table
@@ -71,4 +72,4 @@ def sweep_report(
 
     title, header, rows = report.table(directory)
     print_table(title, header, rows)
-    typer.echo(f"report: {report.render(directory, out)}")
+    typer.echo(f"report: {report.render(directory, out, overwrite)}")

@@ -37,10 +37,10 @@ from lmforge.experiments.scaling import (
     isoflop,
     optimal_allocation,
 )
-from lmforge.experiments.sweep_dir import TRIAL_FILE, SweepDir
+from lmforge.experiments.sweep_dir import FIT_DIR, TRIAL_FILE, SweepDir
 from lmforge.store.run_dir import RunDir
 
-OUTPUT_KIND = "scaling"
+OUTPUT_KIND = FIT_DIR  # atomic's output marker: what `lmforge sweep --overwrite` may remove
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def fit(sweep_dir: str | os.PathLike, budget: str | float | None = None, out: st
     """Fit scaling laws over a sweep dir; write `scaling.json` and `scaling.html` to `out` (default SWEEP/scaling)."""
     root = Path(sweep_dir)
     budget_flops = parse_budget(budget)
-    out_dir = Path(out) if out else root / "scaling"
+    out_dir = Path(out) if out else root / FIT_DIR
     atomic.check_output_dir(out_dir, OUTPUT_KIND, overwrite=overwrite, inputs=[root])
     metric = _metric_name(root)
     trials, skipped = collect(root)

@@ -35,6 +35,7 @@ LOG_FILE = "trial.log"
 KIND = "sweep"  # sweep.json's "kind", and atomic's output marker
 # What lmforge writes into a sweep dir: what --overwrite removes. Other files stay.
 SWEEP_ENTRIES = (SPEC_FILE, STATUS_FILE, TRIALS_DIR, "submitit", "report.html", atomic.MARKER_FILE)
+FIT_DIR = "scaling"  # `lmforge scaling fit`'s default output: a fit of trials that --overwrite removes
 STATUSES = ("pending", "running", "done", "failed", "pruned")
 
 
@@ -173,6 +174,9 @@ class SweepDir:
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
+        fit = self.path / FIT_DIR
+        if fit.is_dir() and atomic.output_kind(fit) == FIT_DIR:  # only a fit lmforge wrote
+            shutil.rmtree(fit)
 
 
 # ------------------------------------------------------------------ what a trial's run dir says

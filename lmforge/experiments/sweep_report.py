@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import atomic
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, OutputError
 from lmforge.experiments.spec import SweepSpec
 from lmforge.experiments.sweep import best_trial
 from lmforge.experiments.sweep_dir import SweepDir, TrialRecord
@@ -114,12 +114,20 @@ def _trials_html(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render(directory: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Write the sweep's HTML report (default DIR/report.html); return its path."""
+# In the page's head: an existing --out file is replaced only when it carries this (or with overwrite).
+GENERATOR = '<meta name="generator" content="lmforge sweep report">'
+
+
+def render(directory: str | os.PathLike, out: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write the sweep's HTML report (default DIR/report.html); return its path. An existing file
+    is replaced only when it is an earlier sweep report, or with `overwrite`."""
     sweep, spec, trials = _load(directory)
     out = Path(out) if out else sweep.path / "report.html"
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory: name the HTML file to write")
+    if out.exists() and not overwrite and GENERATOR.encode() not in out.read_bytes()[:2048]:
+        raise OutputError(f"--out {out} exists and is not a sweep report lmforge wrote: pass --overwrite to "
+                          "replace it, or name another file")
     best = best_trial(trials, spec.mode)
     ranked = sorted((t for t in trials if t.status == "done" and _numeric(t.metric)),
                     key=lambda t: t.metric if spec.mode == "min" else -t.metric)  # type: ignore[operator]
@@ -140,7 +148,7 @@ def render(directory: str | os.PathLike, out: str | os.PathLike | None = None) -
     images = "".join(figure(png, title) for title, png in charts if png is not None)
     header, rows = table_rows(spec, trials)
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>lmforge sweep report: {html.escape(spec.name)}</title>
+<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>lmforge sweep report: {html.escape(spec.name)}</title>
 {STYLE}</head><body>
 <h1>sweep {html.escape(spec.name)}</h1><p>{html.escape(str(sweep.path.resolve()))}</p>
 <h2>Summary</h2>{summary}

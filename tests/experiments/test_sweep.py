@@ -162,6 +162,12 @@ def test_sweep_report_writes_a_table_and_an_html_page_with_the_best_trial(finish
     assert sum(row[0].endswith("*") for row in rows) == 1
     page = sweep_report.render(result.dir).read_text()
     assert "Best trial" in page and "data:image/png;base64" in page and result.best.id in page
+    assert sweep_report.render(result.dir).read_text() == page  # its own earlier report: replaced
+    config = result.dir / "trials" / result.best.id / "config.yaml"
+    before = config.read_text()
+    with pytest.raises(OutputError, match="is not a sweep report lmforge wrote: pass --overwrite"):
+        sweep_report.render(result.dir, config)  # --out naming an input: refused, left as it was
+    assert config.read_text() == before
 
 
 def test_an_interrupted_sweep_resumes_its_trial_from_the_checkpoint(pretrain_data, tmp_path):
@@ -190,3 +196,19 @@ def test_an_interrupted_sweep_resumes_its_trial_from_the_checkpoint(pretrain_dat
     assert record.status == "done" and record.attempts == 2 and record.metrics["step"] == 400
     log = (tmp_path / "sweeps" / "s" / "trials" / "t0000" / "trial.log").read_text()
     assert "resumed from" in log
+
+
+def test_starting_a_sweep_over_removes_what_lmforge_wrote_there_and_nothing_else(tmp_path):
+    from lmforge import atomic
+
+    sweep_dir = SweepDir(tmp_path / "s")
+    for name in ("trials/t0000", "scaling", "notes"):
+        (sweep_dir.path / name).mkdir(parents=True)
+    (sweep_dir.path / "sweep.json").write_text("{}")
+    atomic.mark_output_dir(sweep_dir.path / "scaling", "scaling")  # a fit lmforge wrote
+    (sweep_dir.path / "notes" / "mine.txt").write_text("keep")
+    sweep_dir.clear()
+    assert sorted(p.name for p in sweep_dir.path.iterdir()) == ["notes"]
+    (sweep_dir.path / "scaling").mkdir()  # the same name, not lmforge's: stays
+    sweep_dir.clear()
+    assert (sweep_dir.path / "scaling").is_dir()
