@@ -47,15 +47,21 @@ def run_job(job: TrialJob) -> int:
 
     An interrupt of the worker (Ray's cancel, submitit's SIGINT) becomes SIGTERM to the trial,
     which then checkpoints and exits; the worker waits for it."""
+    process = start(job)
+    try:
+        return process.wait()
+    except BaseException:
+        process.terminate()
+        return process.wait()
+
+
+def start(job: TrialJob) -> subprocess.Popen:
+    """The trial's process, its output appended to its log; in its own session, so a Ctrl-C
+    reaches the sweep (which stops the trials in order) rather than every trial at once."""
     Path(job.log).parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "ab") as log:
-        process = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **job.env},
-                                   start_new_session=True)
-        try:
-            return process.wait()
-        except BaseException:
-            process.terminate()
-            return process.wait()
+        return subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **job.env},
+                                start_new_session=True)
 
 
 class LocalExecutor:
@@ -65,11 +71,7 @@ class LocalExecutor:
         self.capacity = spec.parallel()
 
     def submit(self, job: TrialJob) -> Any:
-        Path(job.log).parent.mkdir(parents=True, exist_ok=True)
-        with open(job.log, "ab") as log:
-            # Its own session: Ctrl-C reaches the sweep, which stops the trials in order.
-            return subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **job.env}, start_new_session=True)
+        return start(job)
 
     def poll(self, handle: subprocess.Popen) -> int | None:
         return handle.poll()
