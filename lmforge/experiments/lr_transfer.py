@@ -81,7 +81,9 @@ def lr_transfer(rows: Iterable[tuple[float, float, float]]) -> LrTransfer:
         return LrTransfer(widths, grid_step, 1.0, None, True,
                           f"one width only: best lr {best[0]:.3g}; cannot tell whether it shifts with width{caveat}")
     slope = float(stats.linregress(np.log([w.width for w in widths]), np.log(best)).slope)
-    stable = ratio <= (grid_step or 1.0) * (1 + 1e-6)
+    # Stable: the best lrs lie within less than one grid step of each other (a whole step, e.g.
+    # two widths picking neighbouring grid points, is a shift the grid saw).
+    stable = ratio < (grid_step or 1.0) * (1 - 1e-6)
     if stable:
         verdict = "best lr stable across widths (within one grid step)"
     elif abs(slope) < 0.1:

@@ -102,6 +102,9 @@ def cautions(result: ScalingResult) -> list[str]:
             out.append(f"{name} = {value:.3g}, {coefficient} = {scale:.3g}: the sweep's {what} barely change the fitted "
                        "loss, so that term is not identified (widen the range or train longer); the allocation is not "
                        "meaningful")
+    if fit_.E.value < 1e-3 * min(losses):
+        out.append(f"E = {fit_.E.value:.3g}: the sweep shows no loss floor (its runs are far from one), so the "
+                   "prediction at the budget rests on the power laws alone")
     a = result.allocation
     if a is not None:
         for name, estimate, sampled in (("N", a.params, [t.point.params for t in result.trials]),

@@ -42,7 +42,7 @@ def table_rows(spec: SweepSpec, trials: list[TrialRecord]) -> tuple[list[str], l
     best = best_trial(trials, spec.mode)
     header = ["trial", "status", *spec.space, spec.metric, "seconds"]
     rows = [[f"{t.id}{' *' if best is not None and t.id == best.id else ''}", t.status, *_swept(spec, t),
-             fmt(t.metric), fmt(t.seconds)] for t in trials]
+             fmt(t.metric), "-" if t.seconds is None else f"{t.seconds:.0f}"] for t in trials]
     return header, rows
 
 

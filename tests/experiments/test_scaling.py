@@ -138,6 +138,13 @@ def test_lr_transfer_reports_a_best_lr_that_falls_with_width():
     assert transfer.verdict == "best lr falls as width^-1"
 
 
+def test_neighbouring_grid_points_picked_by_two_widths_are_a_shift_not_stability():
+    rows = [(32, 3e-3, 4.0), (32, 1e-2, 3.8), (128, 3e-3, 3.5), (128, 1e-2, 3.9)]  # a two-point grid
+    transfer = lr_transfer(rows)
+    assert not transfer.stable and transfer.verdict.startswith("best lr falls as width^")
+    assert "at the edge of the grid" in transfer.verdict
+
+
 def test_too_few_points_gives_a_clear_error_and_bad_values_name_the_trial():
     points = grid_points(noise=0.0)[:3]
     with pytest.raises(ScalingDataError, match=r"needs at least 5 finished trials.*the data has 3 \(1 sizes, 3 token counts\)"):
