@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from lmforge import atomic
 from lmforge.errors import ConfigError
@@ -31,12 +28,11 @@ from lmforge.experiments.scaling import (
     ParametricFit,
     ScalingDataError,
     ScalingPoint,
-    allocate,
-    best_per_setting,
     fit_chinchilla,
     isoflop,
     optimal_allocation,
 )
+from lmforge.experiments.scaling_plots import plots
 from lmforge.experiments.sweep_dir import FIT_DIR, TRIAL_FILE, SweepDir
 from lmforge.store.run_dir import RunDir
 
@@ -59,7 +55,8 @@ class ScalingResult:
     metric: str
     trials: list[Trial]
     skipped: dict[str, int]  # trials not counted, by status
-    chinchilla: ParametricFit
+    chinchilla: ParametricFit | None  # None: too few sizes/token counts (chinchilla_note says why)
+    chinchilla_note: str | None = None
     allocation: Allocation | None = None
     isoflop: IsoFlopFit | None = None
     isoflop_note: str | None = None
@@ -81,7 +78,7 @@ class ScalingResult:
             "trials": {"used": len(self.trials), "skipped": self.skipped},
             "points": [{"trial": t.point.name, "params": t.point.params, "tokens": t.point.tokens,
                         "flops": t.point.compute, "loss": t.point.loss, "width": t.width, "lr": t.lr} for t in self.trials],
-            "chinchilla": self.chinchilla.to_dict(),
+            "chinchilla": self.chinchilla.to_dict() if self.chinchilla else None, "chinchilla_note": self.chinchilla_note,
             "allocation": self.allocation.to_dict() if self.allocation else None,
             "isoflop": self.isoflop.to_dict() if self.isoflop else None, "isoflop_note": self.isoflop_note,
             "lr_transfer": self.lr_transfer.to_dict() if self.lr_transfer else None,
@@ -92,6 +89,8 @@ class ScalingResult:
 def cautions(result: ScalingResult) -> list[str]:
     """What a reader must know before trusting the fit: unidentified terms, wide intervals, extrapolation."""
     out, fit_ = [], result.chinchilla
+    if fit_ is None:
+        return out
     losses = [t.point.loss for t in result.trials]
     for name, coefficient, what, sampled in (("alpha", "A", "sizes", [t.point.params for t in result.trials]),
                                              ("beta", "B", "token counts", [t.point.tokens for t in result.trials])):
@@ -188,25 +187,22 @@ def fit(sweep_dir: str | os.PathLike, budget: str | float | None = None, out: st
     metric = _metric_name(root)
     trials, skipped = collect(root)
     points = [t.point for t in trials]
+    result = ScalingResult(root, out_dir, metric, trials, skipped, None)
+    _lr_transfer(result)
     try:
-        chinchilla = fit_chinchilla(points, n_bootstrap=n_bootstrap, seed=seed, source=str(root))
+        result.chinchilla = fit_chinchilla(points, n_bootstrap=n_bootstrap, seed=seed, source=str(root))
     except ScalingDataError as err:
         others = ", ".join(f"{n} {status}" for status, n in sorted(skipped.items()))
-        raise ScalingDataError(f"{err}{f' (not counted: {others})' if others else ''}") from None
-    result = ScalingResult(root, out_dir, metric, trials, skipped, chinchilla)
-    if budget_flops is not None:
-        result.allocation = optimal_allocation(chinchilla, budget_flops)
+        message = f"{err}{f' (not counted: {others})' if others else ''}"
+        if result.lr_transfer is None:  # nothing to report at all
+            raise ScalingDataError(message) from None
+        result.chinchilla_note = message  # an lr x width sweep at one token count: the lr check alone
+    if budget_flops is not None and result.chinchilla is not None:
+        result.allocation = optimal_allocation(result.chinchilla, budget_flops)
     try:
         result.isoflop = isoflop(points, source=str(root))
     except ScalingDataError as err:
         result.isoflop_note = str(err)
-    lr_rows = [(t.width, t.lr, t.point.loss) for t in trials if t.width and t.lr]
-    widths, lrs = {row[0] for row in lr_rows}, {row[1] for row in lr_rows}
-    if len(widths) >= 2 and len(lrs) >= 2:
-        result.lr_transfer = lr_transfer(lr_rows)
-    else:
-        result.lr_transfer_note = (f"the sweep's finished trials have {len(widths)} widths (model.dim) and {len(lrs)} "
-                                   "learning rates; the lr-transfer check needs 2+ of each")
     result.images = plots(result)
     with atomic.atomic_dir(out_dir, OUTPUT_KIND) as tmp:
         atomic.write_json(tmp / "scaling.json", result.to_dict())
@@ -214,119 +210,14 @@ def fit(sweep_dir: str | os.PathLike, budget: str | float | None = None, out: st
     return result
 
 
-def _png(fig: Any) -> bytes:
-    from matplotlib import pyplot as plt
-
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def _frontier_plot(result: ScalingResult, plt: Any) -> bytes:
-    """Loss vs compute: the trials, the fitted compute-optimal frontier and its bootstrap band."""
-    fit_ = result.chinchilla
-    observed = np.array([t.point.compute for t in result.trials])
-    top = max(observed.max() * 10, result.allocation.budget_flops * 2 if result.allocation else 0)
-    flops = np.geomspace(observed.min() / 2, top, 200)
-    loss = allocate(np.array(fit_.theta), flops)[2][0]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    dots = ax.scatter(observed, [t.point.loss for t in result.trials], c=np.log10([t.point.params for t in result.trials]),
-                      cmap="viridis", s=18, label="trials")
-    fig.colorbar(dots, ax=ax, label="log10 N")
-    ax.plot(flops, loss, color="C3", label="fitted compute-optimal frontier")
-    if fit_.bootstrap:
-        low, high = np.percentile(allocate(np.array(fit_.bootstrap), flops)[2], [2.5, 97.5], axis=0)
-        ax.fill_between(flops, low, high, color="C3", alpha=0.2, label="95% bootstrap band")
-    if result.allocation:
-        a = result.allocation
-        ax.errorbar([a.budget_flops], [a.loss.value], yerr=[[a.loss.value - (a.loss.low or a.loss.value)],
-                    [(a.loss.high or a.loss.value) - a.loss.value]], fmt="*", color="black", markersize=10,
-                    label=f"budget {a.budget_flops:.3g} FLOPs")
-    ax.axvline(observed.max(), color="grey", linestyle=":", linewidth=1)
-    ax.set(xscale="log", xlabel="training FLOPs C", ylabel=result.metric, title="loss vs compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def _fit_plot(result: ScalingResult, plt: Any) -> bytes:
-    points = best_per_setting([t.point for t in result.trials], lambda p: (p.params, p.tokens))  # what the fit saw
-    predicted = result.chinchilla.predict([p.params for p in points], [p.tokens for p in points])
-    observed = np.array([p.loss for p in points])
-    fig, ax = plt.subplots(figsize=(4.8, 3.6), dpi=100)
-    ax.scatter(predicted, observed, s=18, c=np.log10([p.tokens for p in points]), cmap="viridis")
-    span = [min(predicted.min(), observed.min()), max(predicted.max(), observed.max())]
-    ax.plot(span, span, color="grey", linewidth=1)
-    ax.set(xlabel=f"fitted {result.metric}", ylabel=f"observed {result.metric}",
-           title=f"observed vs fitted (RMSE {result.chinchilla.rmse:.3g})")
-    ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def _isoflop_plot(fit_: IsoFlopFit, metric: str, plt: Any) -> bytes:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=100)
-    for i, budget in enumerate(fit_.budgets):
-        left.scatter(budget.params, budget.losses, s=14, color=f"C{i % 10}", label=f"{budget.flops:.2g} FLOPs")
-        if budget.parabola:
-            x = np.linspace(math.log(min(budget.params)), math.log(max(budget.params)), 100)
-            left.plot(np.exp(x), np.polyval(budget.parabola, x), color=f"C{i % 10}", linewidth=1,
-                      linestyle="-" if budget.params_opt else ":")
-        if budget.params_opt:
-            left.scatter([budget.params_opt], [budget.loss_opt], marker="*", s=80, color=f"C{i % 10}")
-    left.set(xscale="log", xlabel="non-embedding params N", ylabel=metric, title="iso-FLOP profiles")
-    left.legend(fontsize=7)
-    usable = [b for b in fit_.budgets if b.params_opt]
-    flops = np.array([b.flops for b in usable])
-    right.scatter(flops, [b.params_opt for b in usable], color="C0", label="N_opt")
-    right.scatter(flops, [b.tokens_opt for b in usable], color="C1", label="D_opt")
-    line = np.geomspace(flops.min(), flops.max(), 50)
-    right.plot(line, fit_.params_coefficient * line**fit_.params_exponent.value, color="C0",
-               label=f"N_opt ∝ C^{fit_.params_exponent.value:.3f}")
-    right.plot(line, fit_.tokens_coefficient * line**fit_.tokens_exponent.value, color="C1",
-               label=f"D_opt ∝ C^{fit_.tokens_exponent.value:.3f}")
-    right.set(xscale="log", yscale="log", xlabel="training FLOPs C", title="compute-optimal N and D")
-    right.legend(fontsize=7)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def _lr_plot(transfer: LrTransfer, metric: str, plt: Any) -> bytes:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=100)
-    for i, width in enumerate(transfer.widths):
-        left.plot(width.lrs, width.losses, marker=".", color=f"C{i % 10}", label=f"width {width.width:g}")
-        left.scatter([width.best_lr], [width.best_loss], marker="*", s=80, color=f"C{i % 10}")
-    left.set(xscale="log", xlabel="learning rate", ylabel=metric, title="loss vs lr per width")
-    left.legend(fontsize=7)
-    widths = [w.width for w in transfer.widths]
-    right.plot(widths, [w.best_lr for w in transfer.widths], marker="o", label="best lr on the grid")
-    right.plot(widths, [w.refined_lr or w.best_lr for w in transfer.widths], marker="x", linestyle=":",
-               label="refined (parabola in log lr)")
-    grid = [lr for w in transfer.widths for lr in w.lrs]  # the lrs tried, so equal best lrs read as a flat line
-    right.set(xscale="log", yscale="log", xlabel="width (model.dim)", ylabel="best lr", title=transfer.verdict[:60],
-              ylim=(min(grid) / 1.5, max(grid) * 1.5))
-    right.legend(fontsize=7)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def plots(result: ScalingResult) -> dict[str, bytes]:
-    """The report's figures as PNG bytes, by title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    images = {"observed vs fitted loss": _fit_plot(result, plt),
-              "loss vs compute: fitted frontier, 95% band, budget": _frontier_plot(result, plt)}
-    if result.isoflop:
-        images["iso-FLOP parabolas and N_opt(C)"] = _isoflop_plot(result.isoflop, result.metric, plt)
-    if result.lr_transfer:
-        images["best lr vs width"] = _lr_plot(result.lr_transfer, result.metric, plt)
-    return images
+def _lr_transfer(result: ScalingResult) -> None:
+    lr_rows = [(t.width, t.lr, t.point.loss) for t in result.trials if t.width and t.lr]
+    widths, lrs = {row[0] for row in lr_rows}, {row[1] for row in lr_rows}
+    if len(widths) >= 2 and len(lrs) >= 2:
+        result.lr_transfer = lr_transfer(lr_rows)
+    else:
+        result.lr_transfer_note = (f"the sweep's finished trials have {len(widths)} widths (model.dim) and {len(lrs)} "
+                                   "learning rates; the lr-transfer check needs 2+ of each")
 
 
 def sci(value: float, digits: int = 3) -> str:
@@ -358,12 +249,15 @@ def render_html(result: ScalingResult) -> str:
     """One self-contained page: tables of every fit, the figures inlined as data URIs."""
     fit_ = result.chinchilla
     skipped = ", ".join(f"{n} {status}" for status, n in sorted(result.skipped.items())) or "none"
-    overview = _rows(["", ""], [["sweep", result.sweep_dir.resolve()], ["metric (the loss fitted)", result.metric],
-                                ["trials counted (done, finite metric)", len(result.trials)], ["not counted", skipped],
-                                ["bootstrap refits", f"{len(fit_.bootstrap)} ({fit_.bootstrap_skipped} resamples skipped)"],
-                                ["residual RMSE (loss, log loss)", f"{fit_.rmse:.4g}, {fit_.rmse_log:.4g}"]])
-    sections = [f"<h2>Chinchilla fit: L(N, D) = E + A/N^alpha + B/D^beta</h2>"
-                f"{_rows(['coefficient', 'value', 'stderr', '95% interval'], _coefficient_rows(result))}"]
+    rows = [["sweep", result.sweep_dir.resolve()], ["metric (the loss fitted)", result.metric],
+            ["trials counted (done, finite metric)", len(result.trials)], ["not counted", skipped]]
+    if fit_ is not None:
+        rows += [["bootstrap refits", f"{len(fit_.bootstrap)} ({fit_.bootstrap_skipped} resamples skipped)"],
+                 ["residual RMSE (loss, log loss)", f"{fit_.rmse:.4g}, {fit_.rmse_log:.4g}"]]
+    overview = _rows(["", ""], rows)
+    sections = ["<h2>Chinchilla fit: L(N, D) = E + A/N^alpha + B/D^beta</h2>" + (
+        _rows(['coefficient', 'value', 'stderr', '95% interval'], _coefficient_rows(result)) if fit_ is not None
+        else f"<p>not fitted: {html.escape(result.chinchilla_note or '')}</p>")]
     if result.allocation:
         a = result.allocation
         sections.append(f"<h2>Compute-optimal allocation for C = {sci(a.budget_flops)} FLOPs</h2>" + _rows(
@@ -414,9 +308,13 @@ def summary_lines(result: ScalingResult) -> list[str]:
     """What `lmforge scaling fit` prints: the coefficients with intervals and the budget's answer."""
     fit_ = result.chinchilla
     skipped = ", ".join(f"{n} {status}" for status, n in sorted(result.skipped.items()))
-    lines = [f"Chinchilla fit over {len(result.trials)} trials of {result.sweep_dir}" + (f" (not counted: {skipped})" if skipped else ""),
-             f"L(N, D) = E + A/N^alpha + B/D^beta; residual RMSE {fit_.rmse:.3g}"]
-    lines += [f"  {name:<44} {value:<10} ± {stderr:<8} 95% {interval}" for name, value, stderr, interval in _coefficient_rows(result)]
+    lines = [f"{len(result.trials)} trials of {result.sweep_dir}" + (f" (not counted: {skipped})" if skipped else "")]
+    if fit_ is None:
+        lines.append(f"Chinchilla fit: not fitted ({result.chinchilla_note})")
+    else:
+        lines.append(f"Chinchilla fit L(N, D) = E + A/N^alpha + B/D^beta; residual RMSE {fit_.rmse:.3g}")
+        lines += [f"  {name:<44} {value:<10} ± {stderr:<8} 95% {interval}"
+                  for name, value, stderr, interval in _coefficient_rows(result)]
     if result.isoflop:
         iso = result.isoflop
         lines.append(f"iso-FLOP: N_opt ∝ C^{iso.params_exponent.value:.3f} {_interval(iso.params_exponent, '.3f')} "

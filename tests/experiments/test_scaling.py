@@ -213,6 +213,23 @@ def test_a_fit_the_sizes_do_not_identify_is_flagged_not_presented_as_an_answer(t
     assert not [text for text in cautions(clean) if "not identified" in text]
 
 
+def test_an_lr_by_width_sweep_at_one_token_count_gets_the_lr_check_without_a_law(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    write_sweep(sweep, budgets=())  # the spec and a failed and a running trial (t0000, t0001)
+    number = 10
+    for dim, best in ((64, 1e-2), (128, 5e-3), (256, 2.5e-3)):
+        for lr in (2.5e-3, 5e-3, 1e-2):
+            write_trial(sweep, number, "done", 3.0 + 0.1 * math.log(lr / best) ** 2, 48 * dim**2, 1e6, dim, lr)
+            number += 1
+    result = fit(sweep, budget="1e18", n_bootstrap=5)
+    assert result.chinchilla is None and "2+ distinct token counts" in result.chinchilla_note
+    assert result.allocation is None and result.lr_transfer.verdict.startswith("best lr falls as width^-1 ")
+    saved = json.loads((sweep / "scaling" / "scaling.json").read_text())
+    assert saved["chinchilla"] is None and saved["lr_transfer"]["slope"] == pytest.approx(-1.0)
+    assert main(["scaling", "fit", str(sweep)]) == 0
+    assert "Chinchilla fit: not fitted" in capsys.readouterr().out
+
+
 def test_fit_notes_why_isoflop_and_lr_transfer_were_not_run(tmp_path):
     sweep = tmp_path / "sweep"
     write_sweep(sweep, lrs=(3e-3,), budgets=(1e14, 1e15))
