@@ -212,12 +212,15 @@ def fit(sweep_dir: str | os.PathLike, budget: str | float | None = None, out: st
 
 def _lr_transfer(result: ScalingResult) -> None:
     lr_rows = [(t.width, t.lr, t.point.loss) for t in result.trials if t.width and t.lr]
-    widths, lrs = {row[0] for row in lr_rows}, {row[1] for row in lr_rows}
-    if len(widths) >= 2 and len(lrs) >= 2:
-        result.lr_transfer = lr_transfer(lr_rows)
+    lrs_by_width: dict[float, set[float]] = {}
+    for width, lr, _ in lr_rows:
+        lrs_by_width.setdefault(width, set()).add(lr)
+    compared = [w for w, lrs in lrs_by_width.items() if len(lrs) >= 2]  # a width trained at one lr shows no optimum
+    if len(compared) >= 2:
+        result.lr_transfer = lr_transfer([row for row in lr_rows if row[0] in compared])
     else:
-        result.lr_transfer_note = (f"the sweep's finished trials have {len(widths)} widths (model.dim) and {len(lrs)} "
-                                   "learning rates; the lr-transfer check needs 2+ of each")
+        result.lr_transfer_note = (f"the sweep's finished trials have {len(compared)} widths (model.dim) trained at "
+                                   "2+ learning rates; the lr-transfer check needs 2 such widths")
 
 
 def sci(value: float, digits: int = 3) -> str:

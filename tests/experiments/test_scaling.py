@@ -237,7 +237,7 @@ def test_fit_notes_why_isoflop_and_lr_transfer_were_not_run(tmp_path):
         (sweep / "trials" / trial / "trial.json").unlink()
     result = fit(sweep, n_bootstrap=10)
     assert result.isoflop is None and "has 1 of 2" in result.isoflop_note
-    assert result.lr_transfer is None and "1 learning rates" in result.lr_transfer_note
+    assert result.lr_transfer is None and "0 widths (model.dim) trained at 2+ learning rates" in result.lr_transfer_note
     assert result.allocation is None and result.skipped["unreadable"] == 3
 
 
