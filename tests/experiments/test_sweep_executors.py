@@ -42,3 +42,21 @@ def test_the_submitit_executor_runs_trials_as_local_jobs(pretrain_data, tmp_path
                                                       "submitit": {"cluster": "local", "timeout_min": 5}})))
     assert [t.status for t in result.trials] == ["done"]
     assert (result.dir / "submitit").is_dir()
+
+
+def test_the_median_pruner_stops_a_trial_behind_the_recorded_ones_and_lets_a_better_one_run(pretrain_data, tmp_path):
+    pytest.importorskip("optuna")
+    from lmforge.experiments.samplers import make_sampler
+    from lmforge.experiments.sweep_dir import TrialRecord
+
+    spec = spec_from_dict(spec_data(tmp_path, pretrain_data["tokens"], sampler="optuna", trials=4, space=LOG_LR,
+                                    pruner={"kind": "median", "n_startup_trials": 2}))
+    recorded = [TrialRecord(f"t000{i}", i, {"optim.lr": lr}, [], status="done", metric=loss)
+                for i, (lr, loss) in enumerate([(2e-3, 2.5), (4e-3, 2.6)])]
+    curves = {"t0000": [(2, 3.0), (4, 2.5)], "t0001": [(2, 3.1), (4, 2.6)]}  # what a resumed sweep reads back
+    sampler = make_sampler(spec, recorded, curves)
+    behind, ahead = (TrialRecord(f"t000{n}", n, sampler.ask(n), []) for n in (2, 3))
+    for record in (behind, ahead):
+        sampler.start(record)
+    assert sampler.report(behind, 2, 5.0)  # far above the median of the finished trials at step 2
+    assert not sampler.report(ahead, 2, 2.9) and not sampler.report(ahead, 4, 2.4)
