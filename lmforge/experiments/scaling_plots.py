@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -10,19 +9,10 @@ import numpy as np
 
 from lmforge.experiments.lr_transfer import LrTransfer
 from lmforge.experiments.scaling import IsoFlopFit, allocate, best_per_setting
+from lmforge.monitor.report import png_bytes
 
 if TYPE_CHECKING:
     from lmforge.experiments.scaling_report import ScalingResult
-
-
-def _png(fig: Any) -> bytes:
-    from matplotlib import pyplot as plt
-
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def _frontier_plot(result: ScalingResult, plt: Any) -> bytes:
@@ -49,7 +39,7 @@ def _frontier_plot(result: ScalingResult, plt: Any) -> bytes:
     ax.set(xscale="log", xlabel="training FLOPs C", ylabel=result.metric, title="loss vs compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _fit_plot(result: ScalingResult, plt: Any) -> bytes:
@@ -63,7 +53,7 @@ def _fit_plot(result: ScalingResult, plt: Any) -> bytes:
     ax.set(xlabel=f"fitted {result.metric}", ylabel=f"observed {result.metric}",
            title=f"observed vs fitted (RMSE {result.chinchilla.rmse:.3g})")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _isoflop_plot(fit_: IsoFlopFit, metric: str, plt: Any) -> bytes:
@@ -91,7 +81,7 @@ def _isoflop_plot(fit_: IsoFlopFit, metric: str, plt: Any) -> bytes:
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _lr_plot(transfer: LrTransfer, metric: str, plt: Any) -> bytes:
@@ -111,7 +101,7 @@ def _lr_plot(transfer: LrTransfer, metric: str, plt: Any) -> bytes:
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plots(result: ScalingResult) -> dict[str, bytes]:

@@ -9,7 +9,6 @@ number) and `scaling.html` (the plots inlined, as `lmforge report` does) atomica
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 import os
@@ -34,6 +33,7 @@ from lmforge.experiments.scaling import (
 )
 from lmforge.experiments.scaling_plots import plots
 from lmforge.experiments.sweep_dir import FIT_DIR, TRIAL_FILE, SweepDir
+from lmforge.monitor.report import STYLE, figure
 from lmforge.store.run_dir import RunDir
 
 OUTPUT_KIND = FIT_DIR  # atomic's output marker: what `lmforge sweep --overwrite` may remove
@@ -286,17 +286,10 @@ def render_html(result: ScalingResult) -> str:
                         + _rows(["width", "best lr", "refined lr", "best loss", "at grid edge"], rows))
     else:
         sections.append(f"<h2>Learning-rate transfer</h2><p>not checked: {html.escape(result.lr_transfer_note or '')}</p>")
-    figures = "".join(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                      f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in result.images.items())
+    figures = "".join(figure(png, title) for title, png in result.images.items())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>lmforge scaling: {html.escape(result.sweep_dir.name)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-th, td {{ border: 1px solid #ddd; padding: 4px 10px; text-align: left; font-size: 14px; }}
-th {{ background: #f5f5f5; }} .charts {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #666; text-align: center; }}
-</style></head><body>
+{STYLE}</head><body>
 <h1>Scaling laws: {html.escape(result.sweep_dir.name)}</h1>
 <h2>Overview</h2>{overview}
 {''.join(f"<p><b>Caution:</b> {html.escape(text)}</p>" for text in cautions(result))}
