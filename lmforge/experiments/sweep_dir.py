@@ -113,7 +113,7 @@ class SweepDir:
     # ------------------------------------------------------------------ records
 
     def is_sweep(self) -> bool:
-        return atomic.read_json(self.status_path).get("kind") == KIND
+        return self.read_status().get("kind") == KIND
 
     def has_contents(self) -> bool:
         return self.path.is_dir() and any(self.path.iterdir())

@@ -141,19 +141,12 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
 
 
 def gather(request_id: str, prompt_ids: list[int], outputs: Sequence[RequestOutput]) -> Completion:
-    logprobs = None
-    if any(o.logprobs is not None for o in outputs):
-        logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
-    return Completion(
-        request_id=request_id,
-        prompt_ids=prompt_ids,
-        text="".join(o.text for o in outputs),
-        token_ids=[t for o in outputs for t in o.token_ids],
-        finish_reason=outputs[-1].finish_reason if outputs else None,
-        logprobs=logprobs,
-        prompt_logprobs=next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None),
-        stop_token_id=outputs[-1].stop_token_id if outputs else None,
-    )
+    if not outputs:
+        return Completion(request_id=request_id, prompt_ids=prompt_ids, text="", token_ids=[], finish_reason=None)
+    whole = merge_outputs(list(outputs))
+    return Completion(request_id=request_id, prompt_ids=prompt_ids, text=whole.text, token_ids=whole.token_ids,
+                      finish_reason=whole.finish_reason, logprobs=whole.logprobs,
+                      prompt_logprobs=whole.prompt_logprobs, stop_token_id=whole.stop_token_id)
 
 
 class BaseEngine(ABC):
